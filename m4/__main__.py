@@ -1,0 +1,3 @@
+from m4.cli import main
+
+main()

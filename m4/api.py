@@ -1,0 +1,119 @@
+"""The Python API: `m4.load(...)` -> Model with `ask`, `prompt` and `tokens`.
+
+Flow: images -> preprocess -> backend.encode_images -> prompt parts (text runs and image
+slots) -> one prefill over a fresh context -> decode -> text.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from m4.errors import M4Error
+from m4.media import load_image, preprocess, sample_uniform, tile
+from m4.model.config import Arch
+from m4.prompt import IMAGE, TEMPLATES, Prompt, build, detect_template, expand_placeholders
+from m4.resolve import resolve
+from m4.runtime.context import Context
+from m4.runtime.sampling import Sampling
+from m4.tokenizer import Tokenizer
+
+VIDEO_FRAMES = 8  # frames taken from a video file passed by path
+
+
+def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
+         template: str | None = None) -> Model:
+    """Load `demo`, a checkpoint directory, a bundle directory or a hub id."""
+    path = resolve(str(model))
+    if (path / "m4.json").is_file() or backend == "onnx":
+        raise M4Error(f"{model}: ONNX bundles need the onnx backend, which this version does not have yet")
+    if backend not in ("auto", "torch"):
+        raise M4Error(f"unknown backend {backend!r}: use auto or torch")
+    arch = Arch.from_dir(path)
+    tokenizer = Tokenizer.from_dir(path)
+    from m4.runtime.torch_backend import TorchBackend
+
+    return Model(TorchBackend(path, arch, device, dtype), tokenizer, arch,
+                 TEMPLATES[template] if template else detect_template(tokenizer), path)
+
+
+def as_images(x) -> list:
+    """A list of images (paths, PIL, arrays) or a video file path -> a list."""
+    if isinstance(x, (str, Path)):
+        return [f.image for f in sample_uniform(str(x), VIDEO_FRAMES)]
+    return list(x)
+
+
+class Model:
+    def __init__(self, backend, tokenizer: Tokenizer, arch: Arch, template, path: Path):
+        self.backend, self.tokenizer, self.arch, self.template, self.path = backend, tokenizer, arch, template, path
+        self.stop_ids = {tokenizer.token_id(s) for s in template.stop} - {None}
+        self.stats: dict[str, float] = {}
+
+    def prompt(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
+               patches: bool = False) -> Prompt:
+        """Exactly what the decoder will see: `.text` and `.ids`."""
+        return self._prepare(text, images, video, views, patches)[0]
+
+    def _prepare(self, text, images, video, views, patches) -> tuple[Prompt, list]:
+        given = [x for x in (images, video, views) if x is not None and len(x)]
+        if len(given) > 1:
+            raise M4Error("pass images, video or views, not several at once")
+        if (video is not None or views is not None) and IMAGE in text:
+            raise M4Error("video frames and views go in front of the question: remove its <image> placeholders")
+        pictures = [load_image(x) for x in (as_images(given[0]) if given else [])]
+        if patches:  # anyres: each image becomes its base view and tiles, fed as images
+            tiles = [tile(p, self.arch.vision.image_size) for p in pictures]
+            text = expand_placeholders(text, [len(t) for t in tiles])
+            pictures = [t for ts in tiles for t in ts]
+        p = build(self.template, self.tokenizer, self.arch.image_token_id, self.arch.tokens_per_image,
+                  text, len(pictures))
+        return p, pictures
+
+    def embed(self, p: Prompt, pictures: list):
+        """The decoder's input embeddings for a prompt: text runs looked up, images encoded."""
+        b = self.backend
+        images = b.encode_images(preprocess(pictures, self.arch.vision.image_size)) if pictures else None
+        return b.concat([b.embed_tokens(x) if isinstance(x, list) else images[x] for x in p.parts])
+
+    def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
+               patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """The answer's token ids, yielded as they are decoded; timings land in `stats`."""
+        p, pictures = self._prepare(text, images, video, views, patches)
+        t0 = time.perf_counter()
+        embeds = self.embed(p, pictures)
+        t1 = time.perf_counter()
+        ctx = Context(self.backend, len(p.ids) + max_new_tokens)
+        logits = ctx.append("prompt", embeds)
+        t2 = time.perf_counter()
+        self.stats = {"images": len(pictures), "vision_ms": (t1 - t0) * 1e3, "prefill_tokens": len(p.ids),
+                      "prefill_ms": (t2 - t1) * 1e3}
+        n = 0
+        for token in ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed)):
+            if n == 0:
+                t3 = time.perf_counter()
+                self.stats["ttft_ms"] = (t3 - t0) * 1e3
+            n += 1
+            yield token
+        if n > 1:
+            self.stats["decode_tok_s"] = (n - 1) / (time.perf_counter() - t3)
+        self.stats["new_tokens"] = n
+
+    def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
+            patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+            seed: int | None = None, stream: bool = False):
+        """The answer as a string, or with stream=True an iterator of text pieces."""
+        ids = self.tokens(text, images, video, views, patches, max_new_tokens, temperature, top_p, seed)
+        pieces = self._detokenize(ids)
+        return pieces if stream else "".join(pieces)
+
+    def _detokenize(self, ids: Iterator[int]) -> Iterator[str]:
+        decoder, known = self.tokenizer.stream(), len(self.tokenizer)
+        for token in ids:
+            if token >= known:  # embedding rows past the tokenizer (padding) have no text
+                continue
+            piece = decoder.step(self.tokenizer.tok, token)
+            if piece:
+                yield piece

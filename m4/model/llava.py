@@ -1,0 +1,43 @@
+"""LLaVA: SigLIP features -> MLP projector -> Qwen2, the one model runtime and export use."""
+
+import torch
+from torch import nn
+
+from m4.model.activations import ACTIVATIONS
+from m4.model.config import Arch
+from m4.model.qwen2 import KVCache, Qwen2
+from m4.model.siglip import SiglipVision
+
+
+class Projector(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.linear_1 = nn.Linear(arch.projector_in, arch.text.hidden, bias=arch.projector_bias)
+        self.linear_2 = nn.Linear(arch.text.hidden, arch.text.hidden, bias=arch.projector_bias)
+        self.act = ACTIVATIONS[arch.projector_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class LLaVA(nn.Module):
+    def __init__(self, arch: Arch):
+        super().__init__()
+        self.arch = arch
+        self.vision = SiglipVision(arch.vision, arch.vision_layers_run)
+        self.projector = Projector(arch)
+        self.text = Qwen2(arch.text)
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (n, 3, S, S) -> image embeddings (n, tokens_per_image, H)."""
+        states = self.vision(pixels)
+        features = torch.cat([states[k] for k in self.arch.feature_states], dim=-1)
+        if self.arch.strategy == "default":  # CLIP-style: drop the first token
+            features = features[:, 1:]
+        return self.projector(features)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text.embed_tokens(ids)
+
+    def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        return self.text(embeds, pos, cache, last_only)

@@ -1,0 +1,132 @@
+"""Qwen2 decoder over a static KV cache that the caller owns.
+
+The cache is preallocated once (`KVCache`) and written in place at positions
+[pos, pos + T); attention reads the view [0, pos + T). Nothing is concatenated or copied,
+so rolling back is just using a smaller `pos` next time.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m4.model.activations import ACTIVATIONS
+from m4.model.config import TextArch
+
+
+@dataclass
+class KVCache:
+    k: torch.Tensor  # (layers, 1, kv_heads, max_len, head_dim)
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, a: TextArch, max_len: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (a.layers, 1, a.kv_heads, max_len, a.head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+
+def rope_table(a: TextArch) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for every position, (max_positions, head_dim), in float32 as Qwen2 does."""
+    inv_freq = 1.0 / a.rope_theta ** (torch.arange(0, a.head_dim, 2, dtype=torch.float32, device="cpu") / a.head_dim)
+    freqs = torch.outer(torch.arange(a.max_positions, dtype=torch.float32, device="cpu"), inv_freq)
+    angles = torch.cat([freqs, freqs], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: TextArch):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = a.heads, a.kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.hidden, a.heads * a.head_dim)
+        self.k_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim)
+        self.v_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim)
+        self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=False)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, pos: int) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        k_cache[:, :, pos:pos + t] = k
+        v_cache[:, :, pos:pos + t] = v
+        keys, values = k_cache[:, :, :pos + t], v_cache[:, :, :pos + t]
+        gqa = self.heads != self.kv_heads
+        if t == 1:  # one new token sees everything before it
+            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
+        elif pos == 0:
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:  # a chunk after cached tokens: query i sees keys up to pos + i
+            mask = torch.arange(pos + t, device=x.device) <= torch.arange(pos, pos + t, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: TextArch):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.hidden, a.mlp, bias=False)
+        self.up_proj = nn.Linear(a.hidden, a.mlp, bias=False)
+        self.down_proj = nn.Linear(a.mlp, a.hidden, bias=False)
+        self.act = ACTIVATIONS[a.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, a: TextArch):
+        super().__init__()
+        self.input_layernorm = RMSNorm(a.hidden, a.eps)
+        self.self_attn = Attention(a)
+        self.post_attention_layernorm = RMSNorm(a.hidden, a.eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x, cos, sin, k_cache, v_cache, pos: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2(nn.Module):
+    def __init__(self, a: TextArch):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(a.vocab, a.hidden)
+        self.layers = nn.ModuleList(Layer(a) for _ in range(a.layers))
+        self.norm = RMSNorm(a.hidden, a.eps)
+        self.lm_head = nn.Linear(a.hidden, a.vocab, bias=False)
+        cos, sin = rope_table(a)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+        """Embeddings (1, T, H) at positions [pos, pos + T) -> logits (1, T or 1, vocab)."""
+        t = x.shape[1]
+        cos, sin = (r[pos:pos + t].to(x.dtype) for r in (self.cos, self.sin))
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))

@@ -1,0 +1,75 @@
+"""SigLIP vision tower: patch embedding, then pre-norm transformer layers.
+
+LLaVA reads hidden states from inside the tower (`vision_feature_layer`), never the
+pooled head or the post-layernorm, so neither exists here, and only the layers up to the
+deepest one read are built.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from m4.model.activations import ACTIVATIONS
+from m4.model.config import VisionArch
+
+
+class Embeddings(nn.Module):
+    def __init__(self, a: VisionArch):
+        super().__init__()
+        self.patch_embedding = nn.Conv2d(3, a.hidden, a.patch_size, stride=a.patch_size)
+        self.position_embedding = nn.Embedding(a.patches, a.hidden)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, P, C)
+        x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        return x + self.position_embedding.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, a: VisionArch):
+        super().__init__()
+        self.heads = a.heads
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(a.hidden, a.hidden) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, p, c = x.shape
+        q, k, v = (proj(x).view(n, p, self.heads, c // self.heads).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.out_proj(y.transpose(1, 2).reshape(n, p, c))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: VisionArch):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(a.hidden, a.mlp), nn.Linear(a.mlp, a.hidden)
+        self.act = ACTIVATIONS[a.act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, a: VisionArch):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(a.hidden, eps=a.eps)
+        self.self_attn = Attention(a)
+        self.layer_norm2 = nn.LayerNorm(a.hidden, eps=a.eps)
+        self.mlp = MLP(a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipVision(nn.Module):
+    def __init__(self, a: VisionArch, layers: int):
+        super().__init__()
+        self.embeddings = Embeddings(a)
+        self.layers = nn.ModuleList(Layer(a) for _ in range(layers))
+
+    def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
+        """All hidden states, transformers' order: [embeddings, after layer 1, ...]."""
+        states = [self.embeddings(pixels)]
+        for layer in self.layers:
+            states.append(layer(states[-1]))
+        return states

@@ -1,0 +1,134 @@
+"""Interleaved prompts: where images go in the text, and the exact ids the decoder sees.
+
+A prompt is a list of parts: runs of text and image slots. Each text run is tokenized on
+its own, and each image slot becomes `tokens_per_image` copies of the image token. The
+live video context appends the same parts one frame at a time, so the ids it builds are
+the ids `build` gives for the same frames and question.
+
+Placement (as LLaVA-Interleave was trained): where the text has `<image>` placeholders the
+images go there, one each (interleaved); where it has none, they go in front of the text,
+each followed by a newline. Video frames and views of a scene always go in front.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from m4.errors import M4Error
+from m4.tokenizer import Tokenizer
+
+IMAGE = "<image>"
+SYSTEM = "You are a helpful assistant."
+
+
+@dataclass(frozen=True)
+class Template:
+    name: str
+    header: str  # everything before the user's content
+    footer: str  # end of the user turn and start of the assistant's
+    inline: str  # how an image is written where the text has a placeholder; {i} counts from 1
+    stop: tuple[str, ...]  # tokens that end the answer
+
+    @property
+    def front(self) -> str:
+        return self.inline + "\n"
+
+
+TEMPLATES = {
+    # LLaVA-NeXT's conv_qwen_1_5 (ChatML), which llava-interleave-qwen uses
+    "qwen_1_5": Template(
+        name="qwen_1_5",
+        header=f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n",
+        footer="<|im_end|>\n<|im_start|>assistant\n",
+        inline=IMAGE,
+        stop=("<|im_end|>", "<|endoftext|>")),
+    # Mantis (Llama-3): images are denoted "(image N: <Image><image></Image>)"
+    "llama3": Template(
+        name="llama3",
+        header="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+        footer="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        inline="(image {i}: <Image><image></Image>)",
+        stop=("<|eot_id|>", "<|end_of_text|>")),
+}
+
+
+def detect_template(tokenizer: Tokenizer) -> Template:
+    """The template a checkpoint was trained with, told by its tokenizer's special tokens."""
+    if tokenizer.token_id("<|im_start|>") is not None:
+        return TEMPLATES["qwen_1_5"]
+    if tokenizer.token_id("<|start_header_id|>") is not None:
+        return TEMPLATES["llama3"]
+    raise M4Error("cannot tell the chat template from the tokenizer (no <|im_start|> or "
+                  "<|start_header_id|>); pass template= one of " + ", ".join(TEMPLATES))
+
+
+Part = str | int  # a text run, or the index of an image
+
+
+@dataclass
+class Prompt:
+    text: str  # the decoder's text, one `<image>` per image
+    ids: list[int]  # the decoder's ids, each image expanded to its tokens
+    parts: list[list[int] | int]  # token ids of each text run, or an image index
+    n_images: int
+
+
+def split_images(text: str, first: int) -> list[Part]:
+    """Text with `<image>` marks -> text runs and image indices, numbered from `first`."""
+    runs = text.split(IMAGE)
+    parts: list[Part] = [runs[0]]
+    for k, run in enumerate(runs[1:]):
+        parts += [first + k, run]
+    return [p for p in parts if p != ""]
+
+
+def image_parts(t: Template, index: int, front: bool) -> list[Part]:
+    return split_images((t.front if front else t.inline).format(i=index + 1), index)
+
+
+def question_parts(t: Template, question: str, n_images: int, first: int = 0) -> list[Part]:
+    """The user's text with its images: interleaved at the placeholders, else in front."""
+    marks = question.count(IMAGE)
+    if marks and marks != n_images:
+        raise M4Error(f"the prompt has {marks} <image> placeholders but {n_images} images were given")
+    if not marks:
+        front = [p for i in range(first, first + n_images) for p in image_parts(t, i, front=True)]
+        return front + [question]
+    runs = question.split(IMAGE)
+    parts: list[Part] = [runs[0]]
+    for k, run in enumerate(runs[1:]):
+        parts += image_parts(t, first + k, front=False) + [run]
+    return [p for p in parts if p != ""]
+
+
+def expand_placeholders(question: str, counts: list[int]) -> str:
+    """Let placeholder i stand for counts[i] consecutive images (anyres: a base view and
+    its tiles, as many as the image's aspect gives)."""
+    runs = question.split(IMAGE)
+    if len(runs) == 1:
+        return question
+    if len(runs) - 1 != len(counts):
+        raise M4Error(f"the prompt has {len(runs) - 1} <image> placeholders but {len(counts)} images were given")
+    return runs[0] + "".join(IMAGE * n + run for n, run in zip(counts, runs[1:]))
+
+
+def build(t: Template, tokenizer: Tokenizer, image_token_id: int, tokens_per_image: int,
+          question: str, n_images: int) -> Prompt:
+    """A whole single-turn prompt."""
+    parts = [t.header] + question_parts(t, question, n_images) + [t.footer]
+    return tokenize(parts, tokenizer, image_token_id, tokens_per_image)
+
+
+def tokenize(parts: list[Part], tokenizer: Tokenizer, image_token_id: int, tokens_per_image: int) -> Prompt:
+    text, ids, out = [], [], []
+    for p in parts:
+        if isinstance(p, int):
+            text.append(IMAGE)
+            ids += [image_token_id] * tokens_per_image
+            out.append(p)
+        else:
+            text.append(p)
+            run = tokenizer.encode(p)
+            ids += run
+            out.append(run)
+    return Prompt(text="".join(text), ids=ids, parts=out, n_images=sum(isinstance(p, int) for p in parts))

@@ -1,0 +1,59 @@
+"""The interleaved context: a ledger of segments over one preallocated KV cache.
+
+Appending a segment prefills only its tokens at the end of the cache. `mark` and
+`rollback` make a question and its answer leave no trace: the cache is written in place,
+so rolling back is forgetting lengths, never copying.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from m4.errors import M4Error
+from m4.runtime.sampling import Sampling, sample
+
+
+@dataclass
+class Segment:
+    kind: str  # "prompt", "frame", "question", "answer", ...
+    length: int  # tokens it holds in the cache
+
+
+class Context:
+    def __init__(self, backend, max_len: int):
+        self.backend = backend
+        self.cache = backend.new_cache(max_len)
+        self.max_len = max_len
+        self.segments: list[Segment] = []
+        self.length = 0
+
+    def append(self, kind: str, embeds) -> np.ndarray:
+        """Prefill `embeds` (T, H) after what the cache holds; the last position's logits."""
+        n = embeds.shape[0]
+        if self.length + n > self.max_len:
+            raise M4Error(f"context full: {self.length} + {n} tokens exceed its {self.max_len}")
+        logits = self.backend.forward(embeds, self.length, self.cache)[-1]
+        self.segments.append(Segment(kind, n))
+        self.length += n
+        return logits
+
+    def mark(self) -> int:
+        return len(self.segments)
+
+    def rollback(self, mark: int) -> None:
+        del self.segments[mark:]
+        self.length = sum(s.length for s in self.segments)
+
+    def generate(self, logits: np.ndarray, max_new_tokens: int, stop_ids: set[int],
+                 sampling: Sampling = Sampling()) -> Iterator[int]:
+        """Token ids of the answer to what the context holds, one decode step each; the
+        answer is kept in the cache as a segment (roll back to drop it)."""
+        rng = np.random.default_rng(sampling.seed)
+        for i in range(max_new_tokens):
+            token = sample(logits, sampling, rng)
+            if token in stop_ids:
+                return
+            yield token
+            if i + 1 < max_new_tokens:  # the last token needs no forward pass
+                logits = self.append("answer", self.backend.embed_tokens([token]))

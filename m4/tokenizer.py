@@ -1,0 +1,92 @@
+"""The checkpoint's tokenizer (tokenizer.json, through the `tokenizers` library, no torch),
+and the builder of small byte-level BPE tokenizers for checkpoints m4 makes itself.
+
+Small tokenizers mirror Qwen2's: the same pre-tokenizer regex, byte-level BPE, and the
+ChatML special tokens plus `<image>` appended after the learned vocabulary in Qwen's order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers.decoders import DecodeStream
+
+from m4.errors import M4Error
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
+               r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class Tokenizer:
+    def __init__(self, tok: HFTokenizer):
+        self.tok = tok
+
+    @classmethod
+    def from_dir(cls, path: Path) -> Tokenizer:
+        f = Path(path) / "tokenizer.json"
+        if not f.is_file():
+            raise M4Error(f"no tokenizer.json in {path}")
+        return cls(HFTokenizer.from_file(str(f)))
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text`; special tokens written in it (`<|im_start|>`) become their ids."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def token_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def stream(self) -> DecodeStream:
+        """Incremental detokenizer: `.step(tok, id)` returns text once it is whole UTF-8."""
+        return DecodeStream(skip_special_tokens=False)
+
+    def __len__(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def save(self, path: Path) -> None:
+        """tokenizer.json plus the config transformers' AutoTokenizer needs to load it."""
+        path = Path(path)
+        self.tok.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+            "model_max_length": 32768, "chat_template": CHATML_TEMPLATE,
+        }, indent=2))
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on `texts` with at most `vocab_size` ids, specials last."""
+    tok = HFTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return Tokenizer(tok)
+
+
+# Text for the small tokenizers of seeded random checkpoints (tests, the random demo).
+TOKENIZER_CORPUS = [
+    f"The {colour} {shape} moves {way}. How many {shape}s are there? Which one changed?"
+    for colour in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
+    for shape in ("square", "circle", "triangle", "star")
+    for way in ("left", "right", "up", "down")
+] + ["What is happening in the video? Describe the scene. Answer with a single word. Yes, no, 0 1 2 3 4 5."]

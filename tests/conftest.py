@@ -1,0 +1,69 @@
+"""Tiny random checkpoints in the real transformers layout, built once per test session.
+
+Each is `LlavaConfig` + `LlavaForConditionalGeneration.save_pretrained`, with its own small
+byte-level BPE tokenizer (ChatML specials + <image>) saved beside the weights, as a real
+checkpoint's is. Variants cover what differs between real models.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from m4.model.config import PRESETS  # noqa: E402
+from m4.tokenizer import TOKENIZER_CORPUS, build_tokenizer  # noqa: E402
+
+# name -> (kv heads, tied embeddings, vision_feature_layer, strategy)
+VARIANTS = {
+    "gqa-tied-last-full": (2, True, -1, "full"),
+    "mha-untied-penult-default": (4, False, -2, "default"),
+    "gqa-untied-penult-full": (2, False, -2, "full"),
+    "mha-tied-last-default": (4, True, -1, "default"),
+}
+
+
+def tiny_arch(kv_heads: int, tied: bool, layer: int, strategy: str, image_token_id: int):
+    base = PRESETS["tiny"]
+    return base.replace(text=dataclasses.replace(base.text, kv_heads=kv_heads, tied=tied),
+                        feature_layers=(layer,), strategy=strategy, image_token_id=image_token_id)
+
+
+def save_tiny_checkpoint(path, variant: str, seed: int = 0):
+    tokenizer = build_tokenizer(TOKENIZER_CORPUS, PRESETS["tiny"].text.vocab)
+    arch = tiny_arch(*VARIANTS[variant], tokenizer.token_id("<image>"))
+    config = transformers.LlavaConfig(**arch.to_hf())
+    # a wider init than transformers' 0.02 keeps random logits apart, so greedy choices
+    # are decided by the model and not by rounding
+    config.text_config.initializer_range = config.vision_config.initializer_range = 0.2
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {v: save_tiny_checkpoint(root / v, v, seed=i) for i, v in enumerate(VARIANTS)}
+
+
+@pytest.fixture(scope="session")
+def oracle():
+    """transformers' LlavaForConditionalGeneration on a checkpoint directory, cached."""
+    models = {}
+
+    def get(path):
+        if path not in models:
+            models[path] = transformers.LlavaForConditionalGeneration.from_pretrained(path).eval()
+        return models[path]
+
+    return get
+
+
+def random_images(n: int, seed: int = 0, size=(48, 40)) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(n)]

@@ -1,0 +1,53 @@
+"""The torch backend against the oracle: transformers' LlavaForConditionalGeneration
+running the same checkpoint, the same ids and the same pixels."""
+
+import numpy as np
+import pytest
+import torch
+
+import m4
+from m4.media import preprocess
+from m4.prompt import IMAGE
+
+from conftest import VARIANTS, random_images
+
+QUESTIONS = {1: "Describe the scene.", 2: f"What changed between {IMAGE} and {IMAGE}?",
+             3: "Which object moves left?"}
+
+
+def oracle_tokens(hf, model, p, pictures, max_new_tokens):
+    pixels = torch.from_numpy(preprocess(pictures, model.arch.vision.image_size))
+    ids = torch.tensor([p.ids])
+    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
+                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(model.stop_ids),
+                      pad_token_id=sorted(model.stop_ids)[0])
+    tokens = out[0, ids.shape[1]:].tolist()
+    return [t for t in tokens if t not in model.stop_ids]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n_images", [1, 2, 3])
+def test_greedy_tokens_equal_transformers(checkpoints, oracle, variant, n_images):
+    model = m4.load(checkpoints[variant], backend="torch")
+    images = random_images(n_images, seed=n_images)
+    question = QUESTIONS[n_images]
+    p, pictures = model._prepare(question, images, None, None, False)
+    assert p.ids.count(model.arch.image_token_id) == n_images * model.arch.tokens_per_image
+    ours = list(model.tokens(question, images=images, max_new_tokens=12))
+    assert len(ours) == 12  # random weights rarely stop; a short answer would test less
+    assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_prompt_logits_match_transformers(checkpoints, oracle, variant):
+    model = m4.load(checkpoints[variant], backend="torch")
+    images = random_images(2, seed=7)
+    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    b = model.backend
+    ours = b.forward(model.embed(p, pictures), 0, b.new_cache(len(p.ids)), last_only=False)
+    with torch.no_grad():
+        ref = oracle(checkpoints[variant])(
+            input_ids=torch.tensor([p.ids]),
+            pixel_values=torch.from_numpy(preprocess(pictures, model.arch.vision.image_size))).logits[0].numpy()
+    assert ours.shape == ref.shape
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
