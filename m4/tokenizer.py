@@ -83,10 +83,15 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     return Tokenizer(tok)
 
 
-# Text for the small tokenizers of seeded random checkpoints (tests, the random demo).
+# Text for the small tokenizers of seeded random checkpoints (tests, the random demo):
+# the words of the M4 scenarios, enough of them to fill a 512-id vocabulary.
 TOKENIZER_CORPUS = [
-    f"The {colour} {shape} moves {way}. How many {shape}s are there? Which one changed?"
-    for colour in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
-    for shape in ("square", "circle", "triangle", "star")
+    f"The {colour} {shape} at the {place} moves {way}. How many {shape}s are there? Which one changed?"
+    for colour in ("red", "green", "blue", "yellow", "purple", "orange", "white", "black", "pink", "brown")
+    for shape in ("square", "circle", "triangle", "star", "diamond", "cross")
     for way in ("left", "right", "up", "down")
-] + ["What is happening in the video? Describe the scene. Answer with a single word. Yes, no, 0 1 2 3 4 5."]
+    for place in ("top left", "top right", "bottom left", "bottom right", "centre")
+] + ["What is happening in the video? Describe the scene, the first frame and the last frame. "
+     "Answer with a single word or number: yes, no, zero, one, two, three, four, five, 0 1 2 3 4 5 6 7 8 9. "
+     "Seen from the front view, the side view and the top view of one scene; a small object in a tile "
+     "of a large image. Spot the difference between the two images: which shape moved or changed colour?"]

@@ -124,5 +124,11 @@ def random_checkpoint(preset: str, path: Path, seed: int = 0) -> Arch:
     tokenizer = build_tokenizer(TOKENIZER_CORPUS, arch.text.vocab)
     arch = arch.replace(image_token_id=tokenizer.token_id("<image>"))
     torch.manual_seed(seed)
-    save_checkpoint(LLaVA(arch), tokenizer, path)
+    model = LLaVA(arch)
+    for name, w in model.named_parameters():  # transformers' init: N(0, 0.02), zero biases
+        if name.endswith("bias"):
+            torch.nn.init.zeros_(w)
+        elif w.dim() > 1:
+            torch.nn.init.normal_(w, std=0.02)
+    save_checkpoint(model, tokenizer, path)
     return arch

@@ -1,0 +1,42 @@
+"""`m4 info`: what a model is, from config and presets alone (no weights are loaded)."""
+
+from pathlib import Path
+
+from m4.model.config import PRESETS, Arch
+from m4.resolve import DEMO_NAME, resolve
+
+BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
+
+
+def describe(spec: str) -> dict:
+    """A preset name (except `demo`, which names the demo model) or any MODEL."""
+    if spec in PRESETS and spec != "demo":
+        return describe_arch(PRESETS[spec], source=f"preset {spec} (shapes only, no weights)")
+    path = resolve(spec)
+    arch = Arch.from_dir(path)
+    source = f"checkpoint {path}"
+    if path.name == DEMO_NAME:
+        source = f"demo model: seeded random weights of the demo preset until a trained one ships ({path})"
+    d = describe_arch(arch, source)
+    d["files_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return d
+
+
+def describe_arch(arch: Arch, source: str) -> dict:
+    v, t = arch.vision, arch.text
+    params = arch.params()
+    total = sum(params.values())
+    return {
+        "source": source,
+        "params": {**params, "total": total},
+        "tokens_per_image": arch.tokens_per_image,
+        "image_token_id": arch.image_token_id,
+        "vision": {"image_size": v.image_size, "patch_size": v.patch_size, "hidden": v.hidden,
+                   "layers_run": arch.vision_layers_run, "layers": v.layers, "heads": v.heads, "mlp": v.mlp,
+                   "feature_layer": list(arch.feature_layers), "strategy": arch.strategy},
+        "decoder": {"hidden": t.hidden, "layers": t.layers, "heads": t.heads, "kv_heads": t.kv_heads,
+                    "head_dim": t.head_dim, "mlp": t.mlp, "vocab": t.vocab, "tied": t.tied,
+                    "rope_theta": t.rope_theta},
+        "weights_bytes": {k: int(total * b) for k, b in BYTES.items()},
+        "kv_bytes_per_token_fp16": arch.kv_bytes_per_token(2),
+    }

@@ -1,0 +1,19 @@
+"""Media in: images, anyres tiles, video sources and sampling, the demo scene. numpy/Pillow/PyAV only."""
+
+from m4.media.anyres import tile
+from m4.media.demo import DemoScene
+from m4.media.image import load_image, preprocess
+from m4.media.video import Frame, Source, open_source, sample_rate, sample_uniform, write_video
+
+__all__ = [
+    "load_image",
+    "preprocess",
+    "tile",
+    "DemoScene",
+    "Frame",
+    "Source",
+    "open_source",
+    "sample_uniform",
+    "sample_rate",
+    "write_video",
+]
