@@ -71,11 +71,24 @@ class Model:
                   text, len(pictures))
         return p, pictures
 
-    def embed(self, p: Prompt, pictures: list):
-        """The decoder's input embeddings for a prompt: text runs looked up, images encoded."""
+    def encode(self, pictures: list):
+        """Images -> (n, tokens_per_image, H) embeddings in the backend's arrays."""
+        return self.backend.encode_images(preprocess(pictures, self.arch.vision.image_size))
+
+    def embed_parts(self, parts: list[list[int] | int], images) -> object:
+        """Prompt parts -> the decoder's input embeddings: text runs looked up, image slots
+        filled from `images` (encoded embeddings, indexed by the slot's image index)."""
         b = self.backend
-        images = b.encode_images(preprocess(pictures, self.arch.vision.image_size)) if pictures else None
-        return b.concat([b.embed_tokens(x) if isinstance(x, list) else images[x] for x in p.parts])
+        return b.concat([b.embed_tokens(x) if isinstance(x, list) else images[x] for x in parts])
+
+    def embed(self, p: Prompt, pictures: list):
+        return self.embed_parts(p.parts, self.encode(pictures) if pictures else None)
+
+    def stream(self, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
+        """A live video context over this model (several may share it)."""
+        from m4.runtime.live import LiveContext
+
+        return LiveContext(self, window, exact, max_new_tokens)
 
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
                patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -106,10 +119,10 @@ class Model:
             seed: int | None = None, stream: bool = False):
         """The answer as a string, or with stream=True an iterator of text pieces."""
         ids = self.tokens(text, images, video, views, patches, max_new_tokens, temperature, top_p, seed)
-        pieces = self._detokenize(ids)
+        pieces = self.detokenize(ids)
         return pieces if stream else "".join(pieces)
 
-    def _detokenize(self, ids: Iterator[int]) -> Iterator[str]:
+    def detokenize(self, ids: Iterator[int]) -> Iterator[str]:
         decoder, known = self.tokenizer.stream(), len(self.tokenizer)
         for token in ids:
             if token >= known:  # embedding rows past the tokenizer (padding) have no text

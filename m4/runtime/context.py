@@ -28,15 +28,25 @@ class Context:
         self.segments: list[Segment] = []
         self.length = 0
 
-    def append(self, kind: str, embeds) -> np.ndarray:
-        """Prefill `embeds` (T, H) after what the cache holds; the last position's logits."""
+    def append(self, kind: str, embeds, lengths: list[int] | None = None) -> np.ndarray:
+        """Prefill `embeds` (T, H) after what the cache holds; the last position's logits.
+        `lengths` records one prefill as several segments (frames refilled together)."""
         n = embeds.shape[0]
         if self.length + n > self.max_len:
             raise M4Error(f"context full: {self.length} + {n} tokens exceed its {self.max_len}")
         logits = self.backend.forward(embeds, self.length, self.cache)[-1]
-        self.segments.append(Segment(kind, n))
+        self.segments += [Segment(kind, k) for k in (lengths or [n])]
         self.length += n
         return logits
+
+    def shift_out(self, index: int) -> None:
+        """Approximate eviction: drop segment `index` by moving the later ones down in the
+        cache with their keys re-rotated to the new positions. The kept tokens still carry
+        what they saw of the dropped one, so answers can differ from a fresh prefill."""
+        start = sum(s.length for s in self.segments[:index])
+        gone = self.segments.pop(index).length
+        self.backend.shift(self.cache, start + gone, self.length, gone)
+        self.length -= gone
 
     def mark(self) -> int:
         return len(self.segments)

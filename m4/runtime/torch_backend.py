@@ -13,7 +13,7 @@ import torch
 
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
-from m4.model.qwen2 import KVCache
+from m4.model.qwen2 import KVCache, rotate
 
 
 def pick_device(device: str) -> str:
@@ -52,3 +52,12 @@ class TorchBackend:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         logits = self.model(embeds[None], pos, cache, last_only)
         return logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def shift(self, cache: KVCache, start: int, end: int, by: int) -> None:
+        """Move cached positions [start, end) to [start - by, end - by); RoPE composes, so
+        rotating the keys by -by puts them exactly where fresh keys would be."""
+        cos, sin = (r[by].to(self.device, self.dtype) for r in (self.model.text.cos, self.model.text.sin))
+        keys = cache.k[:, :, :, start:end].clone()  # source and target overlap
+        cache.k[:, :, :, start - by:end - by] = rotate(keys, cos, -sin)
+        cache.v[:, :, :, start - by:end - by] = cache.v[:, :, :, start:end].clone()

@@ -1,0 +1,103 @@
+"""A live video context: frames enter once, questions leave no trace.
+
+The cache holds [prefix][frame 0]...[frame n-1], and a question and its answer only while
+they are asked. When the window is full the oldest frame goes. Exact eviction (the
+default) refills the kept frames from their cached embeddings (no frame is encoded twice),
+so an answer equals the oracle's on the same window; approximate eviction moves the kept
+frames down in the cache instead, cheaper per frame and measured for agreement.
+Memory is fixed at creation: a stream of any length runs in the same cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+from m4.errors import M4Error
+from m4.prompt import IMAGE, image_parts, tokenize
+from m4.runtime.context import Context
+from m4.runtime.sampling import Sampling
+
+QUESTION_TOKENS = 256  # room for a question's text in the cache
+
+
+class LiveContext:
+    def __init__(self, model, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
+        if window < 1:
+            raise M4Error("the window must hold at least one frame")
+        if not exact and not hasattr(model.backend, "shift"):
+            raise M4Error(f"approximate eviction is not available on the {model.backend.name} backend")
+        self.model, self.window, self.exact, self.max_new_tokens = model, window, exact, max_new_tokens
+        self.prefix = self._tokenize([model.template.header])
+        # frame i's parts (its image slot and separator text), by its place in the window
+        self.slots = [self._tokenize(image_parts(model.template, i, front=True)) for i in range(window)]
+        size = len(self.prefix.ids) + sum(len(s.ids) for s in self.slots) + QUESTION_TOKENS + max_new_tokens
+        self.ctx = Context(model.backend, size)
+        self.ctx.append("prefix", model.embed_parts(self.prefix.parts, None))
+        self.frames: list = []  # embeddings of the frames in the window, oldest first
+        self.stats: dict[str, float] = {"frames_seen": 0, "cache_tokens": self.ctx.length, "cache_size": size}
+
+    def _tokenize(self, parts):
+        a = self.model.arch
+        return tokenize(parts, self.model.tokenizer, a.image_token_id, a.tokens_per_image)
+
+    def _embed_slots(self, first: int, count: int):
+        """Embeddings of window slots [first, first + count) holding their frames."""
+        parts = [p for i in range(first, first + count) for p in self.slots[i].parts]
+        return self.model.embed_parts(parts, dict(enumerate(self.frames)))
+
+    def add_frame(self, frame) -> None:
+        """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
+        t0 = time.perf_counter()
+        self.frames.append(self.model.encode([frame])[0])
+        t1 = time.perf_counter()
+        if len(self.frames) <= self.window:
+            n = len(self.frames) - 1
+            self.ctx.append("frame", self._embed_slots(n, 1))
+        else:
+            self.frames.pop(0)
+            if self.exact:  # refill the window from cached embeddings after the prefix
+                self.ctx.rollback(1)
+                self.ctx.append("frame", self._embed_slots(0, self.window),
+                                lengths=[len(s.ids) for s in self.slots])
+            else:
+                self.ctx.shift_out(1)
+                n = self.window - 1
+                self.ctx.append("frame", self._embed_slots(n, 1))
+        t2 = time.perf_counter()
+        self.stats.update(frames_seen=self.stats["frames_seen"] + 1, vision_ms=(t1 - t0) * 1e3,
+                          ingest_ms=(t2 - t0) * 1e3, cache_tokens=self.ctx.length)
+
+    def tokens(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """The answer's token ids over the frames in the window; then the question and the
+        answer are rolled back, so the next question sees only the frames."""
+        if IMAGE in question:
+            raise M4Error("a live question refers to the frames in the window: remove its <image> placeholders")
+        n = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
+        q = self._tokenize([question, self.model.template.footer])
+        if len(q.ids) > QUESTION_TOKENS:
+            raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
+        mark = self.ctx.mark()
+        try:
+            t0 = time.perf_counter()
+            logits = self.ctx.append("question", self.model.embed_parts(q.parts, None))
+            t1 = time.perf_counter()
+            self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
+            count = 0
+            for token in self.ctx.generate(logits, n, self.model.stop_ids, Sampling(temperature, top_p, seed)):
+                if count == 0:
+                    t2 = time.perf_counter()
+                    self.stats["ttft_ms"] = (t2 - t0) * 1e3
+                count += 1
+                yield token
+            if count > 1:
+                self.stats["decode_tok_s"] = (count - 1) / (time.perf_counter() - t2)
+            self.stats["new_tokens"] = count
+        finally:
+            self.ctx.rollback(mark)
+
+    def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int | None = None, stream: bool = False):
+        pieces = self.model.detokenize(self.tokens(question, max_new_tokens, temperature, top_p, seed))
+        return pieces if stream else "".join(pieces)
