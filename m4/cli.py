@@ -32,22 +32,6 @@ def spread_multi_values(argv: list[str]) -> list[str]:
     return out
 
 
-def questions(prompts: list[str]):
-    """The --prompt questions; without any, lines typed on the terminal or piped in."""
-    if prompts:
-        yield from prompts
-        return
-    tty = sys.stdin.isatty()
-    while True:
-        if tty:
-            print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
-            return
-        if line.strip():
-            yield line.strip()
-
-
 @app.command()
 def run(
     model: str = typer.Option("demo", "--model", "-m", help="demo, a checkpoint or bundle directory, or a hub id"),
@@ -56,26 +40,49 @@ def run(
     video: Optional[str] = typer.Option(None, "--video", help="camN, a file, an rtsp/http URL, or demo"),
     patches: bool = typer.Option(False, "--patches", help="anyres: feed each image as a base view and tiles"),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="a question (repeatable)"),
+    every: Optional[float] = typer.Option(None, "--every", help="ask every S seconds of video (streams)"),
+    window: int = typer.Option(8, "--window", help="video frames in the context (sliding)"),
+    fps: float = typer.Option(2.0, "--fps", help="frames per second taken from a stream"),
+    max_frames: Optional[int] = typer.Option(None, "--max-frames", help="stop a stream after N frames"),
+    duration: Optional[float] = typer.Option(None, "--duration", help="stop a stream after S seconds"),
+    approximate: bool = typer.Option(False, "--approximate", help="evict frames by shifting the cache (faster, inexact)"),
+    stats: bool = typer.Option(False, "--stats", help="print frames seen/dropped and stage p50/p95 at the end"),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
-    max_frames: int = typer.Option(8, "--max-frames", help="video frames in the context"),
-    fps: float = typer.Option(2.0, "--fps", help="sampling rate of live video"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     backend: str = typer.Option("auto", "--backend"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (bundles: also tensorrt)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per event"),
 ):
     """Answer questions about images, views, a video file, a camera or a stream."""
     from m4.api import load
-    from m4.run import answer_all, collect_video
+    from m4 import run as r
+    from m4.media import is_live
 
     m = load(model, backend=backend, device=device)
-    inputs = {"images": images or None, "views": views or None, "patches": patches}
-    if video:
-        inputs["video"] = collect_video(video, max_frames, fps, emit_json=as_json)
-    answer_all(m, questions(prompt or []), inputs, as_json,
-               dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed))
+    generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    prompts = prompt or []
+    if not video:
+        r.run_still(m, prompts, {"images": images or None, "views": views or None, "patches": patches},
+                    as_json, generation)
+        return
+    if is_live(video) or every or max_frames or duration:
+        r.run_stream(m, video, prompts, window, fps, every, max_frames, duration, not approximate, as_json,
+                     generation, stats)
+    else:
+        r.run_clip(m, video, prompts, window, as_json, generation)
+
+
+@app.command()
+def export(model: str = typer.Argument(..., help="demo, a checkpoint directory or a hub id"),
+           out: Path = typer.Argument(..., help="the bundle directory to write"),
+           dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16")):
+    """Export a checkpoint to an ONNX bundle (vision.onnx, decoder.onnx, embeddings, tokenizer)."""
+    from m4.export.bundle import export_bundle
+
+    m = export_bundle(model, out, dtype)
+    print(f"{out}: {len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB")
 
 
 @app.command()
@@ -91,6 +98,86 @@ def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), 
         from m4.report import print_info
 
         print_info(d)
+
+
+@app.command("train")
+def train_cmd(
+    preset: str = typer.Option(..., "--preset", help="tiny, demo, 0.5b, 7b or 14b"),
+    data: Optional[Path] = typer.Option(None, "--data", help="M4-Instruct / LLaVA JSON"),
+    out: Optional[Path] = typer.Option(None, "--out", help="checkpoint directory (resumed when it has checkpoints)"),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="default: the JSON's folder"),
+    init: Optional[Path] = typer.Option(None, "--init", help="checkpoint to start from (default: a fresh tiny/demo model)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="default: one epoch"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="per device and micro-batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    vision_lr: Optional[float] = typer.Option(None, "--vision-lr", help="default: lr / 5"),
+    warmup: float = typer.Option(0.03, "--warmup", help="share of the steps"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    tune: str = typer.Option("projector,decoder", "--tune", help="parts trained: projector,decoder[,vision]"),
+    in_front_prob: float = typer.Option(0.5, "--in-front-prob", help="share of samples with all images in front"),
+    frames: int = typer.Option(8, "--frames", help="frames sampled from each video"),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="longer samples are skipped"),
+    precision: str = typer.Option("auto", "--precision", help="auto, fp32, bf16 or fp16"),
+    grad_ckpt: Optional[bool] = typer.Option(None, "--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing"),
+    save_every: int = typer.Option(500, "--save-every"),
+    keep: int = typer.Option(2, "--keep", help="checkpoints kept"),
+    log_every: int = typer.Option(1, "--log-every"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="data loader processes"),
+    seed: int = typer.Option(0, "--seed"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="build on the meta device; print parameters and memory"),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs the dry run plans for"),
+):
+    """Instruction-tune a LLaVA checkpoint on M4-Instruct data (under torchrun: FSDP)."""
+    from m4.train.trainer import TrainConfig, dry_run as plan, print_plan, train
+
+    if dry_run:
+        print_plan(plan(preset, gpus, tune, batch_size, max_len, grad_ckpt))
+        return
+    train(TrainConfig(preset, data, out, image_root, init, steps, batch_size, grad_accum, lr, vision_lr, warmup,
+                      weight_decay, tune=tune, in_front_prob=in_front_prob, frames=frames, max_len=max_len,
+                      precision=precision, grad_ckpt=grad_ckpt, save_every=save_every, keep=keep,
+                      log_every=log_every, workers=workers, seed=seed))
+
+
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: M4-Synth.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("synth")
+def data_synth(out: Path = typer.Argument(..., help="output folder (replaced)"),
+               n: int = typer.Option(2000, "--n", help="training samples (each also gives a caption record)"),
+               bench: int = typer.Option(200, "--bench", help="bench samples"),
+               seed: int = typer.Option(0, "--seed"),
+               size: int = typer.Option(64, "--size", help="the model's image size in pixels")):
+    """Generate M4-Synth: train.json, captions.json, bench.json and media/."""
+    from m4.train.synth import synth
+
+    counts = synth(out, n, bench, seed, size)
+    print(f"{out}: " + ", ".join(f"{k}.json {v} records" for k, v in counts.items()))
+
+
+@app.command("eval")
+def eval_cmd(model: str = typer.Option("demo", "--model", "-m", help="demo, a checkpoint or bundle directory, or a hub id"),
+             bench: Path = typer.Option(..., "--bench", help="LLaVA-Interleave Bench JSON"),
+             json_out: Optional[Path] = typer.Option(None, "--json", help="write the scores here"),
+             image_root: Optional[Path] = typer.Option(None, "--image-root", help="default: the bench's folder"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="first N samples"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+             backend: str = typer.Option("auto", "--backend"),
+             device: str = typer.Option("cpu", "--device")):
+    """Accuracy per task and per scenario on a bench."""
+    from rich.progress import Progress
+
+    from m4.eval import evaluate, print_scores
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("eval", total=None)
+        scores = evaluate(model, bench, image_root, limit, max_new_tokens, backend, device,
+                          on_sample=lambda i, n: progress.update(task, completed=i, total=n))
+    if json_out:
+        json_out.write_text(json.dumps(scores, indent=2))
+    print_scores(scores)
 
 
 def main() -> None:

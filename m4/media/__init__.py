@@ -3,7 +3,7 @@
 from m4.media.anyres import tile
 from m4.media.demo import DemoScene
 from m4.media.image import load_image, preprocess
-from m4.media.video import Frame, Source, open_source, sample_rate, sample_uniform, write_video
+from m4.media.video import Frame, Source, is_live, open_source, sample_rate, sample_uniform, write_video
 
 __all__ = [
     "load_image",
@@ -12,6 +12,7 @@ __all__ = [
     "DemoScene",
     "Frame",
     "Source",
+    "is_live",
     "open_source",
     "sample_uniform",
     "sample_rate",

@@ -90,16 +90,25 @@ class AvSource(Source):
         self.container.close()
 
 
+CAMERA = re.compile(r"cam(\d+)")
+URL = re.compile(r"(rtsps?|https?)://")
+
+
+def is_live(spec: str) -> bool:
+    """Cameras and network streams run in real time; files and the demo scene do not."""
+    return bool(CAMERA.fullmatch(spec) or URL.match(spec))
+
+
 def open_source(spec: str) -> Source:
     if spec == "demo":
         return DemoSource(DemoScene())
-    if m := re.fullmatch(r"cam(\d+)", spec):
+    if m := CAMERA.fullmatch(spec):
         device = f"/dev/video{m.group(1)}"
         label = f"camera {spec} ({device})"
         if not Path(device).exists():
             raise M4Error(f"cannot open {label}: no such device")
         return _open_av(device, label, live=True, format="v4l2")
-    if re.match(r"(rtsps?|https?)://", spec):
+    if URL.match(spec):
         options = {"rtsp_transport": "tcp"} if spec.startswith("rtsp") else {}
         return _open_av(spec, f"stream {spec}", live=True, options=options, timeout=URL_TIMEOUT)
     path = Path(spec)

@@ -1,0 +1,69 @@
+"""`m4 run --video` as a user runs it: the demo scene, a file, and a live network stream."""
+
+import functools
+import http.server
+import json
+import threading
+
+import pytest
+
+from m4.media import DemoScene, write_video
+
+from test_cli import m4
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    write_video(path, DemoScene(seed=2, width=64, height=64, fps=10, duration=4).frames(), fps=10)
+    return path
+
+
+def test_demo_stream_asks_every_two_seconds(tmp_path):
+    r = m4("run", "--video", "demo", "--window", "8", "--every", "2", "--prompt", "What is moving?",
+           "--max-new-tokens", "4", "--json", "--stats", cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    e = events(r.stdout)
+    frames = [x for x in e if x["event"] == "frame"]
+    answers = [x for x in e if x["event"] == "answer"]
+    assert len(frames) == 20  # 10 s of demo at the default 2 fps
+    assert len(answers) == 5  # at 2, 4, 6 and 8 s, and at the end (9.5 s)
+    assert e[-1]["event"] == "stats" and e[-1]["frames_used"] == 20 and e[-1]["ingest_ms_p95"] > 0
+
+
+def test_file_stream_and_stop_after_frames(checkpoints, clip):
+    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", clip, "--fps", "5", "--window", "4",
+           "--every", "1", "--max-frames", "12", "--prompt", "Which way?", "--max-new-tokens", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    e = events(r.stdout)
+    assert [x["t"] for x in e if x["event"] == "frame"] == [round(0.2 * i, 3) for i in range(12)]
+    assert sum(x["event"] == "answer" for x in e) == 3  # at 1.0 and 2.0 s, and the end at 2.2 s
+
+
+@pytest.fixture
+def served_clip(clip):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/{clip.name}"
+    server.shutdown()
+
+
+def test_live_url_is_reopened_then_ends_cleanly(checkpoints, served_clip):
+    """A network stream is read by the capture thread; when it ends it is reopened a
+    bounded number of times, then the run ends and the question is still answered."""
+    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", served_clip, "--fps", "50",
+           "--prompt", "What now?", "--max-new-tokens", "3", "--json", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert "reopening (1/3)" in r.stderr and "reopening (3/3)" in r.stderr and "stopping" in r.stderr
+    e = events(r.stdout)
+    stats = e[-1]
+    assert e[-2]["event"] == "answer"
+    # four plays of 40 frames: those the model was too busy for were dropped, not queued
+    assert stats["frames_seen"] == 160
+    assert stats["frames_used"] + stats["frames_dropped"] + stats["frames_skipped"] == 160
+    assert stats["frames_used"] >= 4
