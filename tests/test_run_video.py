@@ -67,3 +67,20 @@ def test_live_url_is_reopened_then_ends_cleanly(checkpoints, served_clip):
     assert stats["frames_seen"] == 160
     assert stats["frames_used"] + stats["frames_dropped"] + stats["frames_skipped"] == 160
     assert stats["frames_used"] >= 4
+
+
+def test_ctrl_c_ends_a_live_run_cleanly(checkpoints, served_clip):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "m4", "run", "--model", str(checkpoints["gqa-tied-last-full"]),
+                             "--video", served_clip, "--fps", "5", "--prompt", "Now?", "--max-new-tokens", "2",
+                             "--json", "--stats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert json.loads(proc.stdout.readline())["event"] == "frame"
+    os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert events(out)[-1]["event"] == "stats"

@@ -109,14 +109,19 @@ def save_checkpoint(model: LLaVA, tokenizer: Tokenizer, path: Path) -> None:
     tied = model.arch.text.tied
     out = {checkpoint_name(k): t.contiguous() for k, t in model.state_dict().items()
            if not (tied and k == "text.lm_head.weight")}
+    # SigLIP's post-layernorm, which LLaVA never applies: identity, so transformers loads it whole
+    hidden = model.arch.vision.hidden
+    out["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(hidden)
+    out["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(hidden)
     with atomic_directory(path) as tmp:
         save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(model.arch.to_hf(), indent=2))
         tokenizer.save(tmp)
 
 
-def random_checkpoint(preset: str, path: Path, seed: int = 0) -> Arch:
-    """A seeded random checkpoint of a preset with its own small tokenizer."""
+def random_checkpoint(preset: str, path: Path, seed: int = 0, std: float = 0.02) -> Arch:
+    """A seeded random checkpoint of a preset with its own small tokenizer. transformers
+    initialises with std 0.02; a wider one keeps random logits apart, for measuring."""
     from m4.model.config import PRESETS
     from m4.tokenizer import TOKENIZER_CORPUS, build_tokenizer
 
@@ -125,10 +130,10 @@ def random_checkpoint(preset: str, path: Path, seed: int = 0) -> Arch:
     arch = arch.replace(image_token_id=tokenizer.token_id("<image>"))
     torch.manual_seed(seed)
     model = LLaVA(arch)
-    for name, w in model.named_parameters():  # transformers' init: N(0, 0.02), zero biases
+    for name, w in model.named_parameters():  # transformers' init: normal weights, zero biases
         if name.endswith("bias"):
             torch.nn.init.zeros_(w)
         elif w.dim() > 1:
-            torch.nn.init.normal_(w, std=0.02)
+            torch.nn.init.normal_(w, std=std)
     save_checkpoint(model, tokenizer, path)
     return arch
