@@ -5,6 +5,7 @@ Appending a segment prefills only its tokens at the end of the cache. `mark` and
 so rolling back is forgetting lengths, never copying.
 """
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,14 +57,26 @@ class Context:
         self.length = sum(s.length for s in self.segments)
 
     def generate(self, logits: np.ndarray, max_new_tokens: int, stop_ids: set[int],
-                 sampling: Sampling = Sampling()) -> Iterator[int]:
+                 sampling: Sampling = Sampling(), stats: dict | None = None,
+                 started: float | None = None) -> Iterator[int]:
         """Token ids of the answer to what the context holds, one decode step each; the
-        answer is kept in the cache as a segment (roll back to drop it)."""
+        answer is kept in the cache as a segment (roll back to drop it). `stats` receives
+        ttft_ms (counted from `started`), decode_tok_s and new_tokens."""
+        stats = {} if stats is None else stats
+        started = time.perf_counter() if started is None else started
         rng = np.random.default_rng(sampling.seed)
+        count = 0
         for i in range(max_new_tokens):
             token = sample(logits, sampling, rng)
             if token in stop_ids:
-                return
+                break
+            if count == 0:
+                first = time.perf_counter()
+                stats["ttft_ms"] = (first - started) * 1e3
+            count += 1
             yield token
             if i + 1 < max_new_tokens:  # the last token needs no forward pass
                 logits = self.append("answer", self.backend.embed_tokens([token]))
+        stats["new_tokens"] = count
+        if count > 1:
+            stats["decode_tok_s"] = (count - 1) / (time.perf_counter() - first)

@@ -84,16 +84,8 @@ class LiveContext:
             logits = self.ctx.append("question", self.model.embed_parts(q.parts, None))
             t1 = time.perf_counter()
             self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
-            count = 0
-            for token in self.ctx.generate(logits, n, self.model.stop_ids, Sampling(temperature, top_p, seed)):
-                if count == 0:
-                    t2 = time.perf_counter()
-                    self.stats["ttft_ms"] = (t2 - t0) * 1e3
-                count += 1
-                yield token
-            if count > 1:
-                self.stats["decode_tok_s"] = (count - 1) / (time.perf_counter() - t2)
-            self.stats["new_tokens"] = count
+            yield from self.ctx.generate(logits, n, self.model.stop_ids, Sampling(temperature, top_p, seed),
+                                         self.stats, t0)
         finally:
             self.ctx.rollback(mark)
 
