@@ -1,0 +1,102 @@
+"""Checkpoint loading: sharded files, both transformers key layouts, bad checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import m4
+from m4.errors import M4Error
+
+from conftest import random_images
+
+Q = "Describe the scene."
+
+
+def answer(path):
+    return list(m4.load(path).tokens(Q, images=random_images(1), max_new_tokens=8))
+
+
+def copy_tokenizer(src, dst):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(src / name, dst / name)
+
+
+def test_sharded_checkpoint(checkpoints, tmp_path):
+    src = checkpoints["mha-untied-penult-default"]
+    transformers.LlavaForConditionalGeneration.from_pretrained(src).save_pretrained(tmp_path, max_shard_size="50KB")
+    copy_tokenizer(src, tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").exists()
+    assert answer(tmp_path) == answer(src)
+
+
+def test_current_transformers_key_layout(checkpoints, tmp_path):
+    """transformers >= 4.52 names weights model.language_model.*, model.vision_tower.*,
+    lm_head.*; the public checkpoints use language_model.model.* and friends."""
+    src = checkpoints["gqa-untied-penult-full"]
+    renames = [("language_model.model.", "model.language_model."), ("language_model.lm_head.", "lm_head."),
+               ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")]
+    weights = {}
+    for key, t in load_file(src / "model.safetensors").items():
+        new = next((dst + key[len(s):] for s, dst in renames if key.startswith(s)), key)
+        weights[new] = t
+    assert "lm_head.weight" in weights
+    save_file(weights, tmp_path / "model.safetensors")
+    shutil.copy(src / "config.json", tmp_path / "config.json")
+    copy_tokenizer(src, tmp_path)
+    assert answer(tmp_path) == answer(src)
+
+
+def test_config_from_older_transformers(checkpoints, tmp_path):
+    """transformers 4.x wrote rope_theta in text_config; 5.x writes rope_parameters."""
+    src = checkpoints["gqa-tied-last-full"]
+    shutil.copytree(src, tmp_path / "ck")
+    config = json.loads((src / "config.json").read_text())
+    theta = config["text_config"].pop("rope_parameters")["rope_theta"]
+    config["text_config"]["rope_theta"] = theta
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(config))
+    assert m4.load(tmp_path / "ck").arch.text.rope_theta == theta
+    assert answer(tmp_path / "ck") == answer(src)
+
+
+@pytest.mark.parametrize("damage", ["no weights", "wrong shape", "not llava", "truncated"])
+def test_bad_checkpoints_are_one_error(checkpoints, tmp_path, damage):
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoints["gqa-tied-last-full"], ck)
+    if damage == "no weights":
+        (ck / "model.safetensors").unlink()
+    elif damage == "wrong shape":
+        config = json.loads((ck / "config.json").read_text())
+        config["text_config"]["hidden_size"] = 128
+        (ck / "config.json").write_text(json.dumps(config))
+    elif damage == "not llava":
+        (ck / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    else:
+        data = (ck / "model.safetensors").read_bytes()
+        (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(M4Error) as e:
+        m4.load(ck)
+    assert "\n" not in str(e.value)
+
+
+def test_hub_id_offline_is_one_line():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "m4", "info", "llava-hf/llava-interleave-qwen-0.5b-hf"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2
+    assert r.stderr.startswith("m4: error: model not found: llava-hf/llava-interleave-qwen-0.5b-hf")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_loaded_weights_are_the_checkpoints(checkpoints):
+    """Tied checkpoints share one table; untied ones keep their own lm_head."""
+    tied = m4.load(checkpoints["gqa-tied-last-full"]).backend.model.text
+    assert tied.lm_head.weight.data_ptr() == tied.embed_tokens.weight.data_ptr()
+    untied = m4.load(checkpoints["mha-untied-penult-default"]).backend.model.text
+    assert not torch.equal(untied.lm_head.weight, untied.embed_tokens.weight)
