@@ -74,14 +74,19 @@ class Attention(nn.Module):
         k_cache[:, :, pos:pos + t] = k
         v_cache[:, :, pos:pos + t] = v
         keys, values = k_cache[:, :, :pos + t], v_cache[:, :, :pos + t]
-        gqa = self.heads != self.kv_heads
-        if t == 1:  # one new token sees everything before it
-            y = F.scaled_dot_product_attention(q, keys, values, enable_gqa=gqa)
-        elif pos == 0:
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
-        else:  # a chunk after cached tokens: query i sees keys up to pos + i
-            mask = torch.arange(pos + t, device=x.device) <= torch.arange(pos, pos + t, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        if pos == 0 and self.heads == self.kv_heads:  # plain causal prefill
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            # Each kv head's query heads become rows of one query matrix (GQA without copying
+            # the cache); query i of the chunk sees keys up to pos + i.
+            g = self.heads // self.kv_heads
+            mask = None
+            if t > 1:
+                mask = torch.arange(pos + t, device=x.device) <= torch.arange(pos, pos + t, device=x.device)[:, None]
+                mask = mask.repeat(g, 1)
+            y = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, g * t, self.head_dim), keys, values,
+                                               attn_mask=mask)
+            y = y.view(b, self.heads, t, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
