@@ -79,8 +79,10 @@ def export(model: str = typer.Argument(..., help="demo, a checkpoint directory o
            out: Path = typer.Argument(..., help="the bundle directory to write"),
            dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16")):
     """Export a checkpoint to an ONNX bundle (vision.onnx, decoder.onnx, embeddings, tokenizer)."""
-    from m4.export.bundle import export_bundle
-
+    try:
+        from m4.export.bundle import export_bundle
+    except ImportError as e:
+        raise M4Error(f"m4 export needs {e.name}: pip install 'm4-vlm[export]'") from None
     m = export_bundle(model, out, dtype)
     print(f"{out}: {len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB")
 
@@ -178,6 +180,52 @@ def eval_cmd(model: str = typer.Option("demo", "--model", "-m", help="demo, a ch
     if json_out:
         json_out.write_text(json.dumps(scores, indent=2))
     print_scores(scores)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a checkpoint (default: demo)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="measure a preset's architecture"),
+    random_weights: bool = typer.Option(False, "--random-weights", help="with --preset: random weights, no download"),
+    backends: str = typer.Option("torch,hf", "--backends", help="any of torch,onnx,trt,hf"),
+    workload: str = typer.Option("all", "--workload", help="stream, images, decode or all"),
+    frames: int = typer.Option(16, "--frames"),
+    window: int = typer.Option(8, "--window"),
+    every: int = typer.Option(4, "--every", help="stream workload: a question every N frames"),
+    images: int = typer.Option(4, "--images"),
+    new_tokens: int = typer.Option(32, "--new-tokens"),
+    contexts: str = typer.Option("256,1024", "--contexts", help="decode workload: context lengths"),
+    repeats: int = typer.Option(5, "--repeats"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda"),
+    json_out: Optional[Path] = typer.Option(None, "--json"),
+    csv_out: Optional[Path] = typer.Option(None, "--csv"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="a PNG of the stage breakdown"),
+):
+    """Latency stage by stage, backends side by side, the transformers baseline in the same run."""
+    from m4 import bench as b
+    from m4.report import plot_bench, print_bench
+
+    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights), backends=backends.split(","),
+                      workloads=list(b.WORKLOADS) if workload == "all" else workload.split(","),
+                      frames=frames, window=window, every=every, images=images, new_tokens=new_tokens,
+                      contexts=[int(x) for x in contexts.split(",")], repeats=repeats, device=device)
+    from rich.console import Console
+
+    with Console(stderr=True).status("benchmarking") as status:
+        result = b.bench(c, lambda s: status.update(f"benchmarking: {s}"))
+    print_bench(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+    if csv_out:
+        import csv
+
+        rows = [b.flat(r) for r in result["records"]]
+        with open(csv_out, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+            w.writeheader()
+            w.writerows(rows)
+    if plot:
+        plot_bench(result, str(plot))
 
 
 def main() -> None:

@@ -33,3 +33,65 @@ def print_info(d: dict) -> None:
     if "files_bytes" in d:
         shape.add_row("files", human(d["files_bytes"], "B"))
     console.print(shape)
+    if "bundle" in d:
+        print_bundle(d["bundle"], console)
+
+
+def print_bundle(b: dict, console: Console) -> None:
+    files = Table("file", "bytes", "sha256", title=f"bundle v{b['format_version']}, {b['dtype']}, "
+                  f"template {b['template']}, quantisation {b['quantisation'] or 'none'}")
+    for name, f in b["files"].items():
+        files.add_row(name, human(f["bytes"], "B"), f["sha256"][:16])
+    console.print(files)
+    console.print("dtypes: " + ", ".join(f"{k} {v}" for k, v in b["dtypes"].items()))
+
+
+def short(x: float) -> str:
+    return f"{x:.0f}" if x >= 100 else f"{x:.1f}"
+
+
+def print_bench(result: dict) -> None:
+    """One row per backend and workload: stage p50/p95 in ms, rates, peak memory."""
+    console = Console()
+    m = result["machine"]
+    console.print(f"[bold]{m['cpu']}[/bold], {m['cores']} cores" + (f", {m['gpu']}" if "gpu" in m else ""))
+    stages = ["ingest_ms", "prefill_ms", "ttft_ms"]  # the rest are in --json
+    table = Table("workload", "backend", *[s.removesuffix("_ms") + " ms" for s in stages], "tok/s",
+                  "prefill tok/s", "frames/s", "RSS", title="p50/p95 of each stage; decode tok/s; peak memory")
+    for r in result["records"]:
+        cells = [f"{short(r['stages'][s]['p50'])}/{short(r['stages'][s]['p95'])}" if s in r["stages"] else "-"
+                 for s in stages]
+        workload = r["workload"] + (f" {r['context']}" if "context" in r else "")
+        table.add_row(workload, f"{r['backend']} {r['dtype']}", *cells, short(r["decode_tok_s"]),
+                      short(r["prefill_tok_s"]) if "prefill_tok_s" in r else "-",
+                      short(r["frames_per_s"]) if "frames_per_s" in r else "-", human(r["peak_rss_bytes"], "B"))
+    console.print(table)
+    for backend, why in result["skipped"].items():
+        console.print(f"skipped {backend}: {why}")
+
+
+def plot_bench(result: dict, path: str) -> None:
+    """A PNG: per workload, each backend's stage medians side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(dict.fromkeys(r["workload"] for r in result["records"]))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 4), squeeze=False)
+    for ax, w in zip(axes[0], workloads):
+        rows = [r for r in result["records"] if r["workload"] == w]
+        labels = [r["backend"] + (f"\n{r['context']} tok" if "context" in r else "") for r in rows]
+        stages = list(dict.fromkeys(k for r in rows for k in r["stages"] if k.endswith("_ms")))
+        width = 0.8 / max(len(stages), 1)
+        for i, s in enumerate(stages):
+            ax.bar([x + i * width for x in range(len(rows))], [r["stages"].get(s, {}).get("p50", 0) for r in rows],
+                   width, label=s.removesuffix("_ms"))
+        ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(rows))], labels)
+        ax.set_yscale("log")
+        ax.set_title(w)
+        ax.set_ylabel("ms (p50, log scale)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"m4 bench on {result['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
