@@ -28,6 +28,7 @@ class Template:
     footer: str  # end of the user turn and start of the assistant's
     inline: str  # how an image is written where the text has a placeholder; {i} counts from 1
     stop: tuple[str, ...]  # tokens that end the answer
+    turn: str  # after an answer's stop token: the start of the next user turn (multi-turn training data)
 
     @property
     def front(self) -> str:
@@ -41,14 +42,16 @@ TEMPLATES = {
         header=f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n",
         footer="<|im_end|>\n<|im_start|>assistant\n",
         inline=IMAGE,
-        stop=("<|im_end|>", "<|endoftext|>")),
+        stop=("<|im_end|>", "<|endoftext|>"),
+        turn="\n<|im_start|>user\n"),
     # Mantis (Llama-3): images are denoted "(image N: <Image><image></Image>)"
     "llama3": Template(
         name="llama3",
         header="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
         footer="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
         inline="(image {i}: <Image><image></Image>)",
-        stop=("<|eot_id|>", "<|end_of_text|>")),
+        stop=("<|eot_id|>", "<|end_of_text|>"),
+        turn="<|start_header_id|>user<|end_header_id|>\n\n"),
 }
 
 

@@ -96,14 +96,7 @@ class DemoScene:
         draw = ImageDraw.Draw(img)
         for s in self.shapes:
             x, y = self.center(s, i / self.fps)
-            r = s.size / 2
-            fill = COLOURS[s.colour]
-            if s.kind == "square":
-                draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
-            elif s.kind == "circle":
-                draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
-            else:
-                draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+            draw_shape(draw, s.kind, x, y, s.size / 2, COLOURS[s.colour])
         return np.array(img)
 
     def frames(self) -> Iterator[np.ndarray]:
@@ -121,6 +114,16 @@ class DemoScene:
             }
             for s in self.shapes
         ]
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, kind: str, x: float, y: float, r: float, fill) -> None:
+    """One of KINDS centred at (x, y) with half-size r (also M4-Synth's renderer)."""
+    if kind == "square":
+        draw.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+    elif kind == "circle":
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    else:
+        draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
 
 
 def _bounce(p: float, lo: float, hi: float) -> float:

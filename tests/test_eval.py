@@ -1,0 +1,90 @@
+"""m4 eval: the scores (option matching, exact match, ROUGE-L), the bench's own answers scoring
+1, and the command on a real checkpoint writing DESIGN's JSON."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from m4.eval import rouge_l, score, summarise
+from m4.model.checkpoint import random_checkpoint
+from m4.train.synth import TASKS, synth
+
+QUESTION = "Which object changed colour?\nA. the red square\nB. the blue circle\nC. the green triangle\nAnswer with the letter."
+
+
+@pytest.mark.parametrize("prediction, right", [
+    ("B", 1), ("(B)", 1), ("B.", 1), ("B. the blue circle", 1), ("b", 0), ("The blue circle.", 1), ("blue circle", 1),
+    ("A", 0), ("the red square", 0), ("", 0), ("Blue", 0), ("C) the blue circle", 0),
+])
+def test_multi_choice_matches_the_option_by_letter_or_text(prediction, right):
+    assert score("multi-choice", QUESTION, "B", prediction) == right
+
+
+def test_open_ended_exact_for_short_answers_rouge_for_long():
+    assert score("open-ended", "", "red square", "The red square.") == 1
+    assert score("open-ended", "", "3", "3") == 1 and score("open-ended", "", "3", "three") == 0
+    assert score("open-ended", "", "left", "left, then right") == 0
+    ref = "the red square moved from top left to bottom right"
+    assert score("open-ended", "", ref, ref.upper() + "!") == 1
+    # normalised: "red square moved from top left to bottom right" (9 words) against
+    # "red square moved to right" (5 words): LCS 5, precision 1, recall 5/9
+    assert score("open-ended", "", ref, "A red square moved to the right.") == pytest.approx(2 * (5 / 9) / (1 + 5 / 9))
+    assert rouge_l("a b c d", "d c b a") == pytest.approx(0.25)
+    assert rouge_l("a b", "") == 0
+
+
+def test_summary_groups_by_task_and_scenario():
+    s = summarise([("t1", "multi-image", 1.0), ("t1", "multi-image", 0.0), ("t2", "multi-view", 1.0)])
+    assert s == {"overall": pytest.approx(2 / 3, abs=1e-6), "by_scenario": {"multi-image": 0.5, "multi-view": 1.0},
+                 "by_task": {"t1": 0.5, "t2": 1.0}, "n": 3}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "m4synth"
+    synth(out, n=0, bench=30, seed=1)
+    return out / "bench.json"
+
+
+def test_every_bench_answer_scores_one_against_itself_and_others_score_less(bench):
+    records = json.loads(bench.read_text())
+    for r in records:
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        kind = r["metadata"]["question_type"]
+        assert score(kind, q, a, a) == 1, r["sample_id"]
+    answers = [r["conversations"][1]["value"] for r in records]
+    for r in records:  # another sample's answer to the same task is (nearly always) wrong
+        q, a = r["conversations"][0]["value"], r["conversations"][1]["value"]
+        others = [x for x in answers if x != a]
+        assert min(score(r["metadata"]["question_type"], q, a, x) for x in others) < 1
+
+
+def test_eval_command_scores_a_checkpoint(bench, tmp_path):
+    ck = tmp_path / "ck"
+    random_checkpoint("tiny", ck)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "scores.json"
+    r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(bench),
+                        "--json", str(out), "--limit", "10", "--max-new-tokens", "6"],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    scores = json.loads(out.read_text())
+    assert scores["n"] == 10 and scores["failed"] == 0
+    assert set(scores["by_task"]) == set(TASKS)
+    assert set(scores["by_scenario"]) == {s for s, _, _ in TASKS.values()}
+    assert all(0 <= v <= 1 for v in [scores["overall"], *scores["by_task"].values(), *scores["by_scenario"].values()])
+    assert len(scores["samples"]) == 10 and "overall" in r.stdout
+    # a broken sample is counted, not fatal; a missing bench is one line
+    records = json.loads(bench.read_text())[:2]
+    records[0]["image"] = ["missing.png"] * len(records[0]["image"])
+    broken = bench.parent / "broken.json"
+    broken.write_text(json.dumps(records))
+    r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(broken),
+                        "--json", str(out), "--max-new-tokens", "2"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and json.loads(out.read_text())["failed"] == 1
+    r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(tmp_path / "nope.json")],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bench not found" in r.stderr

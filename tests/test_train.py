@@ -1,0 +1,274 @@
+"""m4 train: M4-Synth -> training -> a checkpoint that transformers and m4 load and agree on;
+prompts equal to inference's in both placements; bad records skipped; exact resume; FSDP on
+two CPU ranks equal to one process; the dry run of a 7B preset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+from safetensors.torch import load_file
+
+import m4
+from m4.media import preprocess
+from m4.model.checkpoint import random_checkpoint
+from m4.model.config import PRESETS
+from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
+from m4.train.trainer import TrainConfig, build, dry_run, train
+
+TESTS = Path(__file__).parent
+# one thread: these models are tiny, and on two shared cores idle OpenMP threads spinning
+# against other processes make a step ten times slower
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def m4cli(*args):
+    return subprocess.run([sys.executable, "-m", "m4", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=ONE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "m4synth"
+    r = m4cli("data", "synth", out, "--n", "40", "--bench", "10", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_synth_then_train_tiny_loss_falls_and_both_loaders_agree(synth, tmp_path):
+    out = tmp_path / "tiny"
+    r = m4cli("train", "--preset", "tiny", "--data", synth / "train.json", "--out", out, "--steps", "30")
+    assert r.returncode == 0, r.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == list(range(1, 31))
+    assert all(e["tokens_per_s"] > 0 and e["lr"] > 0 for e in log)
+    losses = [e["loss"] for e in log]
+    assert mean(losses[-3:]) <= 0.7 * mean(losses[:3]), losses
+
+    hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
+    model = m4.load(out)
+    rec = next(r for r in json.loads((synth / "bench.json").read_text()) if r["metadata"]["dataset"] == "diff-move")
+    question, images = rec["conversations"][0]["value"], [synth / p for p in rec["image"]]
+    ids = torch.tensor([model.prompt(question, images=images).ids])
+    pixels = torch.from_numpy(preprocess([str(p) for p in images], model.arch.vision.image_size))
+    stop = sorted(model.stop_ids)
+    ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=12,
+                      do_sample=False, eos_token_id=stop, pad_token_id=stop[0])[0, ids.shape[1]:].tolist()
+    ref = [t for t in ref if t not in model.stop_ids]
+    assert ref, "the trained model answered nothing"
+    assert list(model.tokens(question, images=images, max_new_tokens=12)) == ref
+    assert model.ask(question, images=images, max_new_tokens=12) == model.tokenizer.decode(ref)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    random_checkpoint("tiny", path)
+    return m4.load(path)
+
+
+def data_set(model, records, root, **kw):
+    a = model.arch
+    return InstructData(records, root, model.tokenizer, model.template, a.image_token_id, a.vision.image_size,
+                        tokens_per_image=a.tokens_per_image, **kw)
+
+
+def collate(model, items):
+    return Collate(model.arch.image_token_id, model.arch.tokens_per_image, 0)(items)
+
+
+def save_images(root, n, seed=0):
+    rng = np.random.default_rng(seed)
+    names = [f"img{i}.png" for i in range(n)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(root / name)
+    return names
+
+
+def test_both_placements_equal_inference_prompts_with_labels_on_answers_only(tiny, tmp_path):
+    names = save_images(tmp_path, 2)
+    question, answer = "Is <image> brighter than <image>?", "No, it is darker."
+    rec = {"id": "r", "image": names, "conversations": [{"from": "human", "value": question},
+                                                        {"from": "gpt", "value": answer}]}
+    reply = tiny.tokenizer.encode(answer) + [tiny.tokenizer.token_id("<|im_end|>")]
+    layouts = {}
+    for prob, asked in ((0.0, question), (1.0, in_front(question))):
+        batch = collate(tiny, [data_set(tiny, [rec], tmp_path, in_front_prob=prob)[(0, 0)]])
+        prompt = tiny.prompt(asked, images=[tmp_path / n for n in names]).ids
+        assert batch["input_ids"][0].tolist() == prompt + reply
+        assert batch["labels"][0].tolist() == [IGNORE] * len(prompt) + reply
+        np.testing.assert_array_equal(batch["pixel_values"].numpy(), preprocess([tmp_path / n for n in names], 32))
+        layouts[prob] = prompt
+    assert in_front(question) == "Is brighter than?"
+    image = tiny.arch.image_token_id
+    first_text = [i for i, t in enumerate(layouts[1.0]) if t == image][-1]  # in front: all images, then text
+    assert layouts[1.0][first_text + 1:].count(image) == 0
+    assert layouts[0.0] != layouts[1.0] and layouts[0.0].count(image) == layouts[1.0].count(image) == 2 * 16
+    # the 50/50 mix draws both layouts for the same record over epochs, the same on every call
+    mixed = data_set(tiny, [rec], tmp_path, in_front_prob=0.5)
+    seen = {tuple(collate(tiny, [mixed[(0, e)]])["input_ids"][0].tolist()) for e in range(16)}
+    assert seen == {tuple(layouts[0.0] + reply), tuple(layouts[1.0] + reply)}
+    assert mixed[(0, 5)].ids == mixed[(0, 5)].ids
+
+
+def test_multi_turn_and_video_records(tiny, tmp_path):
+    from m4.media import write_video
+
+    frames = [np.full((32, 32, 3), 30 * i, dtype=np.uint8) for i in range(6)]
+    write_video(tmp_path / "clip.mp4", frames, fps=6)
+    names = save_images(tmp_path, 1)
+    records = [
+        {"id": "turns", "image": names[0], "conversations": [
+            {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "Noise."},
+            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "Yes."}]},
+        {"id": "video", "video": "clip.mp4", "conversations": [
+            {"from": "human", "value": "<image>\nWhat happens?"}, {"from": "gpt", "value": "It gets brighter."}]},
+    ]
+    ds = data_set(tiny, records, tmp_path, frames=4, in_front_prob=0.0)
+    end = tiny.tokenizer.token_id("<|im_end|>")
+    x = collate(tiny, [ds[(0, 0)]])
+    labels = [t for t in x["labels"][0].tolist() if t != IGNORE]
+    assert labels == tiny.tokenizer.encode("Noise.") + [end] + tiny.tokenizer.encode("Yes.") + [end]
+    ids = x["input_ids"][0].tolist()
+    second = tiny.tokenizer.encode("\n<|im_start|>user\n") + tiny.tokenizer.encode("Sure?")
+    assert any(ids[i:i + len(second)] == second for i in range(len(ids)))
+    v = collate(tiny, [ds[(1, 0)]])
+    prompt = tiny.prompt("What happens?", video=[f for f in frames[:4]]).ids  # frames in front
+    assert v["input_ids"][0].tolist()[:len(prompt)] == prompt
+    assert v["pixel_values"].shape == (4, 3, 32, 32)
+
+
+def test_bad_records_are_skipped_with_a_count_and_reasons(synth, tmp_path, capsys):
+    good = [r for r in json.loads((synth / "train.json").read_text()) if "image" in r][:6]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    conv = good[0]["conversations"]
+    bad = [
+        {**good[0], "id": "no-file", "image": ["media/nope.png", good[0]["image"][1]]},
+        {**good[0], "id": "marks", "conversations": [{"from": "human", "value": "no placeholders"}, conv[1]]},
+        {"id": "empty", "image": good[0]["image"], "conversations": []},
+        "not a record",
+        {"id": "corrupt", "image": [str(tmp_path / "broken.png")],
+         "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Nothing."}]},
+    ]
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(good + bad))
+    skipped = Skipped()
+    records = load_records(data, synth, skipped)
+    assert len(records) == 7 and skipped.total == 4
+    assert set(skipped.counts) == {"missing image", "placeholders", "empty conversation", "bad record"}
+    assert "record no-file: missing image media/nope.png" in skipped.first
+    train(TrainConfig("tiny", data=data, out=tmp_path / "out", image_root=synth, steps=2, batch_size=4))  # an epoch
+    err = capsys.readouterr().err
+    assert "skipped 4 records" in err and "record marks: 0 <image> placeholders for 2 images" in err
+    assert "skipped 5 records" in err and "record corrupt: cannot decode image" in err  # found when decoded
+    assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1])["skipped"] == 5
+    with pytest.raises(m4.M4Error, match="no trainable records"):
+        (tmp_path / "bad.json").write_text(json.dumps(bad[:4]))
+        train(TrainConfig("tiny", data=tmp_path / "bad.json", out=tmp_path / "out2", image_root=synth, steps=1))
+
+
+def weights(path):
+    return load_file(Path(path) / "model.safetensors")
+
+
+def test_resume_continues_exactly_where_it_stopped(synth, tmp_path):
+    common = dict(data=synth / "train.json", batch_size=2, save_every=2, keep=1)
+    train(TrainConfig("tiny", out=tmp_path / "whole", steps=5, **common))
+    train(TrainConfig("tiny", out=tmp_path / "split", steps=2, **common))
+    assert (tmp_path / "split" / "checkpoint-0000002" / "trainer_state.json").is_file()
+    train(TrainConfig("tiny", out=tmp_path / "split", steps=5, **common))
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "split")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (tmp_path / "split").glob("checkpoint-*")) == ["checkpoint-0000005"]
+
+
+def test_two_fsdp_ranks_equal_one_process_on_their_union(synth, tmp_path):
+    """torchrun, 2 CPU ranks (gloo), batch 1 each, vs one process with batch 2. Half the
+    records are text only, so that ranks meet batches with and without images."""
+    records = json.loads((synth / "train.json").read_text())[:5]  # odd: one step has one of each
+    records += [{"id": f"text{i}", "conversations": [{"from": "human", "value": f"Count to {i}."},
+                                                      {"from": "gpt", "value": " ".join(map(str, range(i)))}]}
+                for i in range(1, 8)]
+    data = synth / "mixed.json"
+    data.write_text(json.dumps(records))
+    lengths = [approx_length(r, 16, 8) for r in records]  # as the trainer orders them
+    visual = [[any(k in records[b[0][0]] for k in ("image", "video")) for _, b in zip(range(4), Batches(
+        len(records), 1, rank, 2, 0, 0, lengths))] for rank in (0, 1)]
+    assert any(a != b for a, b in zip(*visual))  # a step where one rank has images and the other none
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        str(TESTS / "dist_worker.py"), str(data), str(tmp_path / "fsdp"), "4"],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # lr 3e-4 (the worker's too): AdamW turns float noise on gradients that are zero in
+    # theory (a key bias's) into updates of up to lr x noise / eps, under the tolerance here
+    one = train(TrainConfig("tiny", data=data, out=tmp_path / "one", steps=4, batch_size=2, lr=3e-4)).state_dict()
+    ranks = [load_file(tmp_path / "fsdp" / f"rank{i}.safetensors") for i in range(2)]
+    fresh = build("tiny", None, load_records(data, synth, Skipped()), 0)[0].state_dict()
+    assert ranks[0].keys() == ranks[1].keys() == one.keys()
+    for k in one:
+        assert torch.equal(ranks[0][k], ranks[1][k]), k
+        torch.testing.assert_close(ranks[0][k], one[k], rtol=0, atol=1e-5)
+    assert max((one[k] - fresh[k.removeprefix("llava.")]).abs().max() for k in one) > 5e-4  # it did train
+    saved, single = weights(tmp_path / "fsdp"), weights(tmp_path / "one")  # rank 0 wrote the gathered checkpoint
+    assert saved.keys() == single.keys()
+    for k in saved:
+        torch.testing.assert_close(saved[k], single[k], rtol=0, atol=1e-5)
+    losses = [[json.loads(line)["loss"] for line in (tmp_path / run / "log.jsonl").read_text().splitlines()]
+              for run in ("fsdp", "one")]
+    assert np.allclose(*losses, rtol=1e-5)
+
+
+def test_dry_run_builds_7b_on_meta_and_plans_memory():
+    r = m4cli("train", "--preset", "7b", "--dry-run", "--gpus", "8")
+    assert r.returncode == 0, r.stderr
+    assert "parameters" in r.stdout and "GiB" in r.stdout and "8 GPUs" in r.stdout
+    plan = dry_run("7b", 8, "projector,decoder", None, None, None)
+    parts = PRESETS["7b"].params()
+    assert plan["trainable"] == parts["decoder"] + parts["projector"]
+    assert 0 <= plan["params"] - sum(parts.values()) < 10_000  # the tower's final norm, unused by LLaVA
+    mem = plan["memory_per_gpu_bytes"]
+    assert mem["AdamW state (fp32, sharded)"] == 8 * plan["trainable"] / 8
+    assert 10 * 2**30 < mem["total"] < 80 * 2**30
+
+
+def test_frozen_tower_tuned_parts_and_gradient_checkpointing(synth, tmp_path):
+    data = synth / "train.json"
+    fresh = build("tiny", None, load_records(data, synth, Skipped()), 0)[0].state_dict()
+
+    def run(name, **kw):
+        return train(TrainConfig("tiny", data=data, out=tmp_path / name, steps=2, **kw)).llava.state_dict()
+
+    def changed(state, part):
+        return any(not torch.equal(v, fresh[k]) for k, v in state.items() if k.startswith(part))
+
+    default, checkpointed = run("default"), run("ckpt", grad_ckpt=True)
+    assert not changed(default, "model.vision_tower.")
+    assert changed(default, "model.multi_modal_projector.") and changed(default, "model.language_model.")
+    for k in default:
+        torch.testing.assert_close(checkpointed[k], default[k], rtol=0, atol=1e-6)
+    tower = run("tower", tune="projector,vision")
+    assert changed(tower, "model.vision_tower.") and not changed(tower, "model.language_model.")
+    with pytest.raises(m4.M4Error, match="--tune"):
+        run("bad", tune="projector,eyes")
