@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from m4.errors import M4Error
+from m4.export.manifest import is_bundle
 from m4.media import load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
 from m4.prompt import IMAGE, TEMPLATES, Prompt, build, detect_template, expand_placeholders
@@ -23,16 +24,30 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
-         template: str | None = None) -> Model:
-    """Load `demo`, a checkpoint directory, a bundle directory or a hub id."""
+         template: str | None = None, threads: int | None = None) -> Model:
+    """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs on
+    ONNX Runtime (`threads`: its intra-op threads, default all cores), a checkpoint on torch."""
     path = resolve(str(model))
-    if (path / "m4.json").is_file() or backend == "onnx":
-        raise M4Error(f"{model}: ONNX bundles need the onnx backend, which this version does not have yet")
+    if is_bundle(path):
+        if backend not in ("auto", "onnx"):
+            raise M4Error(f"{model} is an ONNX bundle: use backend auto or onnx")
+        try:
+            from m4.runtime.onnx_backend import OnnxBackend
+        except ImportError as e:
+            raise M4Error(f"{model} is an ONNX bundle, which needs {e.name}: pip install 'm4-vlm[onnx]'") from None
+        b = OnnxBackend(path, device, threads)
+        return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path)
+    if backend == "onnx":
+        raise M4Error(f"{model} is a checkpoint: export it first (m4 export {model} OUT), then run OUT")
     if backend not in ("auto", "torch"):
-        raise M4Error(f"unknown backend {backend!r}: use auto or torch")
+        raise M4Error(f"unknown backend {backend!r}: use auto, torch or onnx")
     arch = Arch.from_dir(path)
     tokenizer = Tokenizer.from_dir(path)
-    from m4.runtime.torch_backend import TorchBackend
+    try:
+        from m4.runtime.torch_backend import TorchBackend
+    except ImportError as e:
+        raise M4Error(f"{model} is a checkpoint, which needs {e.name}: pip install 'm4-vlm[torch]', "
+                      "or run an exported bundle") from None
 
     return Model(TorchBackend(path, arch, device, dtype), tokenizer, arch,
                  TEMPLATES[template] if template else detect_template(tokenizer), path)
@@ -101,18 +116,11 @@ class Model:
         ctx = Context(self.backend, len(p.ids) + max_new_tokens)
         logits = ctx.append("prompt", embeds)
         t2 = time.perf_counter()
-        self.stats = {"images": len(pictures), "vision_ms": (t1 - t0) * 1e3, "prefill_tokens": len(p.ids),
-                      "prefill_ms": (t2 - t1) * 1e3}
-        n = 0
-        for token in ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed)):
-            if n == 0:
-                t3 = time.perf_counter()
-                self.stats["ttft_ms"] = (t3 - t0) * 1e3
-            n += 1
-            yield token
-        if n > 1:
-            self.stats["decode_tok_s"] = (n - 1) / (time.perf_counter() - t3)
-        self.stats["new_tokens"] = n
+        self.stats.clear()  # in place: callers may hold this dict
+        self.stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
+                          prefill_ms=(t2 - t1) * 1e3)
+        yield from ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed),
+                                self.stats, t0)
 
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
             patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,

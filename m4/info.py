@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from m4.export.manifest import is_bundle, manifest_arch, read_manifest
 from m4.model.config import PRESETS, Arch
 from m4.resolve import DEMO_NAME, resolve
 
@@ -13,12 +14,24 @@ def describe(spec: str) -> dict:
     if spec in PRESETS and spec != "demo":
         return describe_arch(PRESETS[spec], source=f"preset {spec} (shapes only, no weights)")
     path = resolve(spec)
+    if is_bundle(path):
+        return describe_bundle(path)
     arch = Arch.from_dir(path)
     source = f"checkpoint {path}"
     if path.name == DEMO_NAME:
         source = f"demo model: seeded random weights of the demo preset until a trained one ships ({path})"
     d = describe_arch(arch, source)
     d["files_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    return d
+
+
+def describe_bundle(path: Path) -> dict:
+    """The architecture from the manifest, and the bundle: format, dtypes, files, quantisation."""
+    m = read_manifest(path)
+    d = describe_arch(manifest_arch(m), f"bundle {path} (exported from {m['source']})")
+    keys = ("format_version", "exporter", "template", "dtype", "dtypes", "quantisation", "calibration", "files")
+    d["bundle"] = {k: m.get(k) for k in keys}
+    d["files_bytes"] = sum(f["bytes"] for f in m["files"].values())
     return d
 
 

@@ -62,7 +62,7 @@ def test_video_file(checkpoints, tmp_path):
     scene = DemoScene(seed=1, width=64, height=64, fps=10, duration=3)
     write_video(tmp_path / "clip.mp4", scene.frames(), fps=10)
     r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", tmp_path / "clip.mp4",
-           "--max-frames", "4", "--prompt", "Which way?", "--max-new-tokens", "4", "--json")
+           "--window", "4", "--prompt", "Which way?", "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stdout.splitlines()]
     assert [e["index"] for e in events if e["event"] == "frame"] == [0, 10, 19, 29]

@@ -1,0 +1,45 @@
+"""`m4 bench` on a tiny checkpoint: every field for every backend, JSON, CSV and a PNG."""
+
+import csv
+import json
+
+from PIL import Image
+
+from test_cli import m4
+
+
+def test_bench_all_workloads(checkpoints, tmp_path):
+    out = tmp_path / "out"
+    r = m4("bench", "--model", checkpoints["gqa-tied-last-full"], "--backends", "torch,onnx,trt,hf",
+           "--workload", "all", "--frames", "4", "--window", "2", "--every", "2", "--images", "2",
+           "--new-tokens", "4", "--contexts", "16,48", "--repeats", "2",
+           "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png", cache=tmp_path)
+    assert r.returncode == 0, r.stderr
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
+    assert "tensorrt" in result["skipped"]["trt"]
+    records = result["records"]
+    for backend in ("torch", "onnx", "hf"):
+        mine = [x for x in records if x["backend"] == backend]
+        assert [x["workload"] for x in mine] == ["stream", "images", "decode", "decode"]
+        assert [x["context"] for x in mine if x["workload"] == "decode"] == [16, 48]
+        for x in mine:
+            assert x["decode_tok_s"] > 0 and x["peak_rss_bytes"] > 0 and x["dtype"] == "fp32"
+            assert all(q["p95"] >= q["p50"] > 0 for q in x["stages"].values())
+        assert "ttft_ms" in mine[0]["stages"] and "ttft_ms" in mine[1]["stages"]
+        assert mine[2]["prefill_tok_s"] > 0
+    for backend in ("torch", "onnx"):  # m4 backends ingest frames into the live window
+        stream = next(x for x in records if x["backend"] == backend and x["workload"] == "stream")
+        assert {"preprocess_ms", "vision_ms", "frame_prefill_ms", "ingest_ms"} <= set(stream["stages"])
+        assert stream["frames_per_s"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert len(rows) == len(records) and "ttft_ms_p50" in rows[0]
+    assert Image.open(tmp_path / "out.png").size[0] > 600
+    assert "ttft" in r.stdout and "onnx" in r.stdout
+
+
+def test_bench_bad_arguments():
+    r = m4("bench", "--preset", "0.5b")
+    assert r.returncode == 2 and "--random-weights" in r.stderr
+    r = m4("bench", "--backends", "torch,gpu")
+    assert r.returncode == 2 and "unknown backend 'gpu'" in r.stderr

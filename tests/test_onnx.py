@@ -1,0 +1,166 @@
+"""ONNX bundles and the ONNX Runtime backend against the oracle (transformers on the same
+checkpoint), the torch-free runtime path, and one clear line for broken bundles."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import m4
+from m4.errors import M4Error
+from m4.export.bundle import OPSET, export_bundle
+from m4.info import describe
+from m4.media import preprocess
+
+from conftest import VARIANTS, random_images
+from test_parity import QUESTIONS, oracle_tokens
+
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    for v, ck in checkpoints.items():
+        export_bundle(str(ck), root / v)
+    return {v: root / v for v in checkpoints}
+
+
+@pytest.fixture(scope="session")
+def models(bundles):
+    return {v: m4.load(b) for v, b in bundles.items()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("n_images", [1, 2, 3])
+def test_greedy_tokens_equal_transformers(checkpoints, oracle, models, variant, n_images):
+    model = models[variant]
+    assert model.backend.name == "onnx"
+    images = random_images(n_images, seed=n_images)
+    question = QUESTIONS[n_images]
+    p, pictures = model._prepare(question, images, None, None, False)
+    ours = list(model.tokens(question, images=images, max_new_tokens=12))
+    assert len(ours) == 12
+    assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_video_frames_equal_transformers(checkpoints, oracle, models, variant):
+    model = models[variant]
+    frames = random_images(8, seed=11)
+    question = "Which way does the ball move?"
+    p, pictures = model._prepare(question, None, frames, None, False)
+    assert p.n_images == 8
+    ours = list(model.tokens(question, video=frames, max_new_tokens=10))
+    assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 10)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vision_embeddings_match_transformers(checkpoints, oracle, models, variant):
+    model = models[variant]
+    pixels = preprocess(random_images(3, seed=5), model.arch.vision.image_size)
+    with torch.no_grad():
+        out = oracle(checkpoints[variant]).get_image_features(pixel_values=torch.from_numpy(pixels))
+    ref = torch.stack(list(out.pooler_output)).numpy()
+    ours = model.backend.encode_images(pixels)
+    assert ours.shape == ref.shape == (3, model.arch.tokens_per_image, model.arch.text.hidden)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, models):
+    """The live context's use of a cache: prefill, decode, roll back to an earlier position
+    and prefill again there; chunked prefill gives what one pass gives."""
+    variant = "gqa-untied-penult-full"
+    onnx_b = models[variant].backend
+    torch_b = m4.load(checkpoints[variant], backend="torch").backend
+    onnx_b.chunk = 7  # several chunks per prefill, one of them partial
+    embeds = np.random.default_rng(0).normal(0, 1, (40, onnx_b.arch.text.hidden)).astype(np.float32)
+    calls = [(0, 30, False), (30, 31, True), (31, 32, True), (12, 29, False), (29, 30, True), (30, 40, True)]
+    oc, tc = onnx_b.new_cache(48), torch_b.new_cache(48)
+    for start, end, last_only in calls:  # positions [start, end) take embeds[start:end]
+        ours = onnx_b.forward(embeds[start:end], start, oc, last_only)
+        ref = torch_b.forward(torch.from_numpy(embeds[start:end]), start, tc, last_only)
+        assert ours.shape == ref.shape == ((1 if last_only else end - start), onnx_b.arch.text.vocab)
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+    onnx_b.chunk = 512
+
+
+def test_graphs_are_standard_onnx(bundles):
+    for name in ("vision.onnx", "decoder.onnx"):
+        g = onnx.load(bundles["gqa-tied-last-full"] / name)
+        assert {(o.domain or "ai.onnx", o.version) for o in g.opset_import} >= {("ai.onnx", OPSET)}
+        assert {n.domain for n in g.graph.node} <= {"", "ai.onnx"}
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in g.graph.input}
+    assert {tuple(d) for k, d in dims.items() if k.startswith(("past_key", "past_value"))} == {(1, 2, 16, "cache"), (1, 2, "cache", 16)}
+
+
+def test_manifest_and_info(bundles):
+    m = json.loads((bundles["mha-untied-penult-default"] / "m4.json").read_text())
+    assert m["format_version"] == 1 and m["quantisation"] is None and m["template"] == "qwen_1_5"
+    assert m["tokens_per_image"] == 15  # 16 patches, "default" drops the first
+    d = describe(str(bundles["mha-untied-penult-default"]))
+    assert d["bundle"]["dtype"] == "fp32" and d["bundle"]["files"]["decoder.onnx"]["bytes"] > 0
+    assert d["tokens_per_image"] == 15 and d["decoder"]["kv_heads"] == 4
+
+
+RUNTIME_ONLY = """
+import sys
+import numpy as np
+import m4
+model = m4.load(sys.argv[1])
+print(model.ask("Describe <image>.", images=[np.zeros((40, 48, 3), np.uint8)], max_new_tokens=4) is not None)
+heavy = sorted({n.split(".")[0] for n in sys.modules} & {"torch", "transformers"})
+print("imported:", heavy)
+"""
+
+
+def test_runtime_path_does_not_import_torch(bundles):
+    r = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(bundles["gqa-tied-last-full"])],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:2] == ["True", "imported: []"]
+
+
+def test_cli_runs_a_bundle(bundles, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(random_images(1)[0]).save(tmp_path / "a.png")
+    r = subprocess.run([sys.executable, "-m", "m4", "run", "--model", bundles["gqa-tied-last-full"], "--images",
+                        tmp_path / "a.png", "--prompt", "What is it?", "--max-new-tokens", "4", "--json"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["event"] == "answer"
+
+
+def broken_bundle(src, dst, case):
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    if case == "corrupt onnx":  # same size, so only parsing can tell
+        data = bytearray((dst / "decoder.onnx").read_bytes())
+        data[: len(data) // 2] = b"\x07" * (len(data) // 2)
+        (dst / "decoder.onnx").write_bytes(bytes(data))
+    elif case == "truncated onnx":
+        (dst / "vision.onnx").write_bytes((dst / "vision.onnx").read_bytes()[:1000])
+    elif case == "no manifest":
+        (dst / "m4.json").unlink()
+    elif case == "unknown version":
+        m = json.loads((dst / "m4.json").read_text())
+        (dst / "m4.json").write_text(json.dumps({**m, "format_version": 99}))
+    return dst
+
+
+@pytest.mark.parametrize("case, message", [
+    ("corrupt onnx", "cannot load"), ("truncated onnx", "truncated"), ("no manifest", "no m4.json"),
+    ("unknown version", "format version 99")])
+def test_broken_bundle_is_one_clear_error(bundles, tmp_path, case, message):
+    bad = broken_bundle(bundles["gqa-tied-last-full"], tmp_path / "bad", case)
+    with pytest.raises(M4Error, match=message) as e:
+        m4.load(bad)
+    assert "\n" not in str(e.value)
+    if case == "corrupt onnx":  # and the CLI says it in one line, exit 2
+        r = subprocess.run([sys.executable, "-m", "m4", "run", "--model", bad, "--prompt", "q"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and r.stderr.startswith("m4: error: cannot load") and r.stderr.count("\n") == 1
