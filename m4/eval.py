@@ -15,13 +15,13 @@ The model is anything `m4.load` takes, so checkpoints and bundles are scored the
 
 from __future__ import annotations
 
-import json
 import re
 import string
 from collections import defaultdict
 from pathlib import Path
 
 from m4.errors import M4Error
+from m4.jsonio import read_json_list
 
 SHORT = 3  # words: a reference this short is matched exactly
 OPTION = re.compile(r"^\(?([A-H])[.):]\s*(.+)$", re.MULTILINE)
@@ -85,13 +85,8 @@ def score(question_type: str, question: str, reference: str, prediction: str) ->
 
 
 def load_bench(path: Path) -> list[dict]:
-    try:
-        records = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise M4Error(f"bench not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise M4Error(f"cannot read {path}: {e}") from None
-    if not isinstance(records, list) or not all(isinstance(r, dict) and len(r.get("conversations", [])) >= 2
+    records = read_json_list(path, "bench")
+    if not all(isinstance(r, dict) and len(r.get("conversations", [])) >= 2
                                                 for r in records):
         raise M4Error(f"{path}: expected a list of LLaVA-Interleave Bench records with conversations")
     return records

@@ -18,7 +18,6 @@ over --max-len) when the sample is built; both are counted with their first reas
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
@@ -30,6 +29,7 @@ import numpy as np
 import torch
 
 from m4.errors import M4Error
+from m4.jsonio import read_json_list
 from m4.media import load_image, preprocess, sample_uniform, tile
 from m4.prompt import IMAGE, Template, expand_placeholders, question_parts, tokenize
 from m4.tokenizer import Tokenizer
@@ -115,14 +115,7 @@ def problem(rec, root: Path) -> tuple[str, str] | None:
 
 def load_records(path: Path, root: Path, skipped: Skipped) -> list[dict]:
     """The trainable records of a JSON file; the others are counted in `skipped`."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise M4Error(f"data not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise M4Error(f"cannot read {path}: {e}") from None
-    if not isinstance(data, list):
-        raise M4Error(f"{path}: expected a JSON list of records")
+    data = read_json_list(path, "data")
     good = []
     for i, rec in enumerate(data):
         bad = problem(rec, root)

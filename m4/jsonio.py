@@ -1,0 +1,19 @@
+"""Reading the JSON record files that the tools exchange (M4-Instruct data, benches)."""
+
+import json
+from pathlib import Path
+
+from m4.errors import M4Error
+
+
+def read_json_list(path: Path, what: str) -> list:
+    """The list a JSON file holds, or one clear error naming `what` it should have been."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise M4Error(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise M4Error(f"cannot read {path}: {e}") from None
+    if not isinstance(data, list):
+        raise M4Error(f"{path}: expected a JSON list of records")
+    return data
