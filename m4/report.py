@@ -83,11 +83,12 @@ def plot_bench(result: dict, path: str) -> None:
         rows = [r for r in result["records"] if r["workload"] == w]
         labels = [r["backend"] + (f"\n{r['context']} tok" if "context" in r else "") for r in rows]
         stages = list(dict.fromkeys(k for r in rows for k in r["stages"] if k.endswith("_ms")))
-        width = 0.8 / max(len(stages), 1)
-        for i, s in enumerate(stages):
-            ax.bar([x + i * width for x in range(len(rows))], [r["stages"].get(s, {}).get("p50", 0) for r in rows],
-                   width, label=s.removesuffix("_ms"))
-        ax.set_xticks([x + width * (len(stages) - 1) / 2 for x in range(len(rows))], labels)
+        values = {s: [r["stages"].get(s, {}).get("p50", 0) for r in rows] for s in stages}
+        values["decode ms/token"] = [1e3 / r["decode_tok_s"] if r["decode_tok_s"] else 0 for r in rows]
+        width = 0.8 / len(values)
+        for i, (s, v) in enumerate(values.items()):
+            ax.bar([x + i * width for x in range(len(rows))], v, width, label=s.removesuffix("_ms"))
+        ax.set_xticks([x + width * (len(values) - 1) / 2 for x in range(len(rows))], labels)
         ax.set_yscale("log")
         ax.set_title(w)
         ax.set_ylabel("ms (p50, log scale)")
