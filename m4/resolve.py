@@ -7,7 +7,7 @@ from pathlib import Path
 from m4.errors import M4Error
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-DEMO_NAME = "demo-random-v1"
+DEMO_NAME = "demo-random-v2"
 
 
 def cache_dir() -> Path:

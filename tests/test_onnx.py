@@ -69,11 +69,11 @@ def test_vision_embeddings_match_transformers(checkpoints, oracle, models, varia
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, models):
+def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, bundles):
     """The live context's use of a cache: prefill, decode, roll back to an earlier position
     and prefill again there; chunked prefill gives what one pass gives."""
     variant = "gqa-untied-penult-full"
-    onnx_b = models[variant].backend
+    onnx_b = m4.load(bundles[variant]).backend
     torch_b = m4.load(checkpoints[variant], backend="torch").backend
     onnx_b.chunk = 7  # several chunks per prefill, one of them partial
     embeds = np.random.default_rng(0).normal(0, 1, (40, onnx_b.arch.text.hidden)).astype(np.float32)
@@ -84,7 +84,26 @@ def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, models):
         ref = torch_b.forward(torch.from_numpy(embeds[start:end]), start, tc, last_only)
         assert ours.shape == ref.shape == ((1 if last_only else end - start), onnx_b.arch.text.vocab)
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
-    onnx_b.chunk = 512
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_live_context_runs_on_a_bundle(checkpoints, models, exact):
+    """The live context, unchanged, on the ONNX backend: exact eviction answers as a fresh
+    prompt over the window does, and approximate eviction (shifted, re-rotated keys) as the
+    torch backend's does."""
+    variant = "mha-untied-penult-default"
+    ours = models[variant].stream(window=3, exact=exact)
+    ref = m4.load(checkpoints[variant], backend="torch").stream(window=3, exact=exact)
+    frames = random_images(5, seed=4)
+    for k, f in enumerate(frames, start=1):
+        ours.add_frame(f)
+        ref.add_frame(f)
+        if k in (2, 4, 5):
+            answer = list(ours.tokens("What is happening?", max_new_tokens=8))
+            assert answer == list(ref.tokens("What is happening?", max_new_tokens=8)), f"after {k} frames"
+            if exact:
+                window = frames[max(0, k - 3):k]
+                assert answer == list(models[variant].tokens("What is happening?", video=window, max_new_tokens=8))
 
 
 def test_graphs_are_standard_onnx(bundles):
@@ -164,3 +183,23 @@ def test_broken_bundle_is_one_clear_error(bundles, tmp_path, case, message):
         r = subprocess.run([sys.executable, "-m", "m4", "run", "--model", bad, "--prompt", "q"],
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("m4: error: cannot load") and r.stderr.count("\n") == 1
+
+
+def test_fp16_bundle_is_close_to_fp32(checkpoints, models, tmp_path):
+    m = export_bundle(str(checkpoints["gqa-tied-last-full"]), tmp_path / "half", dtype="fp16")
+    assert m["dtype"] == "fp16" and m["dtypes"]["decoder.onnx"] == "fp16"
+    half, full = m4.load(tmp_path / "half"), models["gqa-tied-last-full"]
+    p, pictures = full._prepare(QUESTIONS[2], random_images(2, seed=3), None, None, False)
+    embeds = half.embed(p, pictures)
+    assert embeds.dtype == np.float16
+    ours = half.backend.forward(embeds, 0, half.backend.new_cache(len(p.ids)), last_only=False)
+    ref = full.backend.forward(full.embed(p, pictures), 0, full.backend.new_cache(len(p.ids)), last_only=False)
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-2 * np.abs(ref).max(), rtol=0)
+
+
+def test_export_replaces_only_bundles(checkpoints, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(M4Error, match="not a bundle"):
+        export_bundle(str(checkpoints["gqa-tied-last-full"]), tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"

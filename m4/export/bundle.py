@@ -43,7 +43,7 @@ def export_onnx(module: torch.nn.Module, args: tuple, f: Path, names: list[str],
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET, input_names=names,
                                     output_names=outputs, dynamic_shapes=dynamic, verbose=False)
-    program.save(f)  # weights over 2 GB go to f.data beside it
+    program.save(f)  # near protobuf's 2 GB limit, the weights go to f.data beside it
 
 
 def export_vision(model: LLaVA, f: Path, dtype: torch.dtype) -> None:
@@ -87,9 +87,11 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
     """Export MODEL (demo, a checkpoint directory or a hub id) to the bundle OUT; its manifest."""
     if dtype not in DTYPES:
         raise M4Error(f"unknown dtype {dtype!r}: use " + " or ".join(DTYPES))
-    path = resolve(spec)
+    path, out = resolve(spec), Path(out)
     if is_bundle(path):
         raise M4Error(f"{spec} is already a bundle; export takes a checkpoint")
+    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
+        raise M4Error(f"{out} exists and is not a bundle: export replaces only bundles and empty directories")
     arch, tokenizer = Arch.from_dir(path), Tokenizer.from_dir(path)
     template = detect_template(tokenizer).name
     tdtype = getattr(torch, DTYPES[dtype])

@@ -31,21 +31,16 @@ class VisionGraph(nn.Module):
         return self.model.encode_images(pixel_values)
 
 
-def fuse(linears: list[nn.Linear], scales: list[float]) -> nn.Linear:
-    """One Linear computing several side by side, each output scaled: one matmul node
-    where there were several (and one rotation for queries and keys, below)."""
-    w = torch.cat([m.weight * s for m, s in zip(linears, scales)])
-    f = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device="meta")
-    f.weight = nn.Parameter(w, requires_grad=False)
-    if f.bias is not None:
-        f.bias = nn.Parameter(torch.cat([m.bias * s for m, s in zip(linears, scales)]), requires_grad=False)
-    return f
-
-
 def qkv(a: Attention) -> nn.Linear:
-    # softmax's 1/sqrt(D) folded into the queries (rotation is linear): a scale left in the
-    # graph would make ORT fuse it into a FusedMatMul, which repacks the cache every step
-    return fuse([a.q_proj, a.k_proj, a.v_proj], [a.head_dim ** -0.5, 1.0, 1.0])
+    """The q, k and v projections as one Linear: one matmul node, and one rotation for
+    queries and keys. Softmax's 1/sqrt(D) is folded into the queries (rotation is linear):
+    a scale left in the graph would make ORT fuse it into a FusedMatMul, which repacks the
+    cache on every step."""
+    parts = [(a.q_proj, a.head_dim ** -0.5), (a.k_proj, 1.0), (a.v_proj, 1.0)]
+    f = nn.Linear(a.q_proj.in_features, sum(p.out_features for p, _ in parts), device="meta")
+    f.weight = nn.Parameter(torch.cat([p.weight * s for p, s in parts]), requires_grad=False)
+    f.bias = nn.Parameter(torch.cat([p.bias * s for p, s in parts]), requires_grad=False)
+    return f
 
 
 def rms_norm(n: RMSNorm, x: torch.Tensor) -> torch.Tensor:
@@ -66,13 +61,12 @@ class DecoderGraph(nn.Module):
         t, m = x.shape[1], past[1].shape[2]
         steps = torch.arange(t, device=x.device)
         cos, sin = (r.index_select(0, past_len + steps).to(x.dtype) for r in (text.cos, text.sin))
-        # (T, M + T) additive mask: cache positions below past_len, new positions causally;
-        # tiled over the query heads that share a kv head
+        # additive masks: cache positions below past_len (one row for all queries), new
+        # positions causally (tiled over the query heads that share a kv head)
         attn = text.layers[0].self_attn
-        valid = (torch.arange(m, device=x.device) < past_len).expand(t, m)
-        causal = steps[None, :] <= steps[:, None]
-        mask = torch.where(torch.cat([valid, causal], dim=-1), torch.tensor(0.0, dtype=x.dtype),
-                           torch.tensor(float("-inf"), dtype=x.dtype)).repeat(attn.heads // attn.kv_heads, 1)
+        zero, hidden = torch.tensor(0.0, dtype=x.dtype), torch.tensor(float("-inf"), dtype=x.dtype)
+        mask = (torch.where(torch.arange(m, device=x.device) < past_len, zero, hidden),
+                torch.where(steps[None, :] <= steps[:, None], zero, hidden).repeat(attn.heads // attn.kv_heads, 1))
         new_k, new_v = [], []
         for i, layer in enumerate(text.layers):
             a, k, v = self.attend(i, rms_norm(layer.input_layernorm, x), cos, sin, past[2 * i], past[2 * i + 1], mask)
@@ -89,11 +83,11 @@ class DecoderGraph(nn.Module):
         attn = self.text.layers[i].self_attn
         t, d, h, kv = x.shape[1], attn.head_dim, attn.heads, attn.kv_heads
         qk, v = self.qkv[i](x).view(1, t, h + 2 * kv, d).transpose(1, 2).split([h + kv, kv], dim=1)
-        q, k = rotate(qk, cos, sin).split([h, kv], dim=1)  # one rotation for queries and keys
+        q, k = rotate(qk, cos, sin).split([h, kv], dim=1)
         kt = k.transpose(2, 3)
         # GQA without repeating the cache: a kv head's query heads become rows of one matmul
         q = q.reshape(1, kv, -1, d)
-        scores = torch.cat([q @ past_kt, q @ kt], dim=-1) + mask
+        scores = torch.cat([q @ past_kt + mask[0], q @ kt + mask[1]], dim=-1)
         p_past, p_new = scores.float().softmax(-1).to(x.dtype).split([past_kt.shape[3], t], dim=-1)
         y = (p_past @ past_v + p_new @ v).reshape(1, h, t, d).transpose(1, 2).reshape(1, t, -1)
         return attn.o_proj(y), kt, v

@@ -9,9 +9,10 @@ never the cache. Decode steps reuse one IO binding per cache, bound once to the 
 input row and the output arrays. A decode step attends over the whole buffer (masked past
 the filled length), so contexts size their cache to what they will hold.
 
-Prefill runs in chunks of PREFILL_CHUNK tokens (bounded attention scores) against a
-compact copy of the filled prefix, so a chunk's attention costs its prefix, not max_len;
-a prefill is compute-bound, and the copy is small beside it.
+Prefill runs in chunks of PREFILL_CHUNK tokens, which bounds the attention scores the
+graph materialises, each chunk against a compact copy of the filled prefix (its attention
+then costs the prefix, not max_len; a prefill is compute-bound, the copy small beside it)
+or, for a few tokens after a long history, against the buffer as it is.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import onnxruntime as ort
 
 from m4.errors import M4Error
 from m4.export.manifest import DTYPES, manifest_arch, past_names, read_manifest
+from m4.model.config import TextArch
 
 PREFILL_CHUNK = 512
 PROVIDERS = {
@@ -56,6 +58,14 @@ def session(f: Path, device: str, threads: int | None) -> ort.InferenceSession:
     except Exception as e:  # ORT raises its own types for unparsable or invalid graphs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise M4Error(f"cannot load {f}: {first}") from None
+
+
+def rope(a: TextArch, position: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of one position's RoPE angles, (head_dim,) float32, as
+    m4.model.qwen2.rope_table computes them (which needs torch)."""
+    inv_freq = 1.0 / np.float32(a.rope_theta) ** (np.arange(0, a.head_dim, 2, dtype=np.float32) / a.head_dim)
+    angles = np.tile(np.float32(position) * inv_freq.astype(np.float32), 2)
+    return np.cos(angles), np.sin(angles)
 
 
 def bind(b: ort.IOBinding, name: str, a: np.ndarray, output: bool = False) -> None:
@@ -116,6 +126,10 @@ class OnnxBackend:
         self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
         self.vision = session(path / "vision.onnx", device, threads)
         self.decoder = session(path / "decoder.onnx", device, threads)
+        outputs = [o.name for o in self.decoder.get_outputs()]
+        if outputs != ["logits", "new_keys", "new_values"]:
+            raise M4Error(f"{path / 'decoder.onnx'} has outputs {outputs}, not the ones this m4 runs: "
+                          "re-export the bundle")
         # memory-mapped: a 150k-row table costs only the rows a prompt looks up
         self.table = np.load(path / "embed_tokens.npy", mmap_mode="r")
         self.past = past_names(self.arch.text.layers)
@@ -149,6 +163,7 @@ class OnnxBackend:
         for s in range(0, t, self.chunk):
             chunk = embeds[s:s + self.chunk]
             last = s + self.chunk >= t
+            # the graph returns at least one row of logits: a non-final chunk's is dropped
             keep = np.arange(len(chunk)) if not last_only else np.array([len(chunk) - 1])
             logits = self.prefill(chunk, pos + s, cache, keep)
             if last or not last_only:
@@ -156,13 +171,29 @@ class OnnxBackend:
         return np.concatenate(out)
 
     def prefill(self, embeds: np.ndarray, pos: int, cache: OrtCache, keep: np.ndarray) -> np.ndarray:
-        # a compact copy of [0, pos): empty at pos 0
-        past = layer_views(np.ascontiguousarray(cache.k[..., :pos]), np.ascontiguousarray(cache.v[:, :, :pos]))
+        # Attend over a compact copy of [0, pos), or over the whole buffer where its unfilled
+        # tail costs less than that copy (roughly: an unfilled position costs each query a
+        # score, a filled one a copy of its keys and values): a short question after a
+        # long history takes the buffer as it is.
+        if embeds.shape[0] * (cache.max_len - pos) <= 16 * pos:
+            past = layer_views(cache.k, cache.v)
+        else:
+            past = layer_views(np.ascontiguousarray(cache.k[..., :pos]), np.ascontiguousarray(cache.v[:, :, :pos]))
         feed = {"inputs_embeds": embeds[None].astype(self.dtype), "past_len": np.array(pos, np.int64),
                 "logits_index": keep.astype(np.int64), **dict(zip(self.past, past))}
         logits, k, v = self.decoder.run(None, feed)
         cache.write(pos, k, v)
         return logits[0].astype(np.float32)
+
+    def shift(self, cache: OrtCache, start: int, end: int, by: int) -> None:
+        """Move cached positions [start, end) to [start - by, end - by), keys rotated by -by
+        (RoPE composes), as TorchBackend.shift does: approximate eviction for live contexts."""
+        cos, sin = rope(self.arch.text, by)
+        k = cache.k[..., start:end].astype(np.float32)  # a copy: source and target overlap
+        half = len(cos) // 2
+        rotated = np.concatenate([-k[:, :, half:], k[:, :, :half]], axis=2)
+        cache.k[..., start - by:end - by] = k * cos[:, None] - rotated * sin[:, None]
+        cache.v[:, :, start - by:end - by] = cache.v[:, :, start:end].copy()
 
     def step(self, embeds: np.ndarray, pos: int, cache: OrtCache) -> np.ndarray:
         if cache.step is None:
