@@ -223,8 +223,9 @@ def main() -> None:
     if args.json:
         info = {**machine(), "threads": args.threads, "onnxruntime": __import__("onnxruntime").__version__,
                 "transformers": transformers.__version__}
-        args.json.write_text(json.dumps({"machine": info, "preset": args.preset, "new_tokens": args.new_tokens,
-                                         "results": results, "ratios": rs}, indent=2))
+        record = {"machine": info, "preset": args.preset, "new_tokens": args.new_tokens, "repeats": args.repeats,
+                  "results": results, "ratios": rs}
+        args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":
