@@ -151,11 +151,12 @@ def data_synth(out: Path = typer.Argument(..., help="output folder (replaced)"),
                n: int = typer.Option(2000, "--n", help="training samples (each also gives a caption record)"),
                bench: int = typer.Option(200, "--bench", help="bench samples"),
                seed: int = typer.Option(0, "--seed"),
-               size: int = typer.Option(64, "--size", help="the model's image size in pixels")):
+               size: int = typer.Option(64, "--size", help="the model's image size in pixels"),
+               workers: Optional[int] = typer.Option(None, "--workers", help="processes; default: all cores")):
     """Generate M4-Synth: train.json, captions.json, bench.json and media/."""
     from m4.train.synth import synth
 
-    counts = synth(out, n, bench, seed, size)
+    counts = synth(out, n, bench, seed, size, workers)
     print(f"{out}: " + ", ".join(f"{k}.json {v} records" for k, v in counts.items()))
 
 

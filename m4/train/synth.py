@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from rich.console import Console
+from rich.progress import Progress
 
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
@@ -387,20 +391,40 @@ def bench_record(root: Path, i: int, item: Item) -> dict:
             "conversations": conversation(item.question, item.answer), "metadata": meta}
 
 
-def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int = 64) -> dict[str, int]:
+def render_chunk(root: Path, names: list[str], seed: int, size: int, split: int, indices: range) -> list:
+    """Render and write samples `indices` of one split (0 train, 1 bench): a unit of work for
+    one process. A sample depends on its index alone, so any split of the work gives the
+    same files."""
+    items = ((i, make(names[i % len(names)], [seed, split, i], size)) for i in indices)
+    if split == 0:
+        return [train_records(root, i, item) for i, item in items]
+    return [bench_record(root, i, item) for i, item in items]
+
+
+def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int = 64,
+          workers: int | None = None) -> dict[str, int]:
     """Write M4-Synth to `out` (replaced atomically): n train samples and `bench` bench
-    samples, tasks taken in turn. `size` is the model's image size (the demo preset's 64)."""
+    samples, tasks taken in turn, rendered by `workers` processes (default: all cores).
+    `size` is the model's image size (the demo preset's 64)."""
     if size < 16 or size % 2:
         raise M4Error(f"--size must be an even number of pixels >= 16, got {size}")
-    names = list(TASKS)
-    with atomic_directory(Path(out)) as root:
+    names, workers = list(TASKS), workers or os.cpu_count() or 1
+    step = 250  # samples per unit of work: small enough to balance, large enough to amortise
+    with atomic_directory(Path(out)) as root, ProcessPoolExecutor(workers) as pool, \
+            Progress(console=Console(stderr=True), transient=True) as bar:
         (root / "media").mkdir()
-        train, captions = [], []
-        for i in range(n):
-            q, c = train_records(root, i, make(names[i % len(names)], [seed, 0, i], size))
-            train += [q, c]
-            captions.append(c)
-        bench_set = [bench_record(root, i, make(names[i % len(names)], [seed, 1, i], size)) for i in range(bench)]
-        for name, records in (("train", train), ("captions", captions), ("bench", bench_set)):
+        results = []
+        for split, count in ((0, n), (1, bench)):
+            task = bar.add_task("train" if split == 0 else "bench", total=count)
+            jobs = [pool.submit(render_chunk, root, names, seed, size, split, range(a, min(a + step, count)))
+                    for a in range(0, count, step)]
+            done = []
+            for job in jobs:  # in order: the records keep their index order
+                done += job.result()
+                bar.update(task, completed=len(done))
+            results.append(done)
+        train = [r for pair in results[0] for r in pair]
+        captions = [c for _, c in results[0]]
+        for name, records in (("train", train), ("captions", captions), ("bench", results[1])):
             (root / f"{name}.json").write_text(json.dumps(records, indent=1))
-    return {"train": len(train), "captions": len(captions), "bench": len(bench_set)}
+    return {"train": len(train), "captions": len(captions), "bench": len(results[1])}
