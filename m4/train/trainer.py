@@ -83,7 +83,7 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 2
     log_every: int = 1
-    workers: int | None = None  # data loader processes; default 4 on GPUs, 0 on CPUs
+    workers: int | None = None  # data loader processes; default up to 8 on GPUs, 0 on CPUs
     seed: int = 0
 
     def resolved(self) -> TrainConfig:
@@ -348,7 +348,7 @@ def loader(records, root: Path, tokenizer: Tokenizer, arch: Arch, cfg: TrainConf
                            arch.vision.image_size, cfg.frames, cfg.in_front_prob, cfg.max_len,
                            arch.tokens_per_image, cfg.seed)
     lengths = [approx_length(r, arch.tokens_per_image, cfg.frames) for r in records]
-    workers = cfg.workers if cfg.workers is not None else (4 if d.device.type == "cuda" else 0)
+    workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if d.device.type == "cuda" else 0)
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=Batches(len(records), cfg.batch_size, d.rank, d.world, cfg.seed, start, lengths),
         collate_fn=Collate(arch.image_token_id, arch.tokens_per_image, tokenizer.token_id("<|endoftext|>") or 0),
