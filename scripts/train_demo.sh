@@ -11,7 +11,7 @@ steps1=${STEPS1:-3000}
 steps2=${STEPS2:-8000}
 n=${N:-40000}
 heldout=${HELDOUT:-600}
-common=(--preset demo --batch-size 32 --tune projector,decoder,vision --save-every 1000 --seed 0)
+common=(--preset demo --batch-size 32 --tune projector,decoder,vision --save-every 500 --seed 0)
 SECONDS=0
 $m4 data synth "$run/data" --n "$n" --bench 0 --seed 0
 $m4 data synth "$run/heldout" --n 0 --bench "$heldout" --seed 1
