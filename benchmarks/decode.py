@@ -31,8 +31,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from m4.bench import machine
-from m4.export.bundle import export_bundle
+from m4.bench import cached_bundle, machine
 from m4.model.checkpoint import random_checkpoint, read_weights
 from m4.model.config import Arch
 from m4.resolve import cache_dir
@@ -49,8 +48,7 @@ def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
     if not (paths["checkpoint"] / "config.json").is_file():
         console.print(f"random {preset} checkpoint -> {paths['checkpoint']}")
         random_checkpoint(preset, paths["checkpoint"])
-    if not (paths["bundle"] / "m4.json").is_file():
-        export_bundle(str(paths["checkpoint"]), paths["bundle"], console=console)
+    cached_bundle(str(paths["checkpoint"]), paths["bundle"])  # exported again when m4's export changed
     if not (paths["qwen2"] / "config.json").is_file():
         console.print(f"its decoder as a transformers Qwen2ForCausalLM -> {paths['qwen2']}")
         save_qwen2(paths["checkpoint"], paths["qwen2"])
