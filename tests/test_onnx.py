@@ -159,6 +159,26 @@ def test_cpu_decoder_is_fused(bundles, models):
     assert set(dims.values()) == {(1, 2, "cache", 16)} and len(dims) == 4 * layers
 
 
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_cpu_decoder_other_activations(checkpoints, tmp_path, act):
+    """decoder_ort.onnx writes each MLP activation as its contrib op: the same logits as the
+    torch backend (held against transformers in test_parity) on a checkpoint using it."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for f in checkpoints["gqa-tied-last-full"].iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    config = json.loads((ck / "config.json").read_text())
+    config["text_config"]["hidden_act"] = act
+    (ck / "config.json").write_text(json.dumps(config))
+    export_bundle(str(ck), tmp_path / "bundle")
+    ours, ref = m4.load(tmp_path / "bundle").backend, m4.load(ck, backend="torch").backend
+    assert ours.fused and ours.arch.text.act == act
+    embeds = np.random.default_rng(1).normal(0, 1, (9, ours.arch.text.hidden)).astype(np.float32)
+    logits = ours.forward(embeds, 0, ours.new_cache(9), last_only=False)
+    expected = ref.forward(torch.from_numpy(embeds), 0, ref.new_cache(9), last_only=False)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
 def test_manifest_and_info(bundles):
     m = json.loads((bundles["mha-untied-penult-default"] / "m4.json").read_text())
     assert m["format_version"] == 1 and m["quantisation"] is None and m["template"] == "qwen_1_5"
