@@ -5,7 +5,9 @@ onnxruntime-genai's model builder makes from the same weights (fp32, CPU).
 The model is a preset's architecture with seeded random weights (no download): a LLaVA
 checkpoint for m4 and its Qwen2 decoder as a transformers Qwen2ForCausalLM for the other
 two. Every backend prefills the same random prompt of `context` tokens, then decodes
-`--new-tokens` greedily; decode tokens/s counts the steps after the first token.
+`--new-tokens` greedily. Prefill: the fastest of `--repeats` runs. Decode tokens/s: one
+over the median step (the steps after the first token, of all repeats), robust to a
+neighbour's burst on a shared machine; `decode_tok_s_mean` is the best run's mean rate.
 
     python benchmarks/decode.py [--preset 0.5b] [--contexts 512 4096] [--new-tokens 32]
                                 [--repeats 2] [--threads N] [--workdir DIR] [--json out.json] [--quick]
@@ -31,8 +33,7 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from m4.bench import machine
-from m4.export.bundle import export_bundle
+from m4.bench import cached_bundle, machine
 from m4.model.checkpoint import random_checkpoint, read_weights
 from m4.model.config import Arch
 from m4.resolve import cache_dir
@@ -49,8 +50,7 @@ def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
     if not (paths["checkpoint"] / "config.json").is_file():
         console.print(f"random {preset} checkpoint -> {paths['checkpoint']}")
         random_checkpoint(preset, paths["checkpoint"])
-    if not (paths["bundle"] / "m4.json").is_file():
-        export_bundle(str(paths["checkpoint"]), paths["bundle"], console=console)
+    cached_bundle(str(paths["checkpoint"]), paths["bundle"])  # exported again when m4's export changed
     if not (paths["qwen2"] / "config.json").is_file():
         console.print(f"its decoder as a transformers Qwen2ForCausalLM -> {paths['qwen2']}")
         save_qwen2(paths["checkpoint"], paths["qwen2"])
@@ -78,14 +78,15 @@ def save_qwen2(checkpoint: Path, out: Path) -> None:
 
 # -- one backend each: (prefill seconds, decode tokens/s) -------------------------------
 
-def m4_backend(b, ids: list[int], n: int) -> tuple[float, float]:
+def m4_backend(b, ids: list[int], n: int) -> tuple[float, list[float]]:
     cache = b.new_cache(len(ids) + n)
     t0 = time.perf_counter()
     logits = b.forward(b.embed_tokens(ids), 0, cache)
-    t1 = time.perf_counter()
+    times = [time.perf_counter()]
     for i in range(n - 1):
         logits = b.forward(b.embed_tokens([int(np.argmax(logits[-1]))]), len(ids) + i, cache)
-    return t1 - t0, (n - 1) / (time.perf_counter() - t1)
+        times.append(time.perf_counter())
+    return times[0] - t0, list(np.diff(times))
 
 
 class Clock:
@@ -101,18 +102,17 @@ class Clock:
         pass
 
 
-def hf_generate(model, ids: list[int], n: int) -> tuple[float, float]:
+def hf_generate(model, ids: list[int], n: int) -> tuple[float, list[float]]:
     x = torch.tensor([ids])
     clock = Clock()
     t0 = time.perf_counter()
     with torch.inference_mode():
         model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=n, min_new_tokens=n,
                        do_sample=False, streamer=clock, pad_token_id=0)
-    first, last = clock.times[1], clock.times[-1]
-    return first - t0, (n - 1) / (last - first)
+    return clock.times[1] - t0, list(np.diff(clock.times[1:]))
 
 
-def genai(model, ids: list[int], n: int) -> tuple[float, float]:
+def genai(model, ids: list[int], n: int) -> tuple[float, list[float]]:
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
@@ -122,10 +122,11 @@ def genai(model, ids: list[int], n: int) -> tuple[float, float]:
     gen.append_tokens(ids)  # the prefill forward
     t1 = time.perf_counter()
     gen.generate_next_token()  # picks the first token from the prefill's logits
-    t2 = time.perf_counter()
+    times = [time.perf_counter()]
     for _ in range(n - 1):  # a forward each
         gen.generate_next_token()
-    return t1 - t0, (n - 1) / (time.perf_counter() - t2)
+        times.append(time.perf_counter())
+    return t1 - t0, list(np.diff(times))
 
 
 def loaders(paths: dict[str, Path], threads: int):
@@ -210,11 +211,14 @@ def main() -> None:
         run(model, warm, 4)
         for c in args.contexts:
             ids = [int(i) for i in np.random.default_rng(c).integers(0, vocab, c)]
-            # best of --repeats: on a shared machine the slow runs measure the neighbours
+            # prefill: the best of --repeats; decode: the median step over all of them. On a
+            # shared machine the slow runs and steps measure the neighbours.
             runs = [run(model, ids, args.new_tokens) for _ in range(args.repeats)]
-            prefill_s, decode = min(r[0] for r in runs), max(r[1] for r in runs)
+            prefill_s, steps = min(r[0] for r in runs), [t for r in runs for t in r[1]]
+            decode = 1 / float(np.median(steps))
             results.append({"backend": name, "context": c, "prefill_s": prefill_s, "prefill_tok_s": c / prefill_s,
-                            "decode_tok_s": decode, "load_avg": os.getloadavg()[0]})
+                            "decode_tok_s": decode, "decode_tok_s_mean": max(len(r[1]) / sum(r[1]) for r in runs),
+                            "load_avg": os.getloadavg()[0]})
             console.print(f"{name} @{c}: prefill {c / prefill_s:.1f} tok/s, decode {decode:.2f} tok/s")
         del model
         gc.collect()

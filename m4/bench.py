@@ -19,11 +19,13 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -307,17 +309,42 @@ def prepare_model(model: str | None, preset: str | None, random_weights: bool) -
     return str(path)
 
 
-def bundle_for(checkpoint: str) -> str:
-    """An fp32 bundle of `checkpoint`, exported once into the cache."""
+def export_key(checkpoint: str) -> str:
+    """What a bundle exported now would be made from: the checkpoint (its path, and its files'
+    sizes and times) and the m4 code that shapes bundles (m4/export, m4/model)."""
     import hashlib
 
+    root = Path(__file__).parent
+    h = hashlib.sha256(os.path.abspath(checkpoint).encode())
+    for f in sorted(Path(checkpoint).iterdir()):
+        if f.is_file():
+            h.update(f"{f.name} {f.stat().st_size} {f.stat().st_mtime_ns}\n".encode())
+    for f in sorted([*root.glob("export/*.py"), *root.glob("model/*.py")]):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def cached_bundle(checkpoint: str, out: Path) -> Path:
+    """An fp32 bundle of `checkpoint` at `out`, kept while its key (export_key) holds: one that
+    an older m4 or another checkpoint left there is exported again."""
     from m4.export.bundle import export_bundle
+
+    key, stamp = export_key(checkpoint), out / "bench-key"
+    if not ((out / "m4.json").is_file() and stamp.is_file() and stamp.read_text() == key):
+        shutil.rmtree(out, ignore_errors=True)  # ours: a cache, whatever state it is in
+        export_bundle(checkpoint, out, "fp32")
+        stamp.write_text(key)
+    return out
+
+
+def bundle_for(checkpoint: str) -> str:
+    """An fp32 bundle of `checkpoint`, exported into the cache when it has none that is current."""
+    import hashlib
+
     from m4.resolve import cache_dir
 
-    out = cache_dir() / "bench-bundles" / hashlib.sha1(os.path.abspath(checkpoint).encode()).hexdigest()[:12]
-    if not (out / "m4.json").is_file():
-        export_bundle(checkpoint, out, "fp32")
-    return str(out)
+    name = hashlib.sha1(os.path.abspath(checkpoint).encode()).hexdigest()[:12]
+    return str(cached_bundle(checkpoint, cache_dir() / "bench-bundles" / name))
 
 
 def unavailable(backend: str, device: str) -> str | None:

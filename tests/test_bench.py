@@ -2,9 +2,13 @@
 
 import csv
 import json
+from pathlib import Path
 
 from PIL import Image
 
+import m4 as m4_api
+from m4.bench import bundle_for
+from m4.export.manifest import ORT_DECODER
 from test_cli import m4
 
 
@@ -43,3 +47,28 @@ def test_bench_bad_arguments():
     assert r.returncode == 2 and "--random-weights" in r.stderr
     r = m4("bench", "--backends", "torch,gpu")
     assert r.returncode == 2 and "unknown backend 'gpu'" in r.stderr
+
+
+def test_bench_bundle_cache_exports_again_when_stale(checkpoints, tmp_path, monkeypatch):
+    """A cached bundle is reused while it is current; one an older m4 left (here: an older
+    manifest and decoder, no key) or one of a changed checkpoint is exported again."""
+    monkeypatch.setenv("M4_CACHE", str(tmp_path))
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for f in checkpoints["gqa-tied-last-full"].iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    out = Path(bundle_for(str(ck)))
+    made = (out / "m4.json").stat().st_mtime_ns
+    assert bundle_for(str(ck)) == str(out) and (out / "m4.json").stat().st_mtime_ns == made
+
+    m = json.loads((out / "m4.json").read_text())
+    m["files"] = {f: r for f, r in m["files"].items() if not f.startswith(ORT_DECODER)}
+    (out / "m4.json").write_text(json.dumps({**m, "format_version": 0}))
+    (out / "bench-key").unlink()
+    assert bundle_for(str(ck)) == str(out)
+    assert m4_api.load(out).backend.fused
+
+    made = (out / "m4.json").stat().st_mtime_ns
+    (ck / "config.json").write_text((ck / "config.json").read_text() + "\n")
+    bundle_for(str(ck))
+    assert (out / "m4.json").stat().st_mtime_ns != made

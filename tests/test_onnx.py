@@ -13,6 +13,7 @@ import torch
 import m4
 from m4.errors import M4Error
 from m4.export.bundle import OPSET, export_bundle
+from m4.export.manifest import ORT_DECODER
 from m4.info import describe
 from m4.media import preprocess
 
@@ -29,15 +30,41 @@ def bundles(checkpoints, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def models(bundles):
-    return {v: m4.load(b) for v, b in bundles.items()}
+def standard(bundles, tmp_path_factory):
+    """The bundles as an m4 that wrote no decoder_ort.onnx left them: the CPU runs decoder.onnx."""
+    root = tmp_path_factory.mktemp("standard")
+    for v, b in bundles.items():
+        (root / v).mkdir()
+        for f in b.iterdir():
+            if not f.name.startswith((ORT_DECODER, "m4.json")):
+                (root / v / f.name).symlink_to(f)
+        m = json.loads((b / "m4.json").read_text())
+        m["files"] = {f: r for f, r in m["files"].items() if not f.startswith(ORT_DECODER)}
+        del m["dtypes"][ORT_DECODER]
+        (root / v / "m4.json").write_text(json.dumps(m))
+    return {v: root / v for v in bundles}
 
 
+GRAPHS = [ORT_DECODER, "decoder.onnx"]
+
+
+@pytest.fixture(scope="session")
+def paths(bundles, standard):
+    """(variant, graph) -> a bundle whose decoder on the CPU is that graph."""
+    return {(v, g): (bundles if g == ORT_DECODER else standard)[v] for v in bundles for g in GRAPHS}
+
+
+@pytest.fixture(scope="session")
+def models(paths):
+    return {k: m4.load(p) for k, p in paths.items()}
+
+
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("n_images", [1, 2, 3])
-def test_greedy_tokens_equal_transformers(checkpoints, oracle, models, variant, n_images):
-    model = models[variant]
-    assert model.backend.name == "onnx"
+def test_greedy_tokens_equal_transformers(checkpoints, oracle, models, variant, n_images, graph):
+    model = models[variant, graph]
+    assert model.backend.name == "onnx" and model.backend.fused == (graph == ORT_DECODER)
     images = random_images(n_images, seed=n_images)
     question = QUESTIONS[n_images]
     p, pictures = model._prepare(question, images, None, None, False)
@@ -48,7 +75,7 @@ def test_greedy_tokens_equal_transformers(checkpoints, oracle, models, variant, 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_video_frames_equal_transformers(checkpoints, oracle, models, variant):
-    model = models[variant]
+    model = models[variant, ORT_DECODER]
     frames = random_images(8, seed=11)
     question = "Which way does the ball move?"
     p, pictures = model._prepare(question, None, frames, None, False)
@@ -59,7 +86,7 @@ def test_video_frames_equal_transformers(checkpoints, oracle, models, variant):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_vision_embeddings_match_transformers(checkpoints, oracle, models, variant):
-    model = models[variant]
+    model = models[variant, ORT_DECODER]
     pixels = preprocess(random_images(3, seed=5), model.arch.vision.image_size)
     with torch.no_grad():
         out = oracle(checkpoints[variant]).get_image_features(pixel_values=torch.from_numpy(pixels))
@@ -69,11 +96,12 @@ def test_vision_embeddings_match_transformers(checkpoints, oracle, models, varia
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, bundles):
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, paths, graph):
     """The live context's use of a cache: prefill, decode, roll back to an earlier position
     and prefill again there; chunked prefill gives what one pass gives."""
     variant = "gqa-untied-penult-full"
-    onnx_b = m4.load(bundles[variant]).backend
+    onnx_b = m4.load(paths[variant, graph]).backend
     torch_b = m4.load(checkpoints[variant], backend="torch").backend
     onnx_b.chunk = 7  # several chunks per prefill, one of them partial
     embeds = np.random.default_rng(0).normal(0, 1, (40, onnx_b.arch.text.hidden)).astype(np.float32)
@@ -86,13 +114,14 @@ def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, bundles):
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("exact", [True, False])
-def test_live_context_runs_on_a_bundle(checkpoints, models, exact):
+def test_live_context_runs_on_a_bundle(checkpoints, models, exact, graph):
     """The live context, unchanged, on the ONNX backend: exact eviction answers as a fresh
     prompt over the window does, and approximate eviction (shifted, re-rotated keys) as the
     torch backend's does."""
     variant = "mha-untied-penult-default"
-    ours = models[variant].stream(window=3, exact=exact)
+    ours = models[variant, graph].stream(window=3, exact=exact)
     ref = m4.load(checkpoints[variant], backend="torch").stream(window=3, exact=exact)
     frames = random_images(5, seed=4)
     for k, f in enumerate(frames, start=1):
@@ -103,7 +132,7 @@ def test_live_context_runs_on_a_bundle(checkpoints, models, exact):
             assert answer == list(ref.tokens("What is happening?", max_new_tokens=8)), f"after {k} frames"
             if exact:
                 window = frames[max(0, k - 3):k]
-                assert answer == list(models[variant].tokens("What is happening?", video=window, max_new_tokens=8))
+                assert answer == list(models[variant, graph].tokens("What is happening?", video=window, max_new_tokens=8))
 
 
 def test_graphs_are_standard_onnx(bundles):
@@ -117,9 +146,43 @@ def test_graphs_are_standard_onnx(bundles):
     assert {d for k, d in dims.items() if k.startswith("past_value")} == {(1, 2, "cache", 16)}
 
 
+def test_cpu_decoder_is_fused(bundles, models):
+    """decoder_ort.onnx: per layer one GroupQueryAttention (rotary and cache inside) and two
+    fused norms; its cache inputs and outputs are one (1, kv, M, D) buffer each."""
+    g = onnx.load(bundles["gqa-tied-last-full"] / ORT_DECODER)
+    layers = models["gqa-tied-last-full", ORT_DECODER].arch.text.layers
+    ops = [n.op_type for n in g.graph.node]
+    assert ops.count("GroupQueryAttention") == layers and ops.count("SkipSimplifiedLayerNormalization") == 2 * layers - 1
+    assert len(ops) <= 10 * layers + 12
+    dims = {v.name: tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
+            for v in [*g.graph.input, *g.graph.output] if "_key." in v.name or "_value." in v.name}
+    assert set(dims.values()) == {(1, 2, "cache", 16)} and len(dims) == 4 * layers
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])
+def test_cpu_decoder_other_activations(checkpoints, tmp_path, act):
+    """decoder_ort.onnx writes each MLP activation as its contrib op: the same logits as the
+    torch backend (held against transformers in test_parity) on a checkpoint using it."""
+    ck = tmp_path / "ckpt"
+    ck.mkdir()
+    for f in checkpoints["gqa-tied-last-full"].iterdir():
+        (ck / f.name).write_bytes(f.read_bytes())
+    config = json.loads((ck / "config.json").read_text())
+    config["text_config"]["hidden_act"] = act
+    (ck / "config.json").write_text(json.dumps(config))
+    export_bundle(str(ck), tmp_path / "bundle")
+    ours, ref = m4.load(tmp_path / "bundle").backend, m4.load(ck, backend="torch").backend
+    assert ours.fused and ours.arch.text.act == act
+    embeds = np.random.default_rng(1).normal(0, 1, (9, ours.arch.text.hidden)).astype(np.float32)
+    logits = ours.forward(embeds, 0, ours.new_cache(9), last_only=False)
+    expected = ref.forward(torch.from_numpy(embeds), 0, ref.new_cache(9), last_only=False)
+    np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=0)
+
+
 def test_manifest_and_info(bundles):
     m = json.loads((bundles["mha-untied-penult-default"] / "m4.json").read_text())
     assert m["format_version"] == 1 and m["quantisation"] is None and m["template"] == "qwen_1_5"
+    assert m["dtypes"][ORT_DECODER] == "fp32" and m["files"][ORT_DECODER]["bytes"] > 0
     assert m["tokens_per_image"] == 15  # 16 patches, "default" drops the first
     d = describe(str(bundles["mha-untied-penult-default"]))
     assert d["bundle"]["dtype"] == "fp32" and d["bundle"]["files"]["decoder.onnx"]["bytes"] > 0
@@ -159,10 +222,10 @@ def broken_bundle(src, dst, case):
     dst.mkdir()
     for f in src.iterdir():
         (dst / f.name).write_bytes(f.read_bytes())
-    if case == "corrupt onnx":  # same size, so only parsing can tell
-        data = bytearray((dst / "decoder.onnx").read_bytes())
+    if case == "corrupt onnx":  # same size, so only parsing can tell; the decoder the CPU loads
+        data = bytearray((dst / ORT_DECODER).read_bytes())
         data[: len(data) // 2] = b"\x07" * (len(data) // 2)
-        (dst / "decoder.onnx").write_bytes(bytes(data))
+        (dst / ORT_DECODER).write_bytes(bytes(data))
     elif case == "truncated onnx":
         (dst / "vision.onnx").write_bytes((dst / "vision.onnx").read_bytes()[:1000])
     elif case == "no manifest":
@@ -190,10 +253,10 @@ def test_broken_bundle_is_one_clear_error(bundles, tmp_path, case, message):
 def test_fp16_bundle_is_close_to_fp32(checkpoints, models, tmp_path):
     m = export_bundle(str(checkpoints["gqa-tied-last-full"]), tmp_path / "half", dtype="fp16")
     assert m["dtype"] == "fp16" and m["dtypes"]["decoder.onnx"] == "fp16"
-    half, full = m4.load(tmp_path / "half"), models["gqa-tied-last-full"]
+    half, full = m4.load(tmp_path / "half"), models["gqa-tied-last-full", ORT_DECODER]
     p, pictures = full._prepare(QUESTIONS[2], random_images(2, seed=3), None, None, False)
     embeds = half.embed(p, pictures)
-    assert embeds.dtype == np.float16
+    assert embeds.dtype == np.float16 and half.backend.fused
     ours = half.backend.forward(embeds, 0, half.backend.new_cache(len(p.ids)), last_only=False)
     ref = full.backend.forward(full.embed(p, pictures), 0, full.backend.new_cache(len(p.ids)), last_only=False)
     assert ours.dtype == np.float32

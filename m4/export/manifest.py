@@ -19,9 +19,19 @@ FORMAT_VERSION = 1
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 
+# decoder.onnx's twin for ONNX Runtime on the CPU (m4/export/ort_graph.py), when the manifest
+# lists it; a quantised bundle runs its own decoder.onnx
+ORT_DECODER = "decoder_ort.onnx"
+
+
 def past_names(layers: int) -> list[str]:
-    """The decoder graph's cache inputs, in order: each layer's key, then its value."""
+    """The decoder graphs' cache inputs, in order: each layer's key, then its value."""
     return [f"past_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
+
+
+def present_names(layers: int) -> list[str]:
+    """decoder_ort.onnx's cache outputs: the same buffers as its inputs, written in place."""
+    return [f"present_{kind}.{i}" for i in range(layers) for kind in ("key", "value")]
 
 
 def is_bundle(path: Path) -> bool:

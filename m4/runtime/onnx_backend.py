@@ -1,18 +1,25 @@
 """The ONNX Runtime backend: a bundle run with onnxruntime and numpy only (no torch).
 
-The cache is two preallocated numpy arrays per context, keys (layers, kv, D, max_len)
-and values (layers, kv, max_len, D), indexed by position, so a context may roll back or
-re-prefill from any earlier position. The decoder graph (m4/export/graphs.py) reads each
-layer's slice of them where it lies and returns only the new positions' keys and values,
-which are written in at [pos, pos + T): a decode step copies one position per layer,
-never the cache. Decode steps reuse one IO binding per cache, bound once to the cache, an
-input row and the output arrays. A decode step attends over the whole buffer (masked past
-the filled length), so contexts size their cache to what they will hold.
+The cache is two preallocated numpy arrays per context, indexed by position, so a context
+may roll back or re-prefill from any earlier position. Which decoder runs decides their
+layout:
 
-Prefill runs in chunks of PREFILL_CHUNK tokens, which bounds the attention scores the
-graph materialises, each chunk against a compact copy of the filled prefix (its attention
-then costs the prefix, not max_len; a prefill is compute-bound, the copy small beside it)
-or, for a few tokens after a long history, against the buffer as it is.
+- decoder_ort.onnx (ONNX Runtime's fused contrib ops; on the CPU, where the bundle has it):
+  keys and values (layers, kv, max_len, D). Each layer's buffer is bound as both the past
+  input and the present output of its GroupQueryAttention, which reads rows [0, pos) and
+  writes the new rows in place: no step copies the cache, and attention costs the filled
+  length, not max_len. Every forward is an IO binding; a decode step's is made once.
+- decoder.onnx (standard ops; other providers, older bundles): keys transposed
+  (layers, kv, D, max_len), values (layers, kv, max_len, D). The graph (m4/export/graphs.py)
+  reads each layer's slice where it lies and returns only the new positions' keys and
+  values, which are written in at [pos, pos + T). A decode step attends over the whole
+  buffer (masked past the filled length), so contexts size their cache to what they will
+  hold. Prefill chunks attend over a compact copy of the filled prefix (their attention then
+  costs the prefix, not max_len; a prefill is compute-bound, the copy small beside it) or,
+  for a few tokens after a long history, over the buffer as it is.
+
+Prefill runs in chunks of PREFILL_CHUNK tokens, which bounds the attention scores a graph
+materialises.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from m4.errors import M4Error
-from m4.export.manifest import DTYPES, manifest_arch, past_names, read_manifest
+from m4.export.manifest import DTYPES, ORT_DECODER, manifest_arch, past_names, present_names, read_manifest
 from m4.model.config import TextArch
 
 PREFILL_CHUNK = 512
@@ -47,12 +54,11 @@ def providers(device: str) -> list[str]:
     return PROVIDERS[device]
 
 
-def session(f: Path, device: str, threads: int | None) -> ort.InferenceSession:
+def session(f: Path, chosen: list[str], threads: int | None) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3  # errors only: ORT warns about harmless things on every load
     if threads:
         opts.intra_op_num_threads = threads
-    chosen = providers(device)
     try:
         return ort.InferenceSession(str(f), opts, providers=chosen)
     except Exception as e:  # ORT raises its own types for unparsable or invalid graphs
@@ -73,25 +79,34 @@ def bind(b: ort.IOBinding, name: str, a: np.ndarray, output: bool = False) -> No
     (b.bind_output if output else b.bind_input)(name, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
 
 
-class DecodeStep:
-    """A decode step's IO binding, bound once per cache: a step writes its input row and
-    position into the bound arrays and runs; nothing is re-bound or allocated."""
+class Bound:
+    """One forward's IO binding over a cache: the caller writes the input rows and past_len
+    into the bound arrays and runs; logits land in a bound array, and the new keys and
+    values in bound arrays (decoder.onnx) or in the cache itself (decoder_ort.onnx).
+    A decode step's is made once per cache and reused: nothing is re-bound or allocated."""
 
-    def __init__(self, decoder: ort.InferenceSession, cache: OrtCache, hidden: int, vocab: int):
+    def __init__(self, decoder: ort.InferenceSession, cache: OrtCache, t: int, index: np.ndarray, hidden: int,
+                 vocab: int):
         k, v = cache.k, cache.v
-        self.row = np.zeros((1, 1, hidden), k.dtype)
+        self.rows = np.zeros((1, t, hidden), k.dtype)
         self.past_len = np.zeros((), np.int64)
-        self.index = np.zeros(1, np.int64)  # logits of the one position
-        self.logits = np.zeros((1, 1, vocab), k.dtype)
-        self.new_k = np.zeros(k.shape[:3] + (1,), k.dtype)
-        self.new_v = np.zeros(v.shape[:2] + (1,) + v.shape[3:], v.dtype)
+        self.index = index.astype(np.int64)  # which positions get logits
+        self.logits = np.zeros((1, len(index), vocab), k.dtype)
         self.binding = b = decoder.io_binding()
-        for name, a in (("inputs_embeds", self.row), ("past_len", self.past_len), ("logits_index", self.index)):
+        for name, a in (("inputs_embeds", self.rows), ("past_len", self.past_len), ("logits_index", self.index)):
             bind(b, name, a)
-        for name, a in zip(past_names(len(k)), layer_views(k, v)):
+        bind(b, "logits", self.logits, output=True)
+        layers = list(layer_views(k, v))
+        for name, a in zip(past_names(len(k)), layers):
             bind(b, name, a)
-        for name, a in (("logits", self.logits), ("new_keys", self.new_k), ("new_values", self.new_v)):
-            bind(b, name, a, output=True)
+        if cache.transposed:
+            self.new_k = np.zeros(k.shape[:3] + (t,), k.dtype)
+            self.new_v = np.zeros(v.shape[:2] + (t,) + v.shape[3:], v.dtype)
+            bind(b, "new_keys", self.new_k, output=True)
+            bind(b, "new_values", self.new_v, output=True)
+        else:
+            for name, a in zip(present_names(len(k)), layers):
+                bind(b, name, a, output=True)
 
 
 def layer_views(k: np.ndarray, v: np.ndarray):
@@ -103,15 +118,22 @@ def layer_views(k: np.ndarray, v: np.ndarray):
 
 @dataclass
 class OrtCache:
-    k: np.ndarray  # (layers, kv_heads, head_dim, max_len): keys transposed
+    k: np.ndarray  # (layers, kv_heads, max_len, head_dim), or (layers, kv_heads, head_dim, max_len) if transposed
     v: np.ndarray  # (layers, kv_heads, max_len, head_dim)
-    step: DecodeStep | None = None  # made on the first decode step
+    transposed: bool  # keys laid out for decoder.onnx
+    step: Bound | None = None  # made on the first decode step
 
     @property
     def max_len(self) -> int:
         return self.v.shape[2]
 
+    @property
+    def keys(self) -> np.ndarray:
+        """The keys as (layers, kv_heads, max_len, head_dim), a view in either layout."""
+        return self.k.swapaxes(2, 3) if self.transposed else self.k
+
     def write(self, pos: int, k: np.ndarray, v: np.ndarray) -> None:
+        """decoder.onnx's new keys (layers, kv, D, T) and values into rows [pos, pos + T)."""
         self.k[..., pos:pos + k.shape[3]] = k
         self.v[:, :, pos:pos + v.shape[2]] = v
 
@@ -124,15 +146,21 @@ class OnnxBackend:
         self.manifest = read_manifest(path)
         self.arch = manifest_arch(self.manifest)
         self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
-        self.vision = session(path / "vision.onnx", device, threads)
-        self.decoder = session(path / "decoder.onnx", device, threads)
+        chosen = providers(device)
+        self.vision = session(path / "vision.onnx", chosen, threads)
+        # the fused twin where it applies: ONNX Runtime's CPU kernels, a float bundle
+        self.fused = (chosen[0] == "CPUExecutionProvider" and ORT_DECODER in self.manifest["files"]
+                      and self.manifest.get("quantisation") is None)
+        f = path / (ORT_DECODER if self.fused else "decoder.onnx")
+        self.decoder = session(f, chosen, threads)
+        layers = self.arch.text.layers
+        expected = ["logits"] + present_names(layers) if self.fused else ["logits", "new_keys", "new_values"]
         outputs = [o.name for o in self.decoder.get_outputs()]
-        if outputs != ["logits", "new_keys", "new_values"]:
-            raise M4Error(f"{path / 'decoder.onnx'} has outputs {outputs}, not the ones this m4 runs: "
-                          "re-export the bundle")
+        if outputs != expected:
+            raise M4Error(f"{f} has outputs {outputs[:3]}, not the ones this m4 runs: re-export the bundle")
         # memory-mapped: a 150k-row table costs only the rows a prompt looks up
         self.table = np.load(path / "embed_tokens.npy", mmap_mode="r")
-        self.past = past_names(self.arch.text.layers)
+        self.past = past_names(layers)
         self.chunk = PREFILL_CHUNK
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -149,8 +177,9 @@ class OnnxBackend:
         a = self.arch.text
         if max_len > a.max_positions:
             raise M4Error(f"a context of {max_len} tokens exceeds the model's {a.max_positions} positions")
-        return OrtCache(np.zeros((a.layers, a.kv_heads, a.head_dim, max_len), self.dtype),
-                        np.zeros((a.layers, a.kv_heads, max_len, a.head_dim), self.dtype))
+        shape = (a.layers, a.kv_heads, max_len, a.head_dim)
+        keys = shape if self.fused else (a.layers, a.kv_heads, a.head_dim, max_len)
+        return OrtCache(np.zeros(keys, self.dtype), np.zeros(shape, self.dtype), transposed=not self.fused)
 
     def forward(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool = True) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
@@ -158,23 +187,39 @@ class OnnxBackend:
         if pos + t > cache.max_len:
             raise M4Error(f"positions {pos}..{pos + t} exceed the cache's {cache.max_len}")
         if t == 1:
-            return self.step(embeds, pos, cache)
+            if cache.step is None:
+                cache.step = self.bound(cache, 1, np.zeros(1))
+            return self.run(cache.step, embeds, pos, cache)
         out = []
         for s in range(0, t, self.chunk):
             chunk = embeds[s:s + self.chunk]
             last = s + self.chunk >= t
             # the graph returns at least one row of logits: a non-final chunk's is dropped
             keep = np.arange(len(chunk)) if not last_only else np.array([len(chunk) - 1])
-            logits = self.prefill(chunk, pos + s, cache, keep)
+            if self.fused:
+                logits = self.run(self.bound(cache, len(chunk), keep), chunk, pos + s, cache)
+            else:
+                logits = self.prefill(chunk, pos + s, cache, keep)
             if last or not last_only:
                 out.append(logits)
         return np.concatenate(out)
 
+    def bound(self, cache: OrtCache, t: int, index: np.ndarray) -> Bound:
+        return Bound(self.decoder, cache, t, index, self.arch.text.hidden, self.arch.text.vocab)
+
+    def run(self, s: Bound, embeds: np.ndarray, pos: int, cache: OrtCache) -> np.ndarray:
+        s.rows[0] = embeds
+        s.past_len[...] = pos
+        self.decoder.run_with_iobinding(s.binding)
+        if cache.transposed:
+            cache.write(pos, s.new_k, s.new_v)
+        return s.logits[0].astype(np.float32)
+
     def prefill(self, embeds: np.ndarray, pos: int, cache: OrtCache, keep: np.ndarray) -> np.ndarray:
-        # Attend over a compact copy of [0, pos), or over the whole buffer where its unfilled
-        # tail costs less than that copy (roughly: an unfilled position costs each query a
-        # score, a filled one a copy of its keys and values): a short question after a
-        # long history takes the buffer as it is.
+        """decoder.onnx over a compact copy of [0, pos), or over the whole buffer where its
+        unfilled tail costs less than that copy (roughly: an unfilled position costs each
+        query a score, a filled one a copy of its keys and values): a short question after a
+        long history takes the buffer as it is."""
         if embeds.shape[0] * (cache.max_len - pos) <= 16 * pos:
             past = layer_views(cache.k, cache.v)
         else:
@@ -189,18 +234,9 @@ class OnnxBackend:
         """Move cached positions [start, end) to [start - by, end - by), keys rotated by -by
         (RoPE composes), as TorchBackend.shift does: approximate eviction for live contexts."""
         cos, sin = rope(self.arch.text, by)
-        k = cache.k[..., start:end].astype(np.float32)  # a copy: source and target overlap
+        keys = cache.keys
+        k = keys[:, :, start:end].astype(np.float32)  # a copy: source and target overlap
         half = len(cos) // 2
-        rotated = np.concatenate([-k[:, :, half:], k[:, :, :half]], axis=2)
-        cache.k[..., start - by:end - by] = k * cos[:, None] - rotated * sin[:, None]
+        rotated = np.concatenate([-k[..., half:], k[..., :half]], axis=-1)
+        keys[:, :, start - by:end - by] = k * cos - rotated * sin
         cache.v[:, :, start - by:end - by] = cache.v[:, :, start:end].copy()
-
-    def step(self, embeds: np.ndarray, pos: int, cache: OrtCache) -> np.ndarray:
-        if cache.step is None:
-            cache.step = DecodeStep(self.decoder, cache, self.arch.text.hidden, self.arch.text.vocab)
-        s = cache.step
-        s.row[...] = embeds
-        s.past_len[...] = pos
-        self.decoder.run_with_iobinding(s.binding)
-        cache.write(pos, s.new_k, s.new_v)
-        return s.logits[0].astype(np.float32)

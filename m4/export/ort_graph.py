@@ -1,0 +1,131 @@
+"""`decoder_ort.onnx`: the decoder for ONNX Runtime on the CPU, written with its fused
+contrib ops (com.microsoft) straight from the weights.
+
+decoder.onnx (graphs.py) is standard ONNX so that TensorRT builds it; ONNX Runtime runs it
+as ~40 small nodes a layer, and at one token a step their dispatch is a good part of the
+time. This graph is what onnxruntime-genai's model builder makes for Qwen2, with m4's
+interface: per layer SkipSimplifiedLayerNormalization, one q/k/v MatMul, GroupQueryAttention
+(rotary inside, the cache read and written in place: past and present are one buffer that
+the runtime owns and binds to both), o_proj, one gate/up MatMul, the activation, down_proj.
+
+Inputs: `inputs_embeds` (1, T, H); `past_len`, a scalar: the new tokens take positions
+[past_len, past_len + T), which are also their cache rows (RoPE angle = cache row, as in
+decoder.onnx; approximate eviction keeps it so by re-rotating keys as it moves them);
+`logits_index` (K,); per layer `past_key.i` and `past_value.i`, (1, kv, M, D).
+Outputs: `logits` (1, K, vocab) and per layer `present_key.i`, `present_value.i`: the same
+buffers, with rows [past_len, past_len + T) written.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from m4.errors import M4Error
+from m4.export.manifest import past_names, present_names
+from m4.model.config import TextArch
+from m4.model.llava import LLaVA
+from m4.model.qwen2 import Qwen2, rope_table
+
+MS = "com.microsoft"
+OPSET = 18
+# the MLP's activation as one contrib op: silu is x * sigmoid(1.0 * x)
+ACT = {"silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
+       "gelu": ("Gelu", {}), "gelu_pytorch_tanh": ("FastGelu", {}), "gelu_new": ("FastGelu", {})}
+ELEM = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
+
+
+class Builder:
+    """Nodes and initializers, named in order."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype, self.nodes, self.weights = dtype, [], []
+
+    def weight(self, name: str, w: torch.Tensor) -> str:
+        self.weights.append(numpy_helper.from_array(w.detach().to(self.dtype).contiguous().numpy(), name))
+        return name
+
+    def const(self, name: str, a: np.ndarray) -> str:
+        self.weights.append(numpy_helper.from_array(a, name))
+        return name
+
+    def op(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+        outs = [f"{name}/out{k}" for k in range(outputs)]
+        self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
+        return outs
+
+    def linear(self, x: str, layers: list[torch.nn.Linear], name: str) -> str:
+        """x @ [W1; W2; ...]^T (+ bias where there is a non-zero one): one MatMul."""
+        w = self.weight(f"{name}.weight", torch.cat([lin.weight for lin in layers]).T)
+        (y,) = self.op("MatMul", [x, w], name)
+        biases = [lin.bias if lin.bias is not None else torch.zeros(lin.out_features) for lin in layers]
+        if any(b.count_nonzero() for b in biases):
+            (y,) = self.op("Add", [y, self.weight(f"{name}.bias", torch.cat(biases))], f"{name}/bias")
+        return y
+
+
+def decoder_graph(text: Qwen2, arch: TextArch, dtype: torch.dtype) -> onnx.ModelProto:
+    a = text.layers[0].self_attn
+    if arch.act not in ACT:
+        raise M4Error(f"activation {arch.act!r} has no ONNX Runtime contrib op here")
+    g, d = Builder(dtype), a.head_dim
+    # GroupQueryAttention's lengths: seqlens_k = past_len + T - 1 (1,), total (scalar), int32
+    (shape,) = g.op("Shape", ["inputs_embeds"], "tokens", start=1, end=2)
+    (total,) = g.op("Add", ["past_len", shape], "total")
+    (last,) = g.op("Sub", [total, g.const("one", np.array([1], np.int64))], "last")
+    (seqlens,) = g.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
+    (total32,) = g.op("Cast", [total], "total32", to=TensorProto.INT32)
+    (total_len,) = g.op("Squeeze", [total32], "total_sequence_length")
+    cos, sin = (g.weight(n, t[:, :d // 2]) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
+
+    x, residual = "inputs_embeds", None
+    for i, layer in enumerate(text.layers):
+        at, mlp = layer.self_attn, layer.mlp
+        h, residual = norm(g, x, residual, layer.input_layernorm, f"layers.{i}.input_layernorm")
+        qkv = g.linear(h, [at.q_proj, at.k_proj, at.v_proj], f"layers.{i}.qkv_proj")
+        y, _, _ = g.op("GroupQueryAttention", [qkv, "", "", f"past_key.{i}", f"past_value.{i}", seqlens, total_len,
+                                               cos, sin], f"layers.{i}.attn", outputs=3, domain=MS,
+                       num_heads=at.heads, kv_num_heads=at.kv_heads, scale=d ** -0.5, do_rotary=1)
+        g.nodes[-1].output[1:] = [f"present_key.{i}", f"present_value.{i}"]
+        x = g.linear(y, [at.o_proj], f"layers.{i}.o_proj")
+        h, residual = norm(g, x, residual, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
+        gate, up = g.op("Split", [g.linear(h, [mlp.gate_proj, mlp.up_proj], f"layers.{i}.gate_up_proj")],
+                        f"layers.{i}.split", outputs=2, axis=-1, num_outputs=2)
+        op, attrs = ACT[arch.act]
+        (act,) = g.op(op, [gate], f"layers.{i}.act", domain=MS, **attrs)
+        (prod,) = g.op("Mul", [act, up], f"layers.{i}.mul")
+        x = g.linear(prod, [mlp.down_proj], f"layers.{i}.down_proj")
+    (x,) = g.op("Add", [x, residual], "residual")
+    (x,) = g.op("Gather", [x, "logits_index"], "keep", axis=1)
+    h, _ = norm(g, x, None, text.norm, "norm")
+    g.linear(h, [text.lm_head], "lm_head")
+    g.nodes[-1].output[0] = "logits"  # the lm_head has no bias: its MatMul is the last node
+
+    elem, kv = ELEM[dtype], a.kv_heads
+    cache = [helper.make_tensor_value_info(n, elem, [1, kv, "cache", d]) for n in past_names(len(text.layers))]
+    inputs = [helper.make_tensor_value_info("inputs_embeds", elem, [1, "tokens", arch.hidden]),
+              helper.make_tensor_value_info("past_len", TensorProto.INT64, []),
+              helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["keep"])] + cache
+    outputs = [helper.make_tensor_value_info("logits", elem, [1, "keep", arch.vocab])] + [
+        helper.make_tensor_value_info(n, elem, [1, kv, "cache", d]) for n in present_names(len(text.layers))]
+    graph = helper.make_graph(g.nodes, "m4_decoder_ort", inputs, outputs, g.weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
+
+
+def norm(g: Builder, x: str, residual: str | None, n, name: str) -> tuple[str, str]:
+    """RMSNorm of x + residual -> (normed, the sum: the next residual); the first layer's
+    input has no residual yet."""
+    w = g.weight(f"{name}.weight", n.weight)
+    if residual is None:
+        (y,) = g.op("SimplifiedLayerNormalization", [x, w], name, epsilon=n.eps, axis=-1, stash_type=1)
+        return y, x
+    y, _, _, s = g.op("SkipSimplifiedLayerNormalization", [x, residual, w], name, outputs=4, domain=MS, epsilon=n.eps)
+    return y, s
+
+
+def export_ort_decoder(model: LLaVA, f: Path, dtype: torch.dtype) -> None:
+    with torch.no_grad():
+        graph = decoder_graph(model.text, model.arch.text, dtype)
+    onnx.save_model(graph, f, save_as_external_data=True, all_tensors_to_one_file=True, location=f.name + ".data")
