@@ -87,6 +87,22 @@ def export(model: str = typer.Argument(..., help="demo, a checkpoint directory o
     print(f"{out}: {len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB")
 
 
+
+@app.command()
+def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export)"),
+              out: Path = typer.Argument(..., help="the quantised bundle to write"),
+              data: str = typer.Option(..., "--data", help="a folder of images/videos, an M4-Instruct JSON, or demo"),
+              vision: str = typer.Option("int8", "--vision", help="int8 or none"),
+              decoder: str = typer.Option("int8", "--decoder", help="int8, int4 (weight-only), w8a8 or none"),
+              method: str = typer.Option("minmax", "--method", help="activation ranges: minmax, entropy, percentile"),
+              samples: int = typer.Option(32, "--samples", help="calibration prompts (a fifth more are held out)")):
+    """Quantise a bundle on calibration data; report.json compares it with the float bundle."""
+    try:
+        from m4.calib.bundle import calibrate as run_calibration
+    except ImportError as e:
+        raise M4Error(f"m4 calibrate needs {e.name}: pip install 'm4-vlm[export]'") from None
+    run_calibration(bundle, out, data, vision, decoder, method, samples)
+
 @app.command()
 def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), demo, a checkpoint or a bundle"),
          as_json: bool = typer.Option(False, "--json")):
