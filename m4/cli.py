@@ -103,6 +103,19 @@ def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export
         raise M4Error(f"m4 calibrate needs {e.name}: pip install 'm4-vlm[export]'") from None
     run_calibration(bundle, out, data, vision, decoder, method, samples)
 
+
+@app.command("build")
+def build_cmd(bundle: Path = typer.Argument(..., help="a bundle (float, or calibrated with --decoder w8a8|none)"),
+              fp16: bool = typer.Option(False, "--fp16", help="float tensors in fp16 (Q/DQ stay as they are)"),
+              workspace: float = typer.Option(4.0, "--workspace", help="builder workspace, GB"),
+              max_images: int = typer.Option(16, "--max-images", help="images per vision call, at most"),
+              max_context: int = typer.Option(4096, "--max-context", help="decoder context, tokens")):
+    """Build TensorRT engines (engines/*.plan) from a bundle, on the GPU that will run them."""
+    from m4.export.engines import build
+
+    r = build(bundle, fp16, workspace, max_images, max_context)
+    print(f"{bundle}/engines: TensorRT {r['tensorrt']} on {r['gpu']}")
+
 @app.command()
 def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), demo, a checkpoint or a bundle"),
          as_json: bool = typer.Option(False, "--json")):
