@@ -18,6 +18,7 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 BATCH = 4  # images per calibration run; every run the same shape (see Feeds)
+OPS = ("MatMul", "Conv")  # benchmarks/quant.py measures the alternatives
 
 
 class Feeds(CalibrationDataReader):
@@ -41,14 +42,14 @@ def pixel_batches(pixels: np.ndarray, batch: int = BATCH) -> list[dict]:
 
 
 def quantize_vision(src: Path, dst: Path, pixels: np.ndarray, method: str,
-                    exclude: list[str] | None = None) -> dict:
+                    exclude: list[str] | None = None, ops: tuple[str, ...] = OPS) -> dict:
     """Write the INT8 Q/DQ form of `src` to `dst`, calibrated on `pixels`; its record."""
     quantize_static(
         str(src), str(dst), Feeds(pixel_batches(pixels)), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul", "Conv"], nodes_to_exclude=exclude or [], per_channel=True,
+        op_types_to_quantize=list(ops), nodes_to_exclude=exclude or [], per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
         # symmetric activations (zero point 0) are what TensorRT's explicit INT8 takes
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
     return {"scheme": "int8-qdq", "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
-            "quantised_ops": ["MatMul", "Conv"], "float_nodes": exclude or [], "method": method,
+            "quantised_ops": list(ops), "float_nodes": exclude or [], "method": method,
             "calibration_images": len(pixels)}
