@@ -114,7 +114,7 @@ def linear_weight_bytes(f: Path) -> int:
 def decoder_numbers(ref, quant, report: dict, context: int, repeats: int, f_ref: Path, f_quant: Path) -> dict:
     e = np.random.default_rng(0).normal(0, 1, (context, ref.arch.text.hidden)).astype(np.float32) * 0.02
     t = alternate({"float": lambda: decode_seconds(ref.backend, e), "quant": lambda: decode_seconds(quant.backend, e)},
-                  max(1, repeats // 2))
+                  repeats)
     n = 16  # decode_seconds' steps
     d = report["decoder"]
     return {"size_ratio_graph": graph_bytes(f_quant.parent, f_quant.name) / graph_bytes(f_ref.parent, f_ref.name),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,8 @@ def check(bundle: Path, out: Path, vision: str, decoder: str, method: str, sampl
                                  ("--method", method, tuple(METHODS))):
         if value not in allowed:
             raise M4Error(f"unknown {what} {value!r}: use " + ", ".join(allowed))
+    if vision == "none" and decoder == "none":
+        raise M4Error("nothing to quantise: --vision none and --decoder none")
     if samples < 2:
         raise M4Error(f"--samples {samples}: need at least 2 (one to calibrate on, one held out)")
     if not bundle.is_dir() or not is_bundle(bundle):
@@ -76,6 +79,8 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
         raise M4Error(f"{data} gave {len(got)} sample; calibration needs at least 2 (one is held out)")
     held = max(1, len(got) // 5)
     cal, test = got[:-held], got[-held:]
+    if vision == "int8" and not any(s.images for s in cal):
+        raise M4Error(f"{data} has no images or video frames to calibrate the vision graph on (or pass --vision none)")
     console = console or Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress, atomic_directory(out) as tmp:
@@ -87,49 +92,57 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
 
         cal_prompts, cal_pixels = step(f"embed {len(cal)} calibration prompts", embed_samples, ref, cal)
         test_prompts, test_pixels = step(f"embed {len(test)} held-out prompts", embed_samples, ref, test)
-        for f in bundle.iterdir():  # tokenizer, embeddings, ...: everything but graphs and records
-            if f.is_file() and not f.name.startswith(GRAPHS) and f.name not in (MANIFEST, "report.json"):
+        quant = quantise(step, ref, bundle, tmp, vision, decoder, method, cal_prompts, cal_pixels)
+        for f in bundle.iterdir():  # the float graphs left as they are, tokenizer, embeddings
+            if f.is_file() and not (tmp / f.name).exists() and f.name not in (MANIFEST, "report.json") \
+                    and not f.name.startswith(tuple(quant)):
                 shutil.copy(f, tmp / f.name)
-        quant = {}
-        if vision == "int8" and len(cal_pixels):
-            quant["vision.onnx"] = step(f"quantise vision.onnx (int8, {method}, {len(cal_pixels)} images)",
-                                        quantize_vision, bundle / "vision.onnx", tmp / "vision.onnx", cal_pixels,
-                                        method, attention_matmuls(bundle / "vision.onnx"))
-        if decoder in ("int4", "int8"):
-            quant["decoder.onnx"] = step(f"quantise decoder.onnx ({decoder} weight-only)", dec.weight_only,
-                                         bundle / "decoder.onnx", tmp / "decoder.onnx", int(decoder[3:]))
-        elif decoder == "w8a8":
-            a = ref.arch.text
-            feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in cal_prompts], a.layers, a.kv_heads, a.head_dim)
-            work = Path(tmp) / ".work"
-            work.mkdir()
-            quant["decoder.onnx"] = step(f"quantise decoder.onnx (w8a8 SmoothQuant, {method})", dec.w8a8,
-                                         bundle / "decoder.onnx", tmp / "decoder.onnx", feeds, method, work)
-            shutil.rmtree(work)
-        for name in GRAPHS:
-            if name not in quant:
-                for f in bundle.glob(name + "*"):
-                    shutil.copy(f, tmp / f.name)
         record = {"source": data, "samples": len(cal), "held_out": len(test), "method": method,
                   "tools": {"m4": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}}
         write_manifest(tmp, m, str(bundle), quant, record)
-        q = m4.load(tmp)
         report = {"bundle": str(out), "float_bundle": str(bundle), "quantisation": quant, "calibration": record,
-                  "machine": machine(),
-                  "size_bytes": {g: {"float": graph_bytes(bundle, g), "quantised": graph_bytes(tmp, g)} for g in GRAPHS}}
-        for g, s in report["size_bytes"].items():
-            s["ratio"] = s["quantised"] / s["float"]
-        if "vision.onnx" in quant and len(test_pixels):
-            report["vision"] = step("measure vision on held-out images", measure_vision, ref, q, test_pixels, BATCH)
-        if "decoder.onnx" in quant:
-            report["decoder"] = step("measure decoder on held-out prompts", measure_decoder, ref, q, test_prompts)
-        if quant:
-            report["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles",
-                                                          answers_equal, ref, q, test)}
+                  "machine": machine(), "size_bytes": sizes(bundle, tmp),
+                  **measure(step, ref, m4.load(tmp), quant, test, test_prompts, test_pixels)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         write_manifest(tmp, m, str(bundle), quant, record)
     print_report(report, Console())
     return report
+
+
+def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, method: str,
+             prompts: list[np.ndarray], pixels: np.ndarray) -> dict:
+    """Write the quantised graphs into tmp; their records by file name."""
+    quant = {}
+    if vision == "int8":
+        quant["vision.onnx"] = step(f"quantise vision.onnx (int8, {method}, {len(pixels)} images)", quantize_vision,
+                                    bundle / "vision.onnx", tmp / "vision.onnx", pixels, method,
+                                    attention_matmuls(bundle / "vision.onnx"))
+    if decoder in ("int4", "int8"):
+        quant["decoder.onnx"] = step(f"quantise decoder.onnx ({decoder} weight-only)", dec.weight_only,
+                                     bundle / "decoder.onnx", tmp / "decoder.onnx", int(decoder[3:]))
+    elif decoder == "w8a8":
+        a = ref.arch.text
+        feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim)
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
+            quant["decoder.onnx"] = step(f"quantise decoder.onnx (w8a8 SmoothQuant, {method})", dec.w8a8,
+                                         bundle / "decoder.onnx", tmp / "decoder.onnx", feeds, method, Path(work))
+    return quant
+
+
+def sizes(bundle: Path, tmp: Path) -> dict:
+    out = {g: {"float": graph_bytes(bundle, g), "quantised": graph_bytes(tmp, g)} for g in GRAPHS}
+    return {g: {**s, "ratio": s["quantised"] / s["float"]} for g, s in out.items()}
+
+
+def measure(step, ref, q, quant: dict, test: list, prompts: list[np.ndarray], pixels: np.ndarray) -> dict:
+    """The report's measures of the quantised graphs on the held-out samples."""
+    r = {}
+    if "vision.onnx" in quant and len(pixels):
+        r["vision"] = step("measure vision on held-out images", measure_vision, ref, q, pixels, BATCH)
+    if "decoder.onnx" in quant:
+        r["decoder"] = step("measure decoder on held-out prompts", measure_decoder, ref, q, prompts)
+    r["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles", answers_equal, ref, q, test)}
+    return r
 
 
 def embed_samples(model, samples: list) -> tuple[list[np.ndarray], np.ndarray]:
