@@ -29,7 +29,7 @@ from m4.bench import machine
 from m4.calib import decoder as dec
 from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
-from m4.calib.vision import BATCH, METHODS, quantize_vision
+from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
 from m4.export.manifest import MANIFEST, file_record, is_bundle
 from m4.media import preprocess
@@ -138,7 +138,7 @@ def measure(step, ref, q, quant: dict, test: list, prompts: list[np.ndarray], pi
     """The report's measures of the quantised graphs on the held-out samples."""
     r = {}
     if "vision.onnx" in quant and len(pixels):
-        r["vision"] = step("measure vision on held-out images", measure_vision, ref, q, pixels, BATCH)
+        r["vision"] = step("measure vision on held-out images", measure_vision, ref, q, pixels)
     if "decoder.onnx" in quant:
         r["decoder"] = step("measure decoder on held-out prompts", measure_decoder, ref, q, prompts)
     r["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles", answers_equal, ref, q, test)}

@@ -24,7 +24,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from m4.calib.vision import METHODS, Feeds
+from m4.calib.vision import EXTRA, METHODS, Feeds
 from m4.export.manifest import past_names
 
 BLOCK = 32  # weights per scale: ORT's accurate default for 4-bit LLM weights
@@ -133,8 +133,7 @@ def w8a8(src: Path, dst: Path, feeds: list[dict], method: str, work: Path) -> di
         str(work / "smoothed.onnx"), str(dst), Feeds(feeds), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
-        use_external_data_format=sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL,
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        use_external_data_format=sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL, extra_options=EXTRA)
     return {"scheme": "w8a8-qdq", "smoothquant_alpha": ALPHA, "smoothed_inputs": smoothed,
             "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
             "quantised_nodes": len(nodes), "method": method, "calibration_prompts": len(feeds),

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 ANSWER_TOKENS = 16
+VISION_BATCH = 4  # images per timed vision call
 REPEATS = 5
 
 
@@ -52,7 +53,7 @@ def teacher_forced(backend, embeds: np.ndarray, answer: list[int]) -> np.ndarray
     return logits[len(embeds) - 1:]
 
 
-def measure_vision(ref, quant, pixels: np.ndarray, batch: int) -> dict:
+def measure_vision(ref, quant, pixels: np.ndarray, batch: int = VISION_BATCH) -> dict:
     ours = np.concatenate([quant.backend.encode_images(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
     refs = np.concatenate([ref.backend.encode_images(pixels[i:i + batch]) for i in range(0, len(pixels), batch)])
     x = pixels[:batch]

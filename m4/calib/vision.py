@@ -17,39 +17,46 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
-BATCH = 4  # images per calibration run; every run the same shape (see Feeds)
 OPS = ("MatMul", "Conv")  # benchmarks/quant.py measures the alternatives
+# Symmetric activations (zero point 0) are what TensorRT's explicit INT8 takes. ORT's
+# calibrators keep every calibrated tensor of every run they are given until they reduce
+# them (memory: runs x activations, 30 GB for SigLIP-so400m on 8 images); a stride of one
+# run makes ORT reduce and merge the ranges run by run.
+EXTRA = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": 1}
 
 
 class Feeds(CalibrationDataReader):
     """Calibration inputs, one dict per run. ORT's entropy and percentile collectors stack
     each tensor's values over runs and fail on mixed shapes, so callers give runs of one
-    shape."""
+    shape. `set_range` lets ORT calibrate run by run (see EXTRA)."""
 
     def __init__(self, feeds: list[dict]):
-        self.feeds = iter(feeds)
+        self.feeds = feeds
+        self.set_range(0, len(feeds))
+
+    def __len__(self) -> int:
+        return len(self.feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.next = iter(self.feeds[start_index:end_index])
 
     def get_next(self) -> dict | None:
-        return next(self.feeds, None)
+        return next(self.next, None)
 
 
-def pixel_batches(pixels: np.ndarray, batch: int = BATCH) -> list[dict]:
-    """(n, 3, S, S) -> runs of `batch` images; the last is filled up from the first images."""
-    n = len(pixels)
-    runs = -(-n // batch)
-    order = np.arange(runs * batch) % n
-    return [{"pixel_values": pixels[order[i * batch:(i + 1) * batch]]} for i in range(runs)]
+def pixel_runs(pixels: np.ndarray) -> list[dict]:
+    """One image per calibration run: every run the same shape, and the least memory."""
+    return [{"pixel_values": pixels[i:i + 1]} for i in range(len(pixels))]
 
 
 def quantize_vision(src: Path, dst: Path, pixels: np.ndarray, method: str,
                     exclude: list[str] | None = None, ops: tuple[str, ...] = OPS) -> dict:
     """Write the INT8 Q/DQ form of `src` to `dst`, calibrated on `pixels`; its record."""
     quantize_static(
-        str(src), str(dst), Feeds(pixel_batches(pixels)), quant_format=QuantFormat.QDQ,
+        str(src), str(dst), Feeds(pixel_runs(pixels)), quant_format=QuantFormat.QDQ,
         op_types_to_quantize=list(ops), nodes_to_exclude=exclude or [], per_channel=True,
         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
-        # symmetric activations (zero point 0) are what TensorRT's explicit INT8 takes
-        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+        extra_options=EXTRA)
     return {"scheme": "int8-qdq", "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
             "quantised_ops": list(ops), "float_nodes": exclude or [], "method": method,
             "calibration_images": len(pixels)}
