@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -82,10 +83,10 @@ def vision_variants(fb: Path, work: Path, samples: int, pixels: np.ndarray, repe
     g = onnx.load(str(fb / "vision.onnx"), load_external_data=False).graph
     attention = attention_matmuls(fb / "vision.onnx")
     projector_out = [n.name for n in g.node if n.op_type == "MatMul" and n.name not in attention][-1]
-    variants = {"m4: linear layers int8; attention, norms, softmax float": (attention, OPS),
-                "+ attention matmuls int8": ([], OPS),
-                "+ LayerNormalization, Softmax int8": (attention, OPS + ("LayerNormalization", "Softmax")),
-                "- projector output layer kept float": (attention + [projector_out], OPS)}
+    variants = {"m4: linear layers int8; attention matmuls, norms, softmax float": (attention, OPS),
+                "attention matmuls int8 too": ([], OPS),
+                "LayerNormalization and Softmax int8 too": (attention, OPS + ("LayerNormalization", "Softmax")),
+                "projector output layer float too": (attention + [projector_out], OPS)}
     out = {}
     for k, (exclude, ops) in variants.items():
         qv = work / f"vision-{len(out)}"
@@ -161,10 +162,12 @@ def large_run(preset: str, work: Path, context: int, repeats: int) -> dict:
     _, cal = embed_samples(ref, demo_samples(4))  # 4 prompts, 7 pictures
     out = {"preset": preset, "decoders": {}}
     qv = work / preset / "vision-int8"
-    qv.mkdir(exist_ok=True)
-    console.print(f"{preset}: quantise the vision tower on {len(cal)} demo frames")
-    rec = quantize_vision(fb / "vision.onnx", qv / "vision.onnx", cal, "minmax", attention_matmuls(fb / "vision.onnx"))
-    link_bundle(fb, qv, {"vision.onnx": rec})
+    if not (qv / "m4.json").is_file():  # minutes: kept in --workdir like the float bundle
+        qv.mkdir(exist_ok=True)
+        console.print(f"{preset}: quantise the vision tower on {len(cal)} demo frames")
+        rec = quantize_vision(fb / "vision.onnx", qv / "vision.onnx", cal, "minmax",
+                              attention_matmuls(fb / "vision.onnx"))
+        link_bundle(fb, qv, {"vision.onnx": rec})
     q = m4.load(qv)
     out["vision"] = vision_numbers(ref, q, preprocess(held_out_frames(4), size), max(3, repeats // 2))
     prompts = [ref.embed(ref.prompt(t), []) for t in ("Describe the scene in detail.", "What is the capital of France?",
@@ -181,11 +184,12 @@ def large_run(preset: str, work: Path, context: int, repeats: int) -> dict:
 
 
 def link_bundle(src: Path, dst: Path, quant: dict) -> None:
-    """dst: the quantised graphs written there, every other file of src hard-linked in."""
+    """dst: the quantised graphs written there, every other file of src hard-linked in
+    (external weights copied: onnx refuses to read a .data file with several links)."""
     for f in src.iterdir():
         if f.is_file() and f.name != "m4.json" and not (dst / f.name).exists() and \
                 not any(f.name.startswith(g) for g in quant):
-            os.link(f, dst / f.name)
+            (shutil.copy if f.suffix == ".data" else os.link)(f, dst / f.name)
     m = json.loads((src / "m4.json").read_text())
     write_manifest(dst, m, str(src), quant, {"source": "demo", "benchmark": "benchmarks/quant.py"})
 
@@ -229,14 +233,16 @@ def main() -> None:
     a = p.parse_args()
     a.json = a.json or Path(f"benchmarks/results/quant-{'-'.join(a.presets + a.large)}.json")
     load = os.getloadavg()
-    runs = [preset_run(x, a.workdir, a.samples, a.context, a.repeats) for x in a.presets]
-    runs += [large_run(x, a.workdir, a.context, a.repeats) for x in a.large]
-    result = {"machine": {**machine(), "load_before": load, "load_after": os.getloadavg()},
+    result = {"machine": {**machine(), "load_before": load},
               "goals": {"vision_cosine": 0.99, "vision_int8_speedup": 1.3, "int4_size_ratio": 0.20,
                         "int8_size_ratio": 0.35},
-              "runs": runs}
+              "runs": []}
     a.json.parent.mkdir(parents=True, exist_ok=True)
-    a.json.write_text(json.dumps(result, indent=2))
+    for run, x in [(preset_run, x) for x in a.presets] + [(large_run, x) for x in a.large]:
+        result["runs"].append(run(x, a.workdir, a.samples, a.context, a.repeats) if run is preset_run
+                              else run(x, a.workdir, a.context, a.repeats))
+        result["machine"]["load_after"] = os.getloadavg()
+        a.json.write_text(json.dumps(result, indent=2))  # after each preset: a late failure keeps the rest
     print_table(result)
 
 

@@ -18,11 +18,12 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
            "percentile": CalibrationMethod.Percentile}
 OPS = ("MatMul", "Conv")  # benchmarks/quant.py measures the alternatives
-# Symmetric activations (zero point 0) are what TensorRT's explicit INT8 takes. ORT's
+# Symmetric activations (zero point 0) are what TensorRT's explicit INT8 takes, and float
+# biases: its DequantizeLinear takes INT8 weights but not ORT's INT32 biases. ORT's
 # calibrators keep every calibrated tensor of every run they are given until they reduce
 # them (memory: runs x activations, 30 GB for SigLIP-so400m on 8 images); a stride of one
 # run makes ORT reduce and merge the ranges run by run.
-EXTRA = {"ActivationSymmetric": True, "WeightSymmetric": True, "CalibStridedMinMax": 1}
+EXTRA = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "CalibStridedMinMax": 1}
 
 
 class Feeds(CalibrationDataReader):
