@@ -220,6 +220,31 @@ def test_build_refuses_weight_only_decoders(quantised):
         build(quantised("int4"))
 
 
+def test_engine_profiles_fit_the_graphs(float_bundle):
+    """Every dynamic input of each graph has min <= opt <= max shapes in every profile, the
+    static dimensions as the graph has them, and the graph runs at each profile's min and
+    max (ONNX Runtime standing in for TensorRT, which is not here)."""
+    import onnxruntime as ort
+
+    from m4.export.engines import profiles
+
+    m = json.loads((float_bundle / "m4.json").read_text())
+    for name, shapes in profiles(m, max_images=3, max_context=40).items():
+        graph = onnx.load(float_bundle / name, load_external_data=False).graph
+        session = ort.InferenceSession(str(float_bundle / name), providers=["CPUExecutionProvider"])
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        for p in shapes:
+            assert set(p) == {k for k, d in dims.items() if any(isinstance(x, str) for x in d)}
+            for k, (lo, opt, hi) in p.items():
+                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+                assert all(x == lo[i] == hi[i] for i, x in enumerate(dims[k]) if isinstance(x, int))
+            for pick in (0, 2):
+                feed = {k: np.zeros(v[pick], np.int64 if k == "logits_index" else np.float32) for k, v in p.items()}
+                if name == "decoder.onnx":
+                    feed["past_len"] = np.array(0, np.int64)
+                assert session.run(None, feed)[0].shape[0] >= 1
+
+
 def cuda_tensorrt() -> str | None:
     """Why TensorRT engines cannot be built here, or None."""
     if importlib.util.find_spec("tensorrt") is None:
