@@ -87,6 +87,35 @@ def export(model: str = typer.Argument(..., help="demo, a checkpoint directory o
     print(f"{out}: {len(m['files'])} files, {sum(f['bytes'] for f in m['files'].values()) / 1e6:.1f} MB")
 
 
+
+@app.command()
+def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export)"),
+              out: Path = typer.Argument(..., help="the quantised bundle to write"),
+              data: str = typer.Option(..., "--data", help="a folder of images/videos, an M4-Instruct JSON, or demo"),
+              vision: str = typer.Option("int8", "--vision", help="int8 or none"),
+              decoder: str = typer.Option("int8", "--decoder", help="int8, int4 (weight-only), w8a8 or none"),
+              method: str = typer.Option("minmax", "--method", help="activation ranges: minmax, entropy, percentile"),
+              samples: int = typer.Option(32, "--samples", help="calibration prompts (a fifth more are held out)")):
+    """Quantise a bundle on calibration data; report.json compares it with the float bundle."""
+    try:
+        from m4.calib.bundle import calibrate as run_calibration
+    except ImportError as e:
+        raise M4Error(f"m4 calibrate needs {e.name}: pip install 'm4-vlm[export]'") from None
+    run_calibration(bundle, out, data, vision, decoder, method, samples)
+
+
+@app.command("build")
+def build_cmd(bundle: Path = typer.Argument(..., help="a bundle (float, or calibrated with --decoder w8a8|none)"),
+              fp16: bool = typer.Option(False, "--fp16", help="float tensors in fp16 (Q/DQ stay as they are)"),
+              workspace: float = typer.Option(4.0, "--workspace", help="builder workspace, GB"),
+              max_images: int = typer.Option(16, "--max-images", help="images per vision call, at most"),
+              max_context: int = typer.Option(4096, "--max-context", help="decoder context, tokens")):
+    """Build TensorRT engines (engines/*.plan) from a bundle, on the GPU that will run them."""
+    from m4.export.engines import build
+
+    r = build(bundle, fp16, workspace, max_images, max_context)
+    print(f"{bundle}/engines: TensorRT {r['tensorrt']} on {r['gpu']}")
+
 @app.command()
 def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), demo, a checkpoint or a bundle"),
          as_json: bool = typer.Option(False, "--json")):

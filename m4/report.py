@@ -39,7 +39,8 @@ def print_info(d: dict) -> None:
 
 def print_bundle(b: dict, console: Console) -> None:
     files = Table("file", "bytes", "sha256", title=f"bundle v{b['format_version']}, {b['dtype']}, "
-                  f"template {b['template']}, quantisation {b['quantisation'] or 'none'}")
+                  f"template {b['template']}, quantisation "
+                  + (", ".join(f"{g} {q['scheme']}" for g, q in b["quantisation"].items()) if b["quantisation"] else "none"))
     for name, f in b["files"].items():
         files.add_row(name, human(f["bytes"], "B"), f["sha256"][:16])
     console.print(files)

@@ -1,0 +1,203 @@
+"""`m4 calibrate`: a float bundle + calibration data -> a quantised bundle with report.json.
+
+The calibration samples run through the float bundle as the runtime runs them: their
+pictures (preprocessed) calibrate the vision graph, their interleaved prompts (image
+embeddings + text, embedded) the decoder. A share of the samples is held out and never
+calibrated on; the report compares the two bundles on it (measure.py). The output has the
+float bundle's layout, its m4.json recording the quantisation and the calibration, and is
+written to a temporary directory and moved into place whole.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import m4
+from m4 import __version__
+from m4.atomic import atomic_directory
+from m4.bench import machine
+from m4.calib import decoder as dec
+from m4.calib.data import load_samples
+from m4.calib.measure import answers_equal, measure_decoder, measure_vision
+from m4.calib.vision import METHODS, quantize_vision
+from m4.errors import M4Error
+from m4.export.manifest import MANIFEST, file_record, is_bundle
+from m4.media import preprocess
+from m4.runtime.onnx_backend import PREFILL_CHUNK
+
+VISION = ("int8", "none")
+DECODER = ("int8", "int4", "w8a8", "none")
+GRAPHS = ("vision.onnx", "decoder.onnx")
+
+
+def check(bundle: Path, out: Path, vision: str, decoder: str, method: str, samples: int) -> None:
+    for what, value, allowed in (("--vision", vision, VISION), ("--decoder", decoder, DECODER),
+                                 ("--method", method, tuple(METHODS))):
+        if value not in allowed:
+            raise M4Error(f"unknown {what} {value!r}: use " + ", ".join(allowed))
+    if vision == "none" and decoder == "none":
+        raise M4Error("nothing to quantise: --vision none and --decoder none")
+    if samples < 2:
+        raise M4Error(f"--samples {samples}: need at least 2 (one to calibrate on, one held out)")
+    if not bundle.is_dir() or not is_bundle(bundle):
+        raise M4Error(f"{bundle} is not a bundle directory (make one with m4 export)")
+    if out.resolve() == bundle.resolve():
+        raise M4Error("OUT must differ from BUNDLE: calibration writes a new bundle")
+    if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
+        raise M4Error(f"{out} exists and is not a bundle: calibrate replaces only bundles and empty directories")
+
+
+def graph_bytes(path: Path, name: str) -> int:
+    """A graph's file and its external weights, if any."""
+    return sum(f.stat().st_size for f in path.glob(name + "*"))
+
+
+def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int8", decoder: str = "int8",
+              method: str = "minmax", samples: int = 32, console: Console | None = None) -> dict:
+    """Write the quantised bundle OUT; its report."""
+    bundle, out = Path(bundle), Path(out)
+    check(bundle, out, vision, decoder, method, samples)
+    ref = m4.load(bundle)
+    m = ref.backend.manifest
+    if m.get("quantisation"):
+        raise M4Error(f"{bundle} is already quantised: calibrate a float bundle")
+    if m["dtype"] != "fp32":
+        raise M4Error(f"{bundle} is {m['dtype']}: calibrate an fp32 bundle (m4 export --dtype fp32)")
+    # read before any progress is drawn, so that bad data is the one line on stderr
+    got = load_samples(data, samples + max(1, samples // 4))
+    if len(got) < 2:
+        raise M4Error(f"{data} gave {len(got)} sample; calibration needs at least 2 (one is held out)")
+    held = max(1, len(got) // 5)
+    cal, test = got[:-held], got[-held:]
+    if vision == "int8" and not any(s.images for s in cal):
+        raise M4Error(f"{data} has no images or video frames to calibrate the vision graph on (or pass --vision none)")
+    console = console or Console(stderr=True)
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress, atomic_directory(out) as tmp:
+        def step(what, fn, *args):
+            task = progress.add_task(what, total=1)
+            result = fn(*args)
+            progress.update(task, completed=1)
+            return result
+
+        cal_prompts, cal_pixels = step(f"embed {len(cal)} calibration prompts", embed_samples, ref, cal)
+        test_prompts, test_pixels = step(f"embed {len(test)} held-out prompts", embed_samples, ref, test)
+        quant = quantise(step, ref, bundle, tmp, vision, decoder, method, cal_prompts, cal_pixels)
+        for f in bundle.iterdir():  # the float graphs left as they are, tokenizer, embeddings
+            if f.is_file() and not (tmp / f.name).exists() and f.name not in (MANIFEST, "report.json") \
+                    and not f.name.startswith(tuple(quant)):
+                shutil.copy(f, tmp / f.name)
+        record = {"source": data, "samples": len(cal), "held_out": len(test), "method": method,
+                  "tools": {"m4": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}}
+        write_manifest(tmp, m, str(bundle), quant, record)
+        report = {"bundle": str(out), "float_bundle": str(bundle), "quantisation": quant, "calibration": record,
+                  "machine": machine(), "size_bytes": sizes(bundle, tmp),
+                  **measure(step, ref, m4.load(tmp), quant, test, test_prompts, test_pixels)}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2))
+        write_manifest(tmp, m, str(bundle), quant, record)
+    print_report(report, Console())
+    return report
+
+
+def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, method: str,
+             prompts: list[np.ndarray], pixels: np.ndarray) -> dict:
+    """Write the quantised graphs into tmp; their records by file name."""
+    quant = {}
+    if vision == "int8":
+        quant["vision.onnx"] = step(f"quantise vision.onnx (int8, {method}, {len(pixels)} images)", quantize_vision,
+                                    bundle / "vision.onnx", tmp / "vision.onnx", pixels, method,
+                                    attention_matmuls(bundle / "vision.onnx"))
+    if decoder in ("int4", "int8"):
+        quant["decoder.onnx"] = step(f"quantise decoder.onnx ({decoder} weight-only)", dec.weight_only,
+                                     bundle / "decoder.onnx", tmp / "decoder.onnx", int(decoder[3:]))
+    elif decoder == "w8a8":
+        a = ref.arch.text
+        feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim)
+        with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
+            quant["decoder.onnx"] = step(f"quantise decoder.onnx (w8a8 SmoothQuant, {method})", dec.w8a8,
+                                         bundle / "decoder.onnx", tmp / "decoder.onnx", feeds, method, Path(work))
+    return quant
+
+
+def sizes(bundle: Path, tmp: Path) -> dict:
+    out = {g: {"float": graph_bytes(bundle, g), "quantised": graph_bytes(tmp, g)} for g in GRAPHS}
+    return {g: {**s, "ratio": s["quantised"] / s["float"]} for g, s in out.items()}
+
+
+def measure(step, ref, q, quant: dict, test: list, prompts: list[np.ndarray], pixels: np.ndarray) -> dict:
+    """The report's measures of the quantised graphs on the held-out samples."""
+    r = {}
+    if "vision.onnx" in quant and len(pixels):
+        r["vision"] = step("measure vision on held-out images", measure_vision, ref, q, pixels)
+    if "decoder.onnx" in quant:
+        r["decoder"] = step("measure decoder on held-out prompts", measure_decoder, ref, q, prompts)
+    r["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles", answers_equal, ref, q, test)}
+    return r
+
+
+def embed_samples(model, samples: list) -> tuple[list[np.ndarray], np.ndarray]:
+    """Each sample's decoder input embeddings (through the float bundle), and all pictures preprocessed."""
+    prompts, pictures = [], []
+    for s in samples:
+        p, pics = model._prepare(s.text, None if s.video else s.images, s.images if s.video else None, None,
+                                 s.patches)
+        prompts.append(model.embed(p, pics))
+        pictures += pics
+    size = model.arch.vision.image_size
+    return prompts, preprocess(pictures, size) if pictures else np.zeros((0, 3, size, size), np.float32)
+
+
+def attention_matmuls(f: Path) -> list[str]:
+    """The MatMuls of two activations (attention's scores and mix): kept float in the vision
+    graph, which measured as accurate and faster than quantising them."""
+    g = onnx.load(str(f), load_external_data=False).graph
+    weights = {i.name for i in g.initializer}
+    return [n.name for n in g.node if n.op_type == "MatMul" and not weights & set(n.input)]
+
+
+def write_manifest(tmp: Path, m: dict, source: str, quant: dict, record: dict) -> None:
+    files = {f.relative_to(tmp).as_posix(): file_record(f) for f in sorted(tmp.iterdir()) if f.is_file()
+             and f.name != MANIFEST}
+    (tmp / MANIFEST).write_text(json.dumps({**m, "source": source, "quantisation": quant or None,
+                                            "calibration": record if quant else None, "files": files}, indent=2))
+
+
+def print_report(r: dict, console: Console) -> None:
+    """One column per quantised graph, one row per measure."""
+    graphs = [g for g in ("vision", "decoder") if g in r]
+    t = Table("held-out inputs", *[f"{g} ({r['quantisation'][g + '.onnx']['scheme']})" for g in graphs],
+              title=f"{r['bundle']} vs the float bundle")
+    rows = {"cosine (min)": lambda d: f"{d['cosine']:.4f} ({d['cosine_min']:.4f})",
+            "max abs error": lambda d: f"{d['max_abs_error']:.3g} (of {d['max_abs_ref']:.3g})",
+            "logit KL": lambda d: f"{d['logit_kl']:.2e}" if "logit_kl" in d else "-",
+            "token agreement": lambda d: f"{d['token_agreement']:.1%}" if "token_agreement" in d else "-"}
+    for name, cell in rows.items():
+        t.add_row(name, *[cell(r[g]) for g in graphs])
+    t.add_row("size", *[size(r["size_bytes"][g + ".onnx"]) for g in graphs])
+    t.add_row("latency (this CPU)", *[speed(r[g]) for g in graphs])
+    console.print(t)
+    if "end_to_end" in r:
+        console.print(f"held-out answers identical to the float bundle's: {r['end_to_end']['answers_equal']:.0%} "
+                      f"of {r['calibration']['held_out']}")
+
+
+def size(s: dict) -> str:
+    return f"{s['float'] / 1e6:.1f} -> {s['quantised'] / 1e6:.1f} MB ({s['ratio']:.0%})"
+
+
+def speed(d: dict) -> str:
+    if "decode_tok_s" in d:
+        x = d["decode_tok_s"]
+        return f"decode {x['float']:.0f} -> {x['quantised']:.0f} tok/s ({x['speedup']:.2f}x)"
+    x = d["latency_ms"]
+    return f"{x['float']:.1f} -> {x['quantised']:.1f} ms / {x['batch']} images ({x['speedup']:.2f}x)"

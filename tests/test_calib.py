@@ -1,0 +1,276 @@
+"""`m4 calibrate` and `m4 build`: INT8 Q/DQ vision graphs, weight-only and W8A8 decoders,
+measured against the float bundle (itself held equal to transformers in test_onnx.py) and
+against the oracle; bad calibration data and a machine without TensorRT are one clear line."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+import m4
+from m4.calib.bundle import calibrate
+from m4.calib.data import load_samples
+from m4.calib.measure import teacher_forced
+from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
+from m4.errors import M4Error
+from m4.export.bundle import export_bundle
+from m4.media import DemoScene, preprocess, write_video
+
+from conftest import random_images
+from test_parity import QUESTIONS, oracle_tokens
+
+VARIANT = "gqa-tied-last-full"
+
+
+@pytest.fixture(scope="session")
+def float_bundle(checkpoints, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calib") / "float"
+    export_bundle(str(checkpoints[VARIANT]), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def quantised(float_bundle, tmp_path_factory):
+    """Quantised bundles by decoder scheme (vision INT8 in each), made once when first asked for."""
+    made = {}
+
+    def get(decoder):
+        if decoder not in made:
+            out = tmp_path_factory.mktemp("q") / decoder
+            calibrate(float_bundle, out, "demo", vision="int8", decoder=decoder, samples=8)
+            made[decoder] = out
+        return made[decoder]
+
+    return get
+
+
+def held_out_pixels(size: int) -> np.ndarray:
+    """Frames neither calibration (demo seeds 0..9) nor the report saw: other scenes and noise."""
+    scene = DemoScene(seed=1000)
+    return preprocess([scene.frame(i) for i in (0, 50, 99)] + random_images(3, seed=99), size)
+
+
+def producer(g: onnx.GraphProto) -> dict:
+    return {o: n for n in g.node for o in n.output}
+
+
+def test_int8_vision_has_qdq_around_matmul_and_conv(quantised):
+    g = onnx.load(quantised("int8") / "vision.onnx").graph
+    made_by, weights = producer(g), {i.name: i for i in g.initializer}
+    linear = [n for n in g.node if n.op_type in ("MatMul", "Conv")
+              and any(made_by.get(i) is not None and made_by[i].op_type == "DequantizeLinear"
+                      and made_by[i].input[0] in weights for i in n.input)]
+    assert {n.op_type for n in linear} == {"MatMul", "Conv"}
+    for n in linear:  # weights int8 per channel, activations from a Q -> DQ pair, zero points 0
+        dq_x, dq_w = made_by[n.input[0]], made_by[n.input[1]]
+        assert dq_x.op_type == dq_w.op_type == "DequantizeLinear"
+        assert made_by[dq_x.input[0]].op_type == "QuantizeLinear"
+        w = numpy_helper.to_array(weights[dq_w.input[0]])
+        assert w.dtype == np.int8 and numpy_helper.to_array(weights[dq_w.input[1]]).size > 1
+        assert not numpy_helper.to_array(weights[dq_x.input[2]]).any()
+    # norms and softmax stay float
+    assert {n.op_type for n in g.node} >= {"LayerNormalization", "Softmax"}
+
+
+def test_int8_vision_embeddings_close_to_float(float_bundle, quantised):
+    ref, q = m4.load(float_bundle), m4.load(quantised("int8"))
+    pixels = held_out_pixels(ref.arch.vision.image_size)
+    a, r = q.backend.encode_images(pixels), ref.backend.encode_images(pixels)
+    cos = (a * r).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(r, axis=-1)
+    assert cos.min() >= 0.99, cos.min()
+    assert 0 < np.abs(a - r).max() < 0.1 * np.abs(r).max()  # quantised: close, not equal
+
+
+@pytest.mark.parametrize("decoder, bits, ratio", [("int4", 4, 0.20), ("int8", 8, 0.35)])
+def test_weight_only_decoders_load_answer_and_shrink(float_bundle, quantised, decoder, bits, ratio):
+    out = quantised(decoder)
+    m = json.loads((out / "m4.json").read_text())
+    assert m["quantisation"]["decoder.onnx"]["scheme"] == f"{decoder}-weight-only"
+    assert m["calibration"]["source"] == "demo" and m["calibration"]["held_out"] >= 1
+    model = m4.load(out)
+    assert isinstance(model.ask("Describe <image>.", images=random_images(1), max_new_tokens=4), str)
+    # the weights MatMulNBits replaced, against their fp32 bytes (the tiny graph is mostly RoPE tables)
+    g, f = onnx.load(out / "decoder.onnx").graph, onnx.load(float_bundle / "decoder.onnx").graph
+    nbits = [n for n in g.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == len(weight_matmuls(onnx.load(float_bundle / "decoder.onnx")))
+    assert all(a.i == bits for n in nbits for a in n.attribute if a.name == "bits")
+    sizes = {i.name: len(i.raw_data) for i in g.initializer}
+    quant = sum(sizes[x] for n in nbits for x in n.input[1:] if x in sizes)
+    fp32 = sum(len(i.raw_data) for i in f.initializer if len(i.dims) == 2 and i.name not in ("text.cos", "text.sin"))
+    assert quant <= ratio * fp32
+    report = json.loads((out / "report.json").read_text())
+    assert report["size_bytes"]["decoder.onnx"]["quantised"] < report["size_bytes"]["decoder.onnx"]["float"]
+
+
+# bounds measured on the tiny random checkpoint (hidden 64, wide init: the hard case for
+# block-wise INT4), with margin; chance agreement is 1/384
+@pytest.mark.parametrize("decoder, agreement, cosine", [("int8", 0.6, 0.99), ("int4", 0.25, 0.8)])
+def test_greedy_agreement_is_measured_and_bounded(checkpoints, oracle, quantised, decoder, agreement, cosine):
+    report = json.loads((quantised(decoder) / "report.json").read_text())
+    d = report["decoder"]
+    assert d["token_agreement"] >= agreement and 0 <= d["logit_kl"] < 0.5 and d["cosine"] > cosine
+    assert set(report) >= {"vision", "decoder", "size_bytes", "end_to_end", "machine"}
+    # against transformers on the float checkpoint: the quantised bundle (vision and decoder)
+    # reads the oracle's prompt and answer, and predicts each answer token
+    model = m4.load(quantised(decoder))
+    images = random_images(2, seed=21)
+    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    ref = oracle_tokens(oracle(checkpoints[VARIANT]), model, p, pictures, 12)
+    logits = teacher_forced(model.backend, model.embed(p, pictures), ref)
+    assert (logits.argmax(-1) == ref).mean() >= agreement
+
+
+def test_smoothing_alone_keeps_the_decoder_function(float_bundle, tmp_path):
+    """SmoothQuant scaling moves magnitude between activations and weights: unquantised,
+    the smoothed graph computes what the float graph computes."""
+    ref = m4.load(float_bundle)
+    a = ref.arch.text
+    prompts = [ref.embed(*ref._prepare(QUESTIONS[2], random_images(2, seed=s), None, None, False)) for s in (1, 2)]
+    feeds = prefill_feeds(prompts, a.layers, a.kv_heads, a.head_dim)
+    model = onnx.load(float_bundle / "decoder.onnx")
+    names = sorted({n.input[0] for n in weight_matmuls(model)})
+    absmax = input_absmax(model, names, feeds, tmp_path / "absmax.onnx")
+    assert smooth(model, absmax) == len(names)
+    onnx.save(model, tmp_path / "smoothed.onnx")
+    import onnxruntime as ort
+
+    s, f = (ort.InferenceSession(str(x), providers=["CPUExecutionProvider"])
+            for x in (tmp_path / "smoothed.onnx", float_bundle / "decoder.onnx"))
+    ours, want = s.run(None, feeds[0])[0], f.run(None, feeds[0])[0]
+    np.testing.assert_allclose(ours, want, atol=1e-4 * np.abs(want).max(), rtol=0)
+
+
+def test_w8a8_decoder_is_qdq_and_close(float_bundle, quantised):
+    out = quantised("w8a8")
+    g = onnx.load(out / "decoder.onnx").graph
+    made_by = producer(g)
+    linear = [n for n in g.node if n.op_type == "MatMul" and made_by.get(n.input[1]) is not None
+              and made_by[n.input[1]].op_type == "DequantizeLinear"]
+    assert len(linear) == len(weight_matmuls(onnx.load(float_bundle / "decoder.onnx")))
+    assert all(made_by[n.input[0]].op_type == "DequantizeLinear" for n in linear)
+    d = json.loads((out / "report.json").read_text())["decoder"]
+    assert d["cosine"] > 0.95 and d["token_agreement"] >= 0.5
+    assert isinstance(m4.load(out).ask("Describe <image>.", images=random_images(1), max_new_tokens=4), str)
+
+
+def test_calibration_sources(tmp_path):
+    """A folder (images, a video, a broken file) and an M4-Instruct JSON give samples."""
+    for i, img in enumerate(random_images(3, seed=5)):
+        Image.fromarray(img).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    write_video(tmp_path / "clip.mp4", (DemoScene().frame(i) for i in range(12)), fps=4)
+    got = load_samples(str(tmp_path), 10)
+    assert sorted(len(s.images) for s in got) == [1, 2, 4] and sum(s.video for s in got) == 1
+    records = [{"id": "a", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "Compare <image> and <image>."}, {"from": "gpt", "value": "Same."}]},
+        {"id": "b", "video": "clip.mp4", "conversations": [
+            {"from": "human", "value": "<image>\nWhat moves?"}, {"from": "gpt", "value": "A shape."}]}]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    got = load_samples(str(tmp_path / "data.json"), 10)
+    assert [len(s.images) for s in got] == [2, 4] and got[1].video and "<image>" not in got[1].text
+
+
+def junk_folder(p):
+    (p / "junk").mkdir()
+    (p / "junk" / "a.jpg").write_bytes(b"\x00" * 64)
+    (p / "junk" / "b.mp4").write_bytes(b"\x00" * 64)
+    return p / "junk"
+
+
+def text_only_json(p):
+    records = [{"id": str(i), "conversations": [{"from": "human", "value": f"Count to {i}."},
+                                                 {"from": "gpt", "value": "1 2 3"}]} for i in range(4)]
+    (p / "text.json").write_text(json.dumps(records))
+    return p / "text.json"
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda p: p / "missing", "calibration data not found"), (junk_folder, "no decodable image or video"),
+    (text_only_json, ".* has no images or video frames to calibrate the vision graph on")])
+def test_bad_calibration_data_is_one_clear_line(float_bundle, tmp_path, make, message):
+    src = make(tmp_path)
+    with pytest.raises(M4Error, match=message):
+        calibrate(float_bundle, tmp_path / "out", str(src))
+    r = subprocess.run([sys.executable, "-m", "m4", "calibrate", float_bundle, tmp_path / "out", "--data", src],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and re.match(f"m4: error: {message}", r.stderr) and r.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_build_without_tensorrt_is_one_line(float_bundle):
+    r = subprocess.run([sys.executable, "-m", "m4", "build", float_bundle], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("m4: error: m4 build needs TensorRT") and "not installed" in r.stderr
+    assert not (float_bundle / "engines").exists()
+
+
+def test_build_refuses_weight_only_decoders(quantised):
+    from m4.export.engines import build
+
+    with pytest.raises(M4Error, match="MatMulNBits"):
+        build(quantised("int4"))
+
+
+def test_engine_profiles_fit_the_graphs(float_bundle):
+    """Every dynamic input of each graph has min <= opt <= max shapes in every profile, the
+    static dimensions as the graph has them, and the graph runs at each profile's min and
+    max (ONNX Runtime standing in for TensorRT, which is not here)."""
+    import onnxruntime as ort
+
+    from m4.export.engines import profiles
+
+    m = json.loads((float_bundle / "m4.json").read_text())
+    for name, shapes in profiles(m, max_images=3, max_context=40).items():
+        graph = onnx.load(float_bundle / name, load_external_data=False).graph
+        session = ort.InferenceSession(str(float_bundle / name), providers=["CPUExecutionProvider"])
+        dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+        for p in shapes:
+            assert set(p) == {k for k, d in dims.items() if any(isinstance(x, str) for x in d)}
+            for k, (lo, opt, hi) in p.items():
+                assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
+                assert all(x == lo[i] == hi[i] for i, x in enumerate(dims[k]) if isinstance(x, int))
+            for pick in (0, 2):
+                feed = {k: np.zeros(v[pick], np.int64 if k == "logits_index" else np.float32) for k, v in p.items()}
+                if name == "decoder.onnx":
+                    feed["past_len"] = np.array(0, np.int64)
+                assert session.run(None, feed)[0].shape[0] >= 1
+
+
+def cuda_tensorrt() -> str | None:
+    """Why TensorRT engines cannot be built here, or None."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed"
+    import tensorrt as trt
+
+    try:
+        trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except Exception as e:
+        return f"no CUDA GPU for TensorRT ({e})"
+    return None
+
+
+@pytest.mark.skipif(cuda_tensorrt() is not None, reason=str(cuda_tensorrt()))
+@pytest.mark.parametrize("kind", ["float", "w8a8"])
+def test_build_engines(float_bundle, quantised, tmp_path, kind):
+    import shutil
+
+    import tensorrt as trt
+
+    from m4.export.engines import build
+
+    bundle = shutil.copytree(float_bundle if kind == "float" else quantised("w8a8"), tmp_path / kind)
+    record = build(bundle, max_images=4, max_context=256)
+    m = json.loads((bundle / "m4.json").read_text())
+    assert m["engines"]["tensorrt"] == trt.__version__ and m["engines"]["gpu"] == record["gpu"]
+    engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine((bundle / "engines/decoder.plan").read_bytes())
+    assert engine.num_optimization_profiles == 2
+    assert m4.load(bundle).backend.manifest["files"]["engines/vision.plan"]["bytes"] > 0
