@@ -21,6 +21,7 @@ from m4.calib.measure import teacher_forced
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
 from m4.errors import M4Error
 from m4.export.bundle import export_bundle
+from m4.export.manifest import ORT_DECODER
 from m4.media import DemoScene, preprocess, write_video
 
 from conftest import random_images
@@ -107,6 +108,17 @@ def test_weight_only_decoders_load_answer_and_shrink(float_bundle, quantised, de
     assert quant <= ratio * fp32
     report = json.loads((out / "report.json").read_text())
     assert report["size_bytes"]["decoder.onnx"]["quantised"] < report["size_bytes"]["decoder.onnx"]["float"]
+    # the float fused twin of the decoder does not travel with a quantised one
+    assert (float_bundle / ORT_DECODER).is_file() and not list(out.glob(ORT_DECODER + "*"))
+    assert not model.backend.fused and ORT_DECODER not in m["dtypes"]
+
+
+def test_vision_only_bundle_keeps_the_fused_float_decoder(float_bundle, tmp_path):
+    out = tmp_path / "vision-int8"
+    calibrate(float_bundle, out, "demo", vision="int8", decoder="none", samples=4)
+    model = m4.load(out)
+    assert model.backend.fused and (out / ORT_DECODER).is_file()
+    assert isinstance(model.ask("Describe <image>.", images=random_images(1), max_new_tokens=4), str)
 
 
 # bounds measured on the tiny random checkpoint (hidden 64, wide init: the hard case for

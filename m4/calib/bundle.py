@@ -31,7 +31,7 @@ from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
 from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
-from m4.export.manifest import MANIFEST, file_record, is_bundle
+from m4.export.manifest import MANIFEST, ORT_DECODER, file_record, is_bundle
 from m4.media import preprocess
 from m4.runtime.onnx_backend import PREFILL_CHUNK
 
@@ -93,9 +93,11 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
         cal_prompts, cal_pixels = step(f"embed {len(cal)} calibration prompts", embed_samples, ref, cal)
         test_prompts, test_pixels = step(f"embed {len(test)} held-out prompts", embed_samples, ref, test)
         quant = quantise(step, ref, bundle, tmp, vision, decoder, method, cal_prompts, cal_pixels)
-        for f in bundle.iterdir():  # the float graphs left as they are, tokenizer, embeddings
-            if f.is_file() and not (tmp / f.name).exists() and f.name not in (MANIFEST, "report.json") \
-                    and not f.name.startswith(tuple(quant)):
+        # the float graphs left as they are, tokenizer, embeddings; not the fused float twin
+        # of a decoder that is now quantised (the runtime would have to choose between them)
+        skip = (MANIFEST, "report.json", *quant, *((ORT_DECODER,) if "decoder.onnx" in quant else ()))
+        for f in bundle.iterdir():
+            if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith(skip):
                 shutil.copy(f, tmp / f.name)
         record = {"source": data, "samples": len(cal), "held_out": len(test), "method": method,
                   "tools": {"m4": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}}
@@ -168,7 +170,8 @@ def attention_matmuls(f: Path) -> list[str]:
 def write_manifest(tmp: Path, m: dict, source: str, quant: dict, record: dict) -> None:
     files = {f.relative_to(tmp).as_posix(): file_record(f) for f in sorted(tmp.iterdir()) if f.is_file()
              and f.name != MANIFEST}
-    (tmp / MANIFEST).write_text(json.dumps({**m, "source": source, "quantisation": quant or None,
+    dtypes = {f: d for f, d in m["dtypes"].items() if f in files}
+    (tmp / MANIFEST).write_text(json.dumps({**m, "source": source, "dtypes": dtypes, "quantisation": quant or None,
                                             "calibration": record if quant else None, "files": files}, indent=2))
 
 

@@ -148,9 +148,9 @@ class OnnxBackend:
         self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
         chosen = providers(device)
         self.vision = session(path / "vision.onnx", chosen, threads)
-        # the fused twin where it applies: ONNX Runtime's CPU kernels, a float bundle
-        self.fused = (chosen[0] == "CPUExecutionProvider" and ORT_DECODER in self.manifest["files"]
-                      and self.manifest.get("quantisation") is None)
+        # the fused twin where it applies: ONNX Runtime's CPU kernels (calibrate drops it
+        # when it quantises the decoder)
+        self.fused = chosen[0] == "CPUExecutionProvider" and ORT_DECODER in self.manifest["files"]
         f = path / (ORT_DECODER if self.fused else "decoder.onnx")
         self.decoder = session(f, chosen, threads)
         layers = self.arch.text.layers
