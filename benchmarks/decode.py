@@ -78,15 +78,39 @@ def save_qwen2(checkpoint: Path, out: Path) -> None:
 
 # -- one backend each: (prefill seconds, decode tokens/s) -------------------------------
 
-def m4_backend(b, ids: list[int], n: int) -> tuple[float, list[float]]:
+def m4_start(b, ids: list[int], n: int):
+    """Prefill `ids`; a function that decodes the next greedy token."""
     cache = b.new_cache(len(ids) + n)
-    t0 = time.perf_counter()
-    logits = b.forward(b.embed_tokens(ids), 0, cache)
-    times = [time.perf_counter()]
-    for i in range(n - 1):
-        logits = b.forward(b.embed_tokens([int(np.argmax(logits[-1]))]), len(ids) + i, cache)
-        times.append(time.perf_counter())
-    return times[0] - t0, list(np.diff(times))
+    state = {"logits": b.forward(b.embed_tokens(ids), 0, cache), "pos": len(ids)}
+
+    def step():
+        state["logits"] = b.forward(b.embed_tokens([int(np.argmax(state["logits"][-1]))]), state["pos"], cache)
+        state["pos"] += 1
+    return step
+
+
+def genai_start(model, ids: list[int], n: int):
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(ids)  # the prefill forward
+    gen.generate_next_token()  # picks the first token from the prefill's logits
+    return gen.generate_next_token  # a forward each
+
+
+def timed(start):
+    """A (model, ids, n) -> (prefill seconds, decode step seconds) runner from a starter."""
+    def run(model, ids: list[int], n: int) -> tuple[float, list[float]]:
+        t0 = time.perf_counter()
+        step = start(model, ids, n)
+        times = [time.perf_counter()]
+        for _ in range(n - 1):
+            step()
+            times.append(time.perf_counter())
+        return times[0] - t0, list(np.diff(times))
+    return run
 
 
 class Clock:
@@ -112,23 +136,6 @@ def hf_generate(model, ids: list[int], n: int) -> tuple[float, list[float]]:
     return clock.times[1] - t0, list(np.diff(clock.times[1:]))
 
 
-def genai(model, ids: list[int], n: int) -> tuple[float, list[float]]:
-    import onnxruntime_genai as og
-
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens(ids)  # the prefill forward
-    t1 = time.perf_counter()
-    gen.generate_next_token()  # picks the first token from the prefill's logits
-    times = [time.perf_counter()]
-    for _ in range(n - 1):  # a forward each
-        gen.generate_next_token()
-        times.append(time.perf_counter())
-    return t1 - t0, list(np.diff(times))
-
-
 def loaders(paths: dict[str, Path], threads: int):
     """name -> (load, run); each is loaded, measured at every context and freed in turn."""
     arch = Arch.from_dir(paths["checkpoint"])
@@ -145,11 +152,41 @@ def loaders(paths: dict[str, Path], threads: int):
         return og.Model(str(paths["genai"]))
 
     return {
-        "m4 onnx": (lambda: OnnxBackend(paths["bundle"], "cpu", threads), m4_backend),
-        "m4 torch": (lambda: TorchBackend(paths["checkpoint"], arch, "cpu"), m4_backend),
+        "m4 onnx": (lambda: OnnxBackend(paths["bundle"], "cpu", threads), timed(m4_start)),
+        "m4 torch": (lambda: TorchBackend(paths["checkpoint"], arch, "cpu"), timed(m4_start)),
         "transformers": (lambda: transformers.Qwen2ForCausalLM.from_pretrained(paths["qwen2"]).eval(), hf_generate),
-        "ort-genai": (load_genai, genai),
+        "ort-genai": (load_genai, timed(genai_start)),
     }
+
+
+def head_to_head(paths: dict[str, Path], contexts: list[int], n: int) -> list[dict]:
+    """m4 onnx and onnxruntime-genai loaded together, their decode steps alternating one by
+    one after the same prompt: a neighbour's burst lands on both, so the ratio holds on a
+    shared machine where runs one after the other drift. One thread each: ORT's pool threads
+    spin-wait after a run and would take the cores of the session that runs next."""
+    load = loaders(paths, 1)
+    both = {"m4 onnx": (load["m4 onnx"][0](), m4_start), "ort-genai": (load["ort-genai"][0](), genai_start)}
+    out = []
+    for c in contexts:
+        ids = prompt(paths, c)
+        steps = {k: start(model, ids, n) for k, (model, start) in both.items()}
+        times = {k: [] for k in steps}
+        for _ in range(n - 1):
+            for k, step in steps.items():
+                t0 = time.perf_counter()
+                step()
+                times[k].append(time.perf_counter() - t0)
+        ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+        out.append({"context": c, "decode_step_ms": ms, "m4 onnx / ort-genai": ms["ort-genai"] / ms["m4 onnx"]})
+        console.print(f"interleaved @{c}: m4 onnx {ms['m4 onnx']:.1f} ms, ort-genai {ms['ort-genai']:.1f} ms a step")
+        del steps
+        gc.collect()
+    return out
+
+
+def prompt(paths: dict[str, Path], context: int) -> list[int]:
+    vocab = Arch.from_dir(paths["checkpoint"]).text.vocab
+    return [int(i) for i in np.random.default_rng(context).integers(0, vocab, context)]
 
 
 # -- report -----------------------------------------------------------------------------
@@ -169,7 +206,7 @@ def ratios(results: list[dict], contexts: list[int]) -> dict:
     return out
 
 
-def print_report(results: list[dict], rs: dict) -> None:
+def print_report(results: list[dict], rs: dict, h2h: list[dict]) -> None:
     t = Table("backend", "context", "prefill tok/s", "prefill s", "decode tok/s", title="decode benchmark")
     for x in results:
         t.add_row(x["backend"], str(x["context"]), f"{x['prefill_tok_s']:.1f}", f"{x['prefill_s']:.2f}",
@@ -178,6 +215,9 @@ def print_report(results: list[dict], rs: dict) -> None:
     out.print(t)
     for k, v in rs.items():
         out.print(f"{k}: {v:.2f}x")
+    for x in h2h:
+        out.print(f"decode m4 onnx / ort-genai @{x['context']}, steps interleaved, 1 thread: "
+                  f"{x['m4 onnx / ort-genai']:.2f}x")
 
 
 def main() -> None:
@@ -203,14 +243,18 @@ def main() -> None:
     # a first prefill grows arenas and packs weights: not throughput
     warm = [int(i) for i in np.random.default_rng(1).integers(0, vocab, min(args.contexts[0], 512))]
     results = []
+
+    def picked(name: str) -> bool:
+        return not args.backends or name.replace(" ", "-") in args.backends
+
     for name, (load, run) in loaders(paths, args.threads).items():
-        if (args.backends and name.replace(" ", "-") not in args.backends) or (name == "ort-genai" and not genai):
+        if not picked(name) or (name == "ort-genai" and not genai):
             continue
         console.print(f"{name}: loading")
         model = load()
         run(model, warm, 4)
         for c in args.contexts:
-            ids = [int(i) for i in np.random.default_rng(c).integers(0, vocab, c)]
+            ids = prompt(paths, c)
             # prefill: the best of --repeats; decode: the median step over all of them. On a
             # shared machine the slow runs and steps measure the neighbours.
             runs = [run(model, ids, args.new_tokens) for _ in range(args.repeats)]
@@ -223,12 +267,15 @@ def main() -> None:
         del model
         gc.collect()
     rs = ratios(results, args.contexts)
-    print_report(results, rs)
+    h2h = head_to_head(paths, args.contexts, args.new_tokens) \
+        if genai and picked("m4 onnx") and picked("ort-genai") else []
+    print_report(results, rs, h2h)
     if args.json:
         info = {**machine(), "threads": args.threads, "onnxruntime": __import__("onnxruntime").__version__,
                 "transformers": transformers.__version__}
         record = {"machine": info, "preset": args.preset, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                  "results": results, "ratios": rs}
+                  "results": results, "ratios": rs,
+                  "interleaved": h2h}
         args.json.write_text(json.dumps(record, indent=2))
 
 
