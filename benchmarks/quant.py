@@ -31,7 +31,7 @@ from rich.table import Table
 
 import m4
 from m4.bench import machine
-from m4.calib.bundle import attention_matmuls, calibrate, embed_samples, graph_bytes, write_manifest
+from m4.calib.bundle import attention_matmuls, calibrate, carried, embed_samples, graph_bytes, write_manifest
 from m4.calib.data import demo_samples
 from m4.calib.decoder import weight_only
 from m4.calib.measure import decode_seconds, measure_decoder
@@ -187,9 +187,8 @@ def large_run(preset: str, work: Path, context: int, repeats: int) -> dict:
 def link_bundle(src: Path, dst: Path, quant: dict) -> None:
     """dst: the quantised graphs written there, every other file of src hard-linked in
     (external weights copied: onnx refuses to read a .data file with several links)."""
-    for f in src.iterdir():
-        if f.is_file() and f.name != "m4.json" and not (dst / f.name).exists() and \
-                not any(f.name.startswith(g) for g in quant):
+    for f in carried(src, quant):
+        if not (dst / f.name).exists():
             (shutil.copy if f.suffix == ".data" else os.link)(f, dst / f.name)
     m = json.loads((src / "m4.json").read_text())
     write_manifest(dst, m, str(src), quant, {"source": "demo", "benchmark": "benchmarks/quant.py"})

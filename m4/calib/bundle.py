@@ -57,6 +57,14 @@ def check(bundle: Path, out: Path, vision: str, decoder: str, method: str, sampl
         raise M4Error(f"{out} exists and is not a bundle: calibrate replaces only bundles and empty directories")
 
 
+def carried(bundle: Path, quant: dict) -> list[Path]:
+    """The float bundle's files that the quantised one takes as they are: graphs left float,
+    tokenizer, embeddings. Not the fused float twin of a decoder that is now quantised (the
+    runtime would run it instead)."""
+    skip = (MANIFEST, "report.json", *quant, *((ORT_DECODER,) if "decoder.onnx" in quant else ()))
+    return [f for f in bundle.iterdir() if f.is_file() and not f.name.startswith(skip)]
+
+
 def graph_bytes(path: Path, name: str) -> int:
     """A graph's file and its external weights, if any."""
     return sum(f.stat().st_size for f in path.glob(name + "*"))
@@ -93,12 +101,8 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
         cal_prompts, cal_pixels = step(f"embed {len(cal)} calibration prompts", embed_samples, ref, cal)
         test_prompts, test_pixels = step(f"embed {len(test)} held-out prompts", embed_samples, ref, test)
         quant = quantise(step, ref, bundle, tmp, vision, decoder, method, cal_prompts, cal_pixels)
-        # the float graphs left as they are, tokenizer, embeddings; not the fused float twin
-        # of a decoder that is now quantised (the runtime would have to choose between them)
-        skip = (MANIFEST, "report.json", *quant, *((ORT_DECODER,) if "decoder.onnx" in quant else ()))
-        for f in bundle.iterdir():
-            if f.is_file() and not (tmp / f.name).exists() and not f.name.startswith(skip):
-                shutil.copy(f, tmp / f.name)
+        for f in carried(bundle, quant):
+            shutil.copy(f, tmp / f.name)
         record = {"source": data, "samples": len(cal), "held_out": len(test), "method": method,
                   "tools": {"m4": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}}
         write_manifest(tmp, m, str(bundle), quant, record)
