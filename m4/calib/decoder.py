@@ -13,7 +13,6 @@ Attention's activation-by-activation matmuls and everything else stay float.
 
 from __future__ import annotations
 
-import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-from m4.calib.vision import EXTRA, METHODS, Feeds
+from m4.calib.vision import EXTRA, METHODS, Feeds, quiet
 from m4.export.manifest import past_names
 
 BLOCK = 32  # weights per scale: ORT's accurate default for 4-bit LLM weights
@@ -44,12 +43,12 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def weight_only(src: Path, dst: Path, bits: int) -> dict:
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line per node
     # accuracy level 4: the kernels quantise activations to int8 per block and run integer dot
     # products; measured here (AVX512-VNNI) 8x faster decode for int8 weights than level 0's float path
     q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
                              op_types_to_quantize=("MatMul",))
-    q.process()
+    with quiet():  # a line per node
+        q.process()
     save(q.model.model, dst)
     return {"scheme": f"int{bits}-weight-only", "op": "com.microsoft.MatMulNBits", "weights":
             f"int{bits} symmetric, blocks of {BLOCK}", "activations": "float in, int8 per block inside (accuracy_level 4)",
@@ -129,11 +128,13 @@ def w8a8(src: Path, dst: Path, feeds: list[dict], method: str, work: Path) -> di
     drop_unused(model)
     save(model, work / "smoothed.onnx")
     nodes = [n.name for n in weight_matmuls(model)]
-    quantize_static(
-        str(work / "smoothed.onnx"), str(dst), Feeds(feeds), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
-        use_external_data_format=sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL, extra_options=EXTRA)
+    with quiet():
+        quantize_static(
+            str(work / "smoothed.onnx"), str(dst), Feeds(feeds), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
+            use_external_data_format=sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL,
+            extra_options=EXTRA)
     return {"scheme": "w8a8-qdq", "smoothquant_alpha": ALPHA, "smoothed_inputs": smoothed,
             "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
             "quantised_nodes": len(nodes), "method": method, "calibration_prompts": len(feeds),

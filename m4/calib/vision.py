@@ -9,6 +9,8 @@ speed.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,18 @@ OPS = ("MatMul", "Conv")  # benchmarks/quant.py measures the alternatives
 # them (memory: runs x activations, 30 GB for SigLIP-so400m on 8 images); a stride of one
 # run makes ORT reduce and merge the ranges run by run.
 EXTRA = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False, "CalibStridedMinMax": 1}
+
+
+@contextmanager
+def quiet():
+    """ORT's quantisation logs advice and per-node notes on the root logger: not for the user."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 class Feeds(CalibrationDataReader):
@@ -53,11 +67,12 @@ def pixel_runs(pixels: np.ndarray) -> list[dict]:
 def quantize_vision(src: Path, dst: Path, pixels: np.ndarray, method: str,
                     exclude: list[str] | None = None, ops: tuple[str, ...] = OPS) -> dict:
     """Write the INT8 Q/DQ form of `src` to `dst`, calibrated on `pixels`; its record."""
-    quantize_static(
-        str(src), str(dst), Feeds(pixel_runs(pixels)), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(ops), nodes_to_exclude=exclude or [], per_channel=True,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
-        extra_options=EXTRA)
+    with quiet():
+        quantize_static(
+            str(src), str(dst), Feeds(pixel_runs(pixels)), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(ops), nodes_to_exclude=exclude or [], per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, calibrate_method=METHODS[method],
+            extra_options=EXTRA)
     return {"scheme": "int8-qdq", "weights": "int8 symmetric per-channel", "activations": "int8 symmetric per-tensor",
             "quantised_ops": list(ops), "float_nodes": exclude or [], "method": method,
             "calibration_images": len(pixels)}
