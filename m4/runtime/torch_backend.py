@@ -4,6 +4,11 @@ A backend does two things, encode images and run the decoder on embeddings again
 cache; everything above it (prompts, contexts, sampling) is backend-independent. Embeddings
 stay in the backend's own arrays (here torch tensors on its device); logits come back as
 numpy for the sampler.
+
+On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or weight-only
+INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
+graph per cache and replayed per token; vision for up to VISION_GRAPH_FRAMES frames
+captured per batch size; prefill in chunks of PREFILL_CHUNK tokens.
 """
 
 from pathlib import Path
@@ -11,9 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from m4.errors import M4Error
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
+from m4.model.int8 import quantise_decoder
 from m4.model.qwen2 import KVCache, rotate
+from m4.runtime.cuda_graph import Graphed
+
+PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
+VISION_GRAPH_FRAMES = 8  # batch sizes above this run eagerly (each graph holds its activations)
+DECODE_MODES = ("eager", "static", "graph")
 
 
 def pick_device(device: str) -> str:
@@ -25,17 +37,39 @@ def pick_device(device: str) -> str:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, path: Path, arch: Arch, device: str = "cpu", dtype: str | None = None):
+    def __init__(self, path: Path, arch: Arch, device: str = "cpu", dtype: str | None = None,
+                 decode: str | None = None):
+        """dtype: a torch dtype name, or "int8" (decoder linears in int8, the rest float16 on
+        CUDA, float32 on CPU). decode: "eager" (the default on CPU: attention reads only the
+        filled part of the cache), "static" (the graph's step run eagerly: what a CUDA graph
+        replays, testable on CPU) or "graph" (the default on CUDA)."""
         self.device = pick_device(device)
-        self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        cuda = self.device.startswith("cuda")
+        self.quantisation = "int8" if dtype == "int8" else None
+        float_dtype = None if dtype in (None, "int8") else dtype
+        self.dtype = getattr(torch, float_dtype) if float_dtype else (torch.float16 if cuda else torch.float32)
+        self.decode = decode or ("graph" if cuda else "eager")
+        if self.decode not in DECODE_MODES or (self.decode == "graph" and not cuda):
+            raise M4Error(f"decode mode {self.decode!r} is not one of {', '.join(DECODE_MODES)} on {self.device}")
         self.arch = arch
         self.model = load_model(path, arch, self.dtype, self.device)
+        if self.quantisation:
+            quantise_decoder(self.model.text)
+        self.vision_graphs: dict[int, Graphed] = {}
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
         x = torch.from_numpy(pixels).to(self.device, self.dtype)
-        return self.model.encode_images(x)
+        n = x.shape[0]
+        if self.decode != "graph" or n > VISION_GRAPH_FRAMES:
+            return self.model.encode_images(x)
+        if n not in self.vision_graphs:
+            self.vision_graphs[n] = Graphed(self.model.encode_images, x)
+        out = self.vision_graphs[n](x)
+        # the caller's clock (live stats, benchmarks) then measures the encoding itself
+        torch.cuda.synchronize(self.device)
+        return out
 
     @torch.inference_mode()
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
@@ -50,8 +84,22 @@ class TorchBackend:
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
-        logits = self.model(embeds[None], pos, cache, last_only)
+        t = embeds.shape[0]
+        if t == 1 and self.decode != "eager":
+            logits = self.step(embeds[None], pos, cache)
+        else:
+            chunks = [self.model(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
+                      for i in range(0, t, PREFILL_CHUNK)]
+            logits = chunks[-1] if last_only else torch.cat(chunks, dim=1)
         return logits[0].float().cpu().numpy()
+
+    def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """One token with static shapes: the cache's captured graph replayed, or run eagerly."""
+        if self.decode == "static":
+            return self.model(x, torch.tensor(pos, device=self.device), cache)
+        if cache.step is None:  # captured on the cache's first decode step, kept with it
+            cache.step = Graphed(lambda x, p: self.model(x, p, cache), x, torch.tensor(pos, device=self.device))
+        return cache.step(x, pos)
 
     @torch.inference_mode()
     def shift(self, cache: KVCache, start: int, end: int, by: int) -> None:
