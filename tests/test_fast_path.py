@@ -101,3 +101,30 @@ def test_int8_error_against_transformers(checkpoints, oracle, variant):
     assert cosine(ours, ref).min() > 0.99
     assert np.mean(ours.argmax(-1) == ref.argmax(-1)) >= 0.85
     assert np.mean(steps.argmax(-1) == ref[len(p.ids):].argmax(-1)) >= 0.75
+
+
+@pytest.mark.parametrize("preset", ["tiny", "0.5b", "7b"])
+def test_memory_needs_match_the_model_layout(preset):
+    """m4.info.memory_needs (README's Jetson table) against the bytes of the model itself,
+    built on the meta device in fp16 and then with int8 decoder linears (whose per-channel
+    scales, norms and biases the formula leaves out)."""
+    from m4.info import memory_needs
+    from m4.model.config import PRESETS
+    from m4.model.int8 import quantise_decoder
+    from m4.model.llava import LLaVA
+
+    arch = PRESETS[preset]
+    with torch.device("meta"):
+        model = LLaVA(arch).half()
+    if arch.text.tied:
+        model.text.lm_head.weight = model.text.embed_tokens.weight
+
+    def weight_bytes():
+        tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+        rope = {id(model.text.cos), id(model.text.sin)}
+        return sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in rope)
+
+    need = memory_needs(arch)
+    assert weight_bytes() == need["fp16"]["weights"]
+    quantise_decoder(model.text)
+    assert need["int8"]["weights"] <= weight_bytes() <= 1.02 * need["int8"]["weights"]
