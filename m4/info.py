@@ -60,7 +60,9 @@ def memory_needs(arch: Arch, frames: int = 8, text_tokens: int = 512) -> dict[st
     backend lays it out: the vision tower, projector and token embedding table stay fp16 (the
     table is read a row at a time); the decoder's linears, lm_head included (a tied one gets
     its own quantised copy), take the precision. Plus an fp16 KV cache for a live window of
-    `frames` frames and `text_tokens` of text. The CUDA context and torch itself are extra."""
+    `frames` frames and `text_tokens` of text. The CUDA context and torch itself are extra.
+    `decode_bytes`: the weights one decode step reads (every linear once, the table's one row
+    counted as nothing), which over memory bandwidth bounds decode speed."""
     p, t = arch.params(), arch.text
     embed = t.vocab * t.hidden
     linears = p["decoder"] - (0 if t.tied else embed)  # tied: lm_head counted in place of the table
@@ -71,5 +73,6 @@ def memory_needs(arch: Arch, frames: int = 8, text_tokens: int = 512) -> dict[st
             weights = 2 * sum(p.values())
         else:
             weights = int(2 * (p["vision"] + p["projector"] + embed) + BYTES[name] * linears)
-        out[name] = {"weights": weights, "kv_cache": kv, "total": weights + kv}
+        out[name] = {"weights": weights, "kv_cache": kv, "total": weights + kv,
+                     "decode_bytes": int(BYTES[name] * linears)}
     return out

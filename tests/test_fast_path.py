@@ -126,5 +126,7 @@ def test_memory_needs_match_the_model_layout(preset):
 
     need = memory_needs(arch)
     assert weight_bytes() == need["fp16"]["weights"]
+    decode = (model.text.layers, model.text.norm, model.text.lm_head)  # what one decode step reads
+    assert sum(t.numel() * t.element_size() for m in decode for t in m.parameters()) == need["fp16"]["decode_bytes"]
     quantise_decoder(model.text)
     assert need["int8"]["weights"] <= weight_bytes() <= 1.02 * need["int8"]["weights"]
