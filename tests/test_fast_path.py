@@ -34,6 +34,23 @@ def test_static_decode_equals_transformers(checkpoints, oracle, variant):
         assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)
 
 
+def test_static_caches_are_reused(checkpoints):
+    """A released cache (with its graph, on CUDA) serves the next context of its size."""
+    b = with_backend(checkpoints["gqa-tied-last-full"], decode="static").backend
+    first = b.new_cache(10)
+    ptr = first.k.data_ptr()
+    assert first.max_len == torch_backend.CACHE_BUCKET
+    del first
+    again = b.new_cache(torch_backend.CACHE_BUCKET)
+    assert again.k.data_ptr() == ptr
+    assert b.new_cache(10).k.data_ptr() != ptr  # `again` still holds it
+    bigger = b.new_cache(torch_backend.CACHE_BUCKET + 1)
+    assert bigger.max_len == 2 * torch_backend.CACHE_BUCKET
+    for n in (3, 4, 5):  # each let go at once: the pool keeps the latest few
+        b.new_cache(n * torch_backend.CACHE_BUCKET)
+    assert [c.max_len // torch_backend.CACHE_BUCKET for c in b.spare] == [4, 5][-torch_backend.SPARE_CACHES:]
+
+
 def test_static_decode_in_a_live_window(checkpoints, oracle):
     """Rolled-back questions and evicted frames leave stale entries past the context's end:
     the static step reads the whole buffer, and its mask must hide them."""

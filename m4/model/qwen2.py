@@ -9,7 +9,7 @@ written with index_copy_ and attention reads the whole buffer under a mask, so n
 depends on the position and one captured CUDA graph replays the step at every position.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,6 @@ from m4.model.config import TextArch
 class KVCache:
     k: torch.Tensor  # (layers, 1, kv_heads, max_len, head_dim)
     v: torch.Tensor
-    step: object = field(default=None, repr=False, compare=False)  # a backend's decode step captured over k, v
 
     @classmethod
     def empty(cls, a: TextArch, max_len: int, dtype: torch.dtype, device: torch.device | str) -> "KVCache":

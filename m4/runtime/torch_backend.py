@@ -9,7 +9,13 @@ On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or w
 INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
 graph per cache and replayed per token; vision for up to VISION_GRAPH_FRAMES frames
 captured per batch size; prefill in chunks of PREFILL_CHUNK tokens.
+
+With static steps, caches are sized up to a multiple of CACHE_BUCKET and a released one is
+kept (SPARE_CACHES of them, with their graphs) for the next context of its size: `ask`
+makes a context per question, and capturing a graph for each would cost more than decoding.
 """
+
+import weakref
 
 from pathlib import Path
 
@@ -25,6 +31,8 @@ from m4.runtime.cuda_graph import Graphed
 
 PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
 VISION_GRAPH_FRAMES = 8  # batch sizes above this run eagerly (each graph holds its activations)
+CACHE_BUCKET = 256  # static steps read the whole buffer: rounding up costs at most this many masked tokens
+SPARE_CACHES = 2
 DECODE_MODES = ("eager", "static", "graph")
 
 
@@ -56,6 +64,8 @@ class TorchBackend:
         if self.quantisation:
             quantise_decoder(self.model.text)
         self.vision_graphs: dict[int, Graphed] = {}
+        self.decode_graphs: dict[int, Graphed] = {}  # by the data_ptr of the cache's keys
+        self.spare: list[KVCache] = []
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
@@ -79,7 +89,20 @@ class TorchBackend:
         return torch.cat(parts)
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache.empty(self.arch.text, max_len, self.dtype, self.device)
+        if self.decode == "eager":
+            return KVCache.empty(self.arch.text, max_len, self.dtype, self.device)
+        size = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        i = next((i for i, c in enumerate(self.spare) if c.max_len == size), None)
+        buffers = self.spare.pop(i) if i is not None else KVCache.empty(self.arch.text, size, self.dtype, self.device)
+        cache = KVCache(buffers.k, buffers.v)
+        weakref.finalize(cache, self._release, buffers).atexit = False  # nothing to keep at exit
+        return cache
+
+    def _release(self, buffers: KVCache) -> None:
+        """A context let its cache go: keep it for the next one (stale entries are masked)."""
+        self.spare.append(buffers)
+        if len(self.spare) > SPARE_CACHES:
+            self.decode_graphs.pop(self.spare.pop(0).k.data_ptr(), None)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> np.ndarray:
@@ -97,9 +120,11 @@ class TorchBackend:
         """One token with static shapes: the cache's captured graph replayed, or run eagerly."""
         if self.decode == "static":
             return self.model(x, torch.tensor(pos, device=self.device), cache)
-        if cache.step is None:  # captured on the cache's first decode step, kept with it
-            cache.step = Graphed(lambda x, p: self.model(x, p, cache), x, torch.tensor(pos, device=self.device))
-        return cache.step(x, pos)
+        key = cache.k.data_ptr()
+        if key not in self.decode_graphs:  # captured on the cache's first decode step
+            self.decode_graphs[key] = Graphed(lambda x, p: self.model(x, p, cache), x,
+                                              torch.tensor(pos, device=self.device))
+        return self.decode_graphs[key](x, pos)
 
     @torch.inference_mode()
     def shift(self, cache: KVCache, start: int, end: int, by: int) -> None:
