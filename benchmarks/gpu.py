@@ -27,6 +27,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -119,32 +120,34 @@ def m4_cold_ttft(model, frames) -> float:
     return p(ttft[1:], 50)
 
 
-def measure_m4(path: str, dtype: str, frames, cfg: BenchConfig, bw: float) -> tuple[dict, object]:
+def measure_m4(r: dict, path: str, dtype: str, frames, cfg: BenchConfig, bw: float):
+    """Fills `r` as it goes (a failure leaves what was measured); returns the model."""
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     model = m4.load(path, backend="torch", device="cuda", dtype=dtype)
     weights = decode_weight_bytes(model.backend.model.text)
     kv = model.arch.kv_bytes_per_token(2)
-    r = {"decode": {}, "decode_weight_bytes": weights}
+    r.update(decode={}, decode_weight_bytes=weights)
+    if dtype == "int8":
+        linears = [m for m in model.backend.model.text.modules() if hasattr(m, "fused")]
+        r["int8_fused_kernel"] = all(m.fused for m in linears)
     for d in m4_decode(model, cfg):
         n = d["context"]
-        gpu_ms = replay_ms(model, n)
         read = weights + kv * -(-(n + cfg.new_tokens) // CACHE_BUCKET) * CACHE_BUCKET  # the whole buffer
         r["decode"][n] = {"decode_tok_s": d["decode_tok_s"], "prefill_tok_s": d["prefill_tok_s"],
-                          "graph_replay_ms": gpu_ms,
                           "roofline_ms": weights / bw * 1e3, "roofline_with_kv_ms": read / bw * 1e3,
                           "pct_of_roofline": 100 * weights / bw * d["decode_tok_s"],
-                          "pct_of_roofline_graph_only": 100 * weights / bw * 1e3 / gpu_ms}
+                          "pct_of_roofline_with_kv": 100 * read / bw * d["decode_tok_s"]}
+    for n, d in r["decode"].items():
+        d["graph_replay_ms"] = replay_ms(model, n)
+        d["pct_of_roofline_graph_only"] = 100 * d["roofline_ms"] / d["graph_replay_ms"]
     r["vision_ms_per_frame"] = m4_vision(model, frames)
     exact, approx = m4_live(model, frames, exact=True), m4_live(model, frames, exact=False)
     r["ingest_ms"] = {"filling": exact["filling"], "full_exact": exact["full"], "full_approximate": approx["full"]}
     r["live_ttft_ms"], r["window_decode_tok_s"] = exact["ttft_ms"], exact["decode_tok_s"]
     r["cold_ttft_ms"] = m4_cold_ttft(model, frames)
     r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - base
-    if dtype == "int8":
-        linears = [m for m in model.backend.model.text.modules() if hasattr(m, "fused")]
-        r["int8_fused_kernel"] = all(m.fused for m in linears)
-    return r, model
+    return model
 
 
 def int8_error(fp16, int8, length: int = 256, steps: int = 32) -> dict:
@@ -170,12 +173,12 @@ def int8_error(fp16, int8, length: int = 256, steps: int = 32) -> dict:
             "top1_agreement": float(agree.mean()), "top1_agreement_decode": float(agree[length:].mean())}
 
 
-def measure_hf(path: str, frames, cfg: BenchConfig) -> dict:
+def measure_hf(r: dict, path: str, frames, cfg: BenchConfig) -> None:
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     hf = HF(path, "cuda")
-    r = {"decode": {d["context"]: {"decode_tok_s": d["decode_tok_s"], "prefill_tok_s": d["prefill_tok_s"]}
-                    for d in hf_decode(hf, cfg)}}
+    r["decode"] = {d["context"]: {"decode_tok_s": d["decode_tok_s"], "prefill_tok_s": d["prefill_tok_s"]}
+                   for d in hf_decode(hf, cfg)}
     r["vision_ms_per_frame"] = {}
     for n in (1, WINDOW):
         px = hf.processor.image_processor(frames[:n], return_tensors="pt")["pixel_values"].to(hf.device, hf.model.dtype)
@@ -189,7 +192,6 @@ def measure_hf(path: str, frames, cfg: BenchConfig) -> dict:
     window = hf.answer_stages(frames[:WINDOW], cfg)  # the processor, then generate over 8 frames
     r["cold_ttft_ms"], r["window_decode_tok_s"] = window["stages"]["ttft_ms"]["p50"], window["decode_tok_s"]
     r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - base
-    return r
 
 
 def show(result: dict) -> None:
@@ -223,9 +225,21 @@ def show(result: dict) -> None:
     row(f"decode tok/s over the {WINDOW} frames", lambda r: r["window_decode_tok_s"])
     row("peak GPU memory GB", lambda r: r["peak_gpu_bytes"] / 1e9, "{:.2f}")
     Console().print(t)
-    Console().print(f"decode roofline (weights only): {result['roofline_ms']:.3f} ms/token fp16; "
-                    f"int8 vs fp16: {result['int8_error']}")
-    Console().print(f"speed-ups over hf fp16: {result['speedup_vs_hf']}")
+    for key in ("roofline_ms", "int8_error", "speedup_vs_hf", "errors"):
+        Console().print(f"{key}: {result.get(key)}")
+
+
+def speedups(b: dict) -> dict:
+    """m4 fp16 over transformers, for what both sides measured."""
+    ours, hf, out = b.get("m4 fp16", {}), b.get("hf fp16", {}), {}
+    pairs = {f"decode @{n}": lambda r, n=n: 1 / r["decode"][n]["decode_tok_s"] for n in CONTEXTS}
+    pairs |= {"cold ttft": lambda r: r["cold_ttft_ms"], "vision batch 1": lambda r: r["vision_ms_per_frame"][1]}
+    for name, cost in pairs.items():
+        try:
+            out[name] = cost(hf) / cost(ours)
+        except KeyError:
+            pass
+    return out
 
 
 def main() -> None:
@@ -237,35 +251,41 @@ def main() -> None:
         print("benchmarks/gpu.py: needs a CUDA device, and torch sees none here", file=sys.stderr)
         sys.exit(2)
     out = args.json or Path(__file__).parent / "results" / f"gpu-{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     console.print(f"random {args.preset} checkpoint")
     path = prepare_model(None, args.preset, True)
     frames = demo_frames(2 * WINDOW)
     cfg = BenchConfig(model=path, contexts=CONTEXTS, new_tokens=NEW_TOKENS, repeats=REPEATS, device="cuda")
     bw = bandwidth()
-    backends = {}
-    console.print("m4 torch fp16")
-    backends["m4 fp16"], fp16 = measure_m4(path, "float16", frames, cfg, bw)
-    console.print("m4 torch int8")
-    backends["m4 int8"], int8 = measure_m4(path, "int8", frames, cfg, bw)
-    error = int8_error(fp16, int8)
+    b: dict[str, dict] = {}
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "preset": args.preset,
+              "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]), "bandwidth_bytes_per_s": bw,
+              "backends": b, "errors": {}}
+
+    def section(name: str, fn):
+        """One part of the run. This script is one call on a lent GPU: a part that fails is
+        recorded with its error and the run goes on; the JSON is rewritten after each part."""
+        console.print(name)
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 (any failure: record it, keep the other parts)
+            traceback.print_exc()
+            result["errors"][name] = f"{type(e).__name__}: {e}"
+        finally:
+            result["speedup_vs_hf"] = speedups(b)
+            if "decode_weight_bytes" in b.get("m4 fp16", {}):
+                result["roofline_ms"] = b["m4 fp16"]["decode_weight_bytes"] / bw * 1e3
+            out.write_text(json.dumps(result, indent=2))
+
+    fp16 = section("m4 fp16", lambda: measure_m4(b.setdefault("m4 fp16", {}), path, "float16", frames, cfg, bw))
+    int8 = section("m4 int8", lambda: measure_m4(b.setdefault("m4 int8", {}), path, "int8", frames, cfg, bw))
+    if fp16 and int8:
+        result["int8_error"] = section("int8 error against fp16", lambda: int8_error(fp16, int8))
     del fp16, int8
     gc.collect()
     torch.cuda.empty_cache()
-    console.print("transformers fp16 (sdpa), eager generate")
-    backends["hf fp16"] = measure_hf(path, frames, BenchConfig(**{**cfg.__dict__, "repeats": 3}))
-    hf, ours = backends["hf fp16"], backends["m4 fp16"]
-    result = {
-        "machine": machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "preset": args.preset,
-        "command": "python benchmarks/gpu.py " + " ".join(sys.argv[1:]),
-        "bandwidth_bytes_per_s": bw, "roofline_ms": ours["decode_weight_bytes"] / bw * 1e3,
-        "backends": backends, "int8_error": error,
-        "speedup_vs_hf": {f"decode @{n}": ours["decode"][n]["decode_tok_s"] / hf["decode"][n]["decode_tok_s"]
-                          for n in CONTEXTS} | {"cold ttft": hf["cold_ttft_ms"] / ours["cold_ttft_ms"],
-                                                "vision batch 1": hf["vision_ms_per_frame"][1]
-                                                / ours["vision_ms_per_frame"][1]},
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    hf_cfg = BenchConfig(**{**cfg.__dict__, "repeats": 3})
+    section("transformers fp16 (sdpa), eager generate", lambda: measure_hf(b.setdefault("hf fp16", {}), path, frames, hf_cfg))
     show(result)
     console.print(f"wrote {out}")
 
