@@ -12,6 +12,8 @@ against transformers' eager `generate` in fp16 with SDPA attention, as its users
   int8        logit cosine and top-1 agreement of the INT8 decoder against fp16
   roofline    the device's copy bandwidth (bytes read + written per second of a large
               device-to-device copy); decode's limit = weight bytes read per token ÷ it
+  compiled    fp16 decode again with the static step through torch.compile (last: it
+              compiles for a while first)
 
     python benchmarks/gpu.py [--preset 0.5b] [--json benchmarks/results/gpu-0.5b.json]
 
@@ -125,12 +127,35 @@ def measure_m4(r: dict, path: str, dtype: str, frames, cfg: BenchConfig, bw: flo
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     model = m4.load(path, backend="torch", device="cuda", dtype=dtype)
-    weights = decode_weight_bytes(model.backend.model.text)
-    kv = model.arch.kv_bytes_per_token(2)
-    r.update(decode={}, decode_weight_bytes=weights)
     if dtype == "int8":
         linears = [m for m in model.backend.model.text.modules() if hasattr(m, "fused")]
         r["int8_fused_kernel"] = all(m.fused for m in linears)
+    decode_against_roofline(r, model, cfg, bw)
+    r["vision_ms_per_frame"] = m4_vision(model, frames)
+    exact, approx = m4_live(model, frames, exact=True), m4_live(model, frames, exact=False)
+    r["ingest_ms"] = {"filling": exact["filling"], "full_exact": exact["full"], "full_approximate": approx["full"]}
+    r["live_ttft_ms"], r["window_decode_tok_s"] = exact["ttft_ms"], exact["decode_tok_s"]
+    r["cold_ttft_ms"] = m4_cold_ttft(model, frames)
+    r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - base
+    return model
+
+
+def measure_compiled(r: dict, path: str, cfg: BenchConfig, bw: float) -> None:
+    """fp16 decode with its static step through torch.compile, captured in the same graphs."""
+    model = m4.load(path, backend="torch", device="cuda", dtype="float16")
+    model.backend.compile()
+    b, t0 = model.backend, time.perf_counter()
+    ctx = Context(b, 64)
+    ctx.append("prompt", b.embed_tokens(text_ids(model.tokenizer, 32)))
+    ctx.append("answer", b.embed_tokens([0]))  # compiles, then captures
+    r["compile_s"] = time.perf_counter() - t0
+    decode_against_roofline(r, model, cfg, bw)
+
+
+def decode_against_roofline(r: dict, model, cfg: BenchConfig, bw: float) -> None:
+    weights = decode_weight_bytes(model.backend.model.text)
+    kv = model.arch.kv_bytes_per_token(2)
+    r.update(decode={}, decode_weight_bytes=weights)
     for d in m4_decode(model, cfg):
         n = d["context"]
         read = weights + kv * -(-(n + cfg.new_tokens) // CACHE_BUCKET) * CACHE_BUCKET  # the whole buffer
@@ -141,13 +166,6 @@ def measure_m4(r: dict, path: str, dtype: str, frames, cfg: BenchConfig, bw: flo
     for n, d in r["decode"].items():
         d["graph_replay_ms"] = replay_ms(model, n)
         d["pct_of_roofline_graph_only"] = 100 * d["roofline_ms"] / d["graph_replay_ms"]
-    r["vision_ms_per_frame"] = m4_vision(model, frames)
-    exact, approx = m4_live(model, frames, exact=True), m4_live(model, frames, exact=False)
-    r["ingest_ms"] = {"filling": exact["filling"], "full_exact": exact["full"], "full_approximate": approx["full"]}
-    r["live_ttft_ms"], r["window_decode_tok_s"] = exact["ttft_ms"], exact["decode_tok_s"]
-    r["cold_ttft_ms"] = m4_cold_ttft(model, frames)
-    r["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() - base
-    return model
 
 
 def int8_error(fp16, int8, length: int = 256, steps: int = 32) -> dict:
@@ -224,21 +242,25 @@ def show(result: dict) -> None:
     row(f"ttft ms, {WINDOW} frames cold", lambda r: r["cold_ttft_ms"])
     row(f"decode tok/s over the {WINDOW} frames", lambda r: r["window_decode_tok_s"])
     row("peak GPU memory GB", lambda r: r["peak_gpu_bytes"] / 1e9, "{:.2f}")
-    Console().print(t)
+    row("torch.compile s", lambda r: r["compile_s"])
+    out = Console(width=160)
+    out.print(t)
     for key in ("roofline_ms", "int8_error", "speedup_vs_hf", "errors"):
-        Console().print(f"{key}: {result.get(key)}")
+        out.print(f"{key}: {result.get(key)}")
 
 
 def speedups(b: dict) -> dict:
-    """m4 fp16 over transformers, for what both sides measured."""
-    ours, hf, out = b.get("m4 fp16", {}), b.get("hf fp16", {}), {}
-    pairs = {f"decode @{n}": lambda r, n=n: 1 / r["decode"][n]["decode_tok_s"] for n in CONTEXTS}
-    pairs |= {"cold ttft": lambda r: r["cold_ttft_ms"], "vision batch 1": lambda r: r["vision_ms_per_frame"][1]}
-    for name, cost in pairs.items():
-        try:
-            out[name] = cost(hf) / cost(ours)
-        except KeyError:
-            pass
+    """Each m4 variant over transformers, for what both sides measured."""
+    hf, out = b.get("hf fp16", {}), {}
+    costs = {f"decode @{n}": lambda r, n=n: 1 / r["decode"][n]["decode_tok_s"] for n in CONTEXTS}
+    costs |= {"cold ttft": lambda r: r["cold_ttft_ms"], "vision batch 1": lambda r: r["vision_ms_per_frame"][1]}
+    for name, r in b.items():
+        for what, cost in costs.items():
+            try:
+                if name != "hf fp16":
+                    out[f"{name}: {what}"] = cost(hf) / cost(r)
+            except KeyError:
+                pass
     return out
 
 
@@ -286,6 +308,10 @@ def main() -> None:
     torch.cuda.empty_cache()
     hf_cfg = BenchConfig(**{**cfg.__dict__, "repeats": 3})
     section("transformers fp16 (sdpa), eager generate", lambda: measure_hf(b.setdefault("hf fp16", {}), path, frames, hf_cfg))
+    gc.collect()
+    torch.cuda.empty_cache()
+    # last: compiling takes a while, and the parts above are saved whatever happens here
+    section("m4 fp16 compiled", lambda: measure_compiled(b.setdefault("m4 fp16 compiled", {}), path, cfg, bw))
     show(result)
     console.print(f"wrote {out}")
 

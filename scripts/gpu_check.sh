@@ -7,7 +7,8 @@
 # Steps, each under its own time limit, each writing its log (and results) into $OUT as it
 # goes, so a step that runs out leaves the earlier steps' results:
 #   env            nvidia-smi, torch, CUDA and transformers versions
-#   test_gpu       tests/test_gpu.py: fp32 tokens = transformers, fp16 agreement, graphs, int8
+#   test_gpu       tests/test_gpu.py: fp32 tokens = transformers, fp16 agreement, graphs, int8,
+#                  torch.compile
 #   gpu_bench      benchmarks/gpu.py -> gpu-0.5b.json (m4 fp16 / int8 vs transformers, roofline)
 #   m4_bench_cuda  m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda
 # The machine has no network: wheels in .whl/ (transformers, av), when present, are
@@ -21,18 +22,21 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     export PYTHONPATH=/tmp/site:$PWD
 fi
 
+BUDGET=${BUDGET:-540}  # seconds for the whole check: a step gets its limit or what is left
 step() {  # NAME LIMIT_S COMMAND...: run it, log to $OUT/NAME.log, print its exit status and tail
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
+    if (( BUDGET - SECONDS < limit )); then limit=$(( BUDGET - SECONDS )); fi
+    if (( limit < 10 )); then echo "== $name: skipped, no time left"; return; fi
     echo "== $name (limit ${limit}s)"
     timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
     echo "== $name: exit $? after $((SECONDS - t0))s"
     tail -n "${TAIL:-30}" "$OUT/$name.log"
 }
 
-step env 30 bash -c "nvidia-smi; $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', \
+TAIL=8 step env 30 bash -c "nvidia-smi; $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, torch.cuda.get_device_name(), 'transformers', transformers.__version__)\""
 step test_gpu 150 $PY -m pytest -q -s -rs tests/test_gpu.py
-TAIL=45 step gpu_bench 270 $PY benchmarks/gpu.py --json "$OUT/gpu-0.5b.json"
+TAIL=40 step gpu_bench 300 $PY benchmarks/gpu.py --json "$OUT/gpu-0.5b.json"
 step m4_bench_cuda 150 $PY -m m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda \
     --json "$OUT/bench-cuda-0.5b.json" --plot "$OUT/bench-cuda-0.5b.png"

@@ -120,3 +120,13 @@ def test_int8_on_cuda_close_to_fp16(checkpoints):
     agree = np.mean(a.argmax(-1) == b.argmax(-1))
     print(f"int8 vs fp16 prompt logits: cosine min {cos.min():.4f}, top-1 agreement {agree:.3f}")
     assert cos.min() > 0.99 and agree >= 0.85
+
+
+def test_compiled_step_equals_transformers(checkpoints, cuda_oracle):
+    path = checkpoints["mha-tied-last-default"]
+    model = cuda_model(path, "float32")
+    model.backend.compile()
+    images = random_images(2, seed=5)
+    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    ours = list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=12))
+    assert ours == oracle_tokens(cuda_oracle(path, torch.float32), model, p, pictures, 12)

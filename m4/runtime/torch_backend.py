@@ -62,6 +62,7 @@ class TorchBackend:
         self.model = load_model(path, arch, self.dtype, self.device)
         if self.quantisation:
             quantise_decoder(self.model.text)
+        self.decoder = self.model.text  # what a static step runs (see compile)
         self.vision_graphs: dict[int, Graphed] = {}
         self.decode_graphs: dict[int, Graphed] = {}  # by the data_ptr of the cache's keys
         self.spare: list[KVCache] = []
@@ -116,13 +117,20 @@ class TorchBackend:
             logits = chunks[-1] if last_only else torch.cat(chunks, dim=1)
         return logits[0].float().cpu().numpy()
 
+    def compile(self) -> None:
+        """Static decode steps through torch.compile (Inductor fuses the norms, RoPE and the
+        other small kernels of a step; the graph then replays the fused kernels). The first
+        step compiles, which takes a while; one compile serves every cache size."""
+        self.decoder = torch.compile(self.model.text, fullgraph=True, dynamic=True)
+        self.decode_graphs.clear()
+
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """One token with static shapes: the cache's captured graph replayed, or run eagerly."""
         if self.decode == "static":
-            return self.model(x, torch.tensor(pos, device=self.device), cache)
+            return self.decoder(x, torch.tensor(pos, device=self.device), cache)
         key = cache.k.data_ptr()
         if key not in self.decode_graphs:  # captured on the cache's first decode step
-            self.decode_graphs[key] = Graphed(lambda x, p: self.model(x, p, cache), x,
+            self.decode_graphs[key] = Graphed(lambda x, p: self.decoder(x, p, cache), x,
                                               torch.tensor(pos, device=self.device))
         return self.decode_graphs[key](x, pos)
 
