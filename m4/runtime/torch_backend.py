@@ -7,8 +7,9 @@ numpy for the sampler.
 
 On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or weight-only
 INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
-graph per cache and replayed per token; vision for up to VISION_GRAPH_FRAMES frames
-captured per batch size; prefill in chunks of PREFILL_CHUNK tokens.
+graph per cache and replayed per token; a single frame's vision captured in a graph too (a
+live frame is launch-bound; a batch keeps the GPU busy while Python launches, and each graph
+would hold its own activations); prefill in chunks of PREFILL_CHUNK tokens.
 
 With static steps, caches are sized up to a multiple of CACHE_BUCKET and a released one is
 kept (SPARE_CACHES of them, with their graphs) for the next context of its size: `ask`
@@ -29,7 +30,6 @@ from m4.model.qwen2 import KVCache, rotate
 from m4.runtime.cuda_graph import Graphed
 
 PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
-VISION_GRAPH_FRAMES = 8  # batch sizes above this run eagerly (each graph holds its activations)
 CACHE_BUCKET = 256  # static steps read the whole buffer: rounding up costs at most this many masked tokens
 SPARE_CACHES = 2
 DECODE_MODES = ("eager", "static", "graph")
@@ -63,7 +63,7 @@ class TorchBackend:
         if self.quantisation:
             quantise_decoder(self.model.text)
         self.decoder = self.model.text  # what a static step runs (see compile)
-        self.vision_graphs: dict[int, Graphed] = {}
+        self.frame_graph: Graphed | None = None
         self.decode_graphs: dict[int, Graphed] = {}  # by the data_ptr of the cache's keys
         self.spare: list[KVCache] = []
 
@@ -71,11 +71,10 @@ class TorchBackend:
     def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
         x = torch.from_numpy(pixels).to(self.device, self.dtype)
-        n = x.shape[0]
-        if self.decode == "graph" and n <= VISION_GRAPH_FRAMES:
-            if n not in self.vision_graphs:
-                self.vision_graphs[n] = Graphed(self.model.encode_images, x)
-            out = self.vision_graphs[n](x)
+        if self.decode == "graph" and x.shape[0] == 1:
+            if self.frame_graph is None:
+                self.frame_graph = Graphed(self.model.encode_images, x)
+            out = self.frame_graph(x)
         else:
             out = self.model.encode_images(x)
         if self.device.startswith("cuda"):  # the caller's clock (stats, benchmarks) then measures the encoding
