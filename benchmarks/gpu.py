@@ -41,6 +41,8 @@ import m4
 from m4.bench import HF, QUESTION, BenchConfig, demo_frames, hf_decode, m4_decode, machine, p, prepare_model, \
     text_ids, timed
 from m4.media import preprocess
+from m4.model.config import PRESETS
+from m4.model.int8 import Int8Linear
 from m4.runtime.context import Context
 from m4.runtime.torch_backend import CACHE_BUCKET
 
@@ -63,6 +65,35 @@ def bandwidth(gib: int = 1, repeats: int = 20) -> float:
     end.record()
     end.synchronize()
     return 2 * a.numel() * repeats / (start.elapsed_time(end) / 1e3)
+
+
+def cuda_us(fn, repeats: int = 200) -> float:
+    """Microseconds per call of `fn`, back to back on the GPU (CUDA events)."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / repeats
+
+
+def int8_kernels(arch) -> dict:
+    """One decode row through each decoder linear's shape: fp16, the fused int8 kernel and
+    dequantise-then-matmul, so the int8 path's choice can be checked on this GPU."""
+    t, out = arch.text, {}
+    for name, (n, k) in {"qkv": (t.hidden, t.hidden), "gate/up": (t.mlp, t.hidden), "down": (t.hidden, t.mlp),
+                         "lm_head": (t.vocab, t.hidden)}.items():
+        linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.float16)
+        q, x = Int8Linear(linear), torch.randn(1, k, device="cuda", dtype=torch.float16)
+        r = {"fp16_us": cuda_us(lambda: linear(x)), "fused": q.fused}
+        if q.fused:
+            r["fused_us"] = cuda_us(lambda: q(x))
+        q.fused = False
+        r["dequant_us"] = cuda_us(lambda: q(x))
+        out[f"{name} {n}x{k}"] = r
+    return out
 
 
 def decode_weight_bytes(text: torch.nn.Module) -> int:
@@ -251,7 +282,7 @@ def show(result: dict) -> None:
     row("torch.compile s", lambda r: r["compile_s"])
     out = Console(width=160)
     out.print(t)
-    for key in ("roofline_ms", "int8_error", "speedup_vs_hf", "errors"):
+    for key in ("roofline_ms", "int8_kernels", "int8_error", "speedup_vs_hf", "errors"):
         out.print(f"{key}: {result.get(key)}")
 
 
@@ -305,6 +336,7 @@ def main() -> None:
                 result["roofline_ms"] = b["m4 fp16"]["decode_weight_bytes"] / bw * 1e3
             out.write_text(json.dumps(result, indent=2))
 
+    result["int8_kernels"] = section("int8 kernels", lambda: int8_kernels(PRESETS[args.preset]))
     fp16 = section("m4 fp16", lambda: measure_m4(b.setdefault("m4 fp16", {}), path, "float16", frames, cfg, bw))
     int8 = section("m4 int8", lambda: measure_m4(b.setdefault("m4 int8", {}), path, "int8", frames, cfg, bw))
     if fp16 and int8:
