@@ -53,20 +53,6 @@ WINDOW = 8
 console = Console(stderr=True)
 
 
-def bandwidth(gib: int = 1, repeats: int = 20) -> float:
-    """Bytes read + written per second by a device-to-device copy of `gib` GiB."""
-    a = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        b.copy_(a)
-    end.record()
-    end.synchronize()
-    return 2 * a.numel() * repeats / (start.elapsed_time(end) / 1e3)
-
-
 def cuda_us(fn, repeats: int = 200) -> float:
     """Microseconds per call of `fn`, back to back on the GPU (CUDA events)."""
     fn()
@@ -77,6 +63,13 @@ def cuda_us(fn, repeats: int = 200) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end) * 1e3 / repeats
+
+
+def bandwidth(gib: int = 1, repeats: int = 20) -> float:
+    """Bytes read + written per second by a device-to-device copy of `gib` GiB."""
+    a = torch.empty(gib << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return 2 * a.numel() / (cuda_us(lambda: b.copy_(a), repeats) / 1e6)
 
 
 def int8_kernels(arch) -> dict:
@@ -110,14 +103,7 @@ def replay_ms(model, length: int, repeats: int = 200) -> float:
     ctx = Context(b, length + 1)
     ctx.append("prompt", b.embed_tokens(text_ids(model.tokenizer, length)))
     ctx.append("answer", b.embed_tokens([0]))  # captures the cache's graph
-    graph = b.decode_graphs[ctx.cache.k.data_ptr()].graph
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / repeats
+    return cuda_us(b.decode_graphs[ctx.cache.k.data_ptr()].graph.replay, repeats) / 1e3
 
 
 def m4_vision(model, frames) -> dict:
