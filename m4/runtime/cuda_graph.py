@@ -21,7 +21,9 @@ class Graphed:
             fn(*self.inputs)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads of the application (a camera reader, a robot's stack)
+        # may keep using CUDA while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.output = fn(*self.inputs)
 
     def __call__(self, *args) -> torch.Tensor:
