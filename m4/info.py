@@ -53,3 +53,26 @@ def describe_arch(arch: Arch, source: str) -> dict:
         "weights_bytes": {k: int(total * b) for k, b in BYTES.items()},
         "kv_bytes_per_token_fp16": arch.kv_bytes_per_token(2),
     }
+
+
+def memory_needs(arch: Arch, frames: int = 8, text_tokens: int = 512) -> dict[str, dict[str, int]]:
+    """Bytes a model holds on the device with its decoder in fp16, int8 or int4, as the torch
+    backend lays it out: the vision tower, projector and token embedding table stay fp16 (the
+    table is read a row at a time); the decoder's linears, lm_head included (a tied one gets
+    its own quantised copy), take the precision. Plus an fp16 KV cache for a live window of
+    `frames` frames and `text_tokens` of text. The CUDA context and torch itself are extra.
+    `decode_bytes`: the weights one decode step reads (every linear once, the table's one row
+    counted as nothing), which over memory bandwidth bounds decode speed."""
+    p, t = arch.params(), arch.text
+    embed = t.vocab * t.hidden
+    linears = p["decoder"] - (0 if t.tied else embed)  # tied: lm_head counted in place of the table
+    kv = arch.kv_bytes_per_token(2) * (frames * arch.tokens_per_image + text_tokens)
+    out = {}
+    for name in ("fp16", "int8", "int4"):
+        if name == "fp16":
+            weights = 2 * sum(p.values())
+        else:
+            weights = int(2 * (p["vision"] + p["projector"] + embed) + BYTES[name] * linears)
+        out[name] = {"weights": weights, "kv_cache": kv, "total": weights + kv,
+                     "decode_bytes": int(BYTES[name] * linears)}
+    return out

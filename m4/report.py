@@ -58,14 +58,16 @@ def print_bench(result: dict) -> None:
     console.print(f"[bold]{m['cpu']}[/bold], {m['cores']} cores" + (f", {m['gpu']}" if "gpu" in m else ""))
     stages = ["ingest_ms", "prefill_ms", "ttft_ms"]  # the rest are in --json
     table = Table("workload", "backend", *[s.removesuffix("_ms") + " ms" for s in stages], "tok/s",
-                  "prefill tok/s", "frames/s", "RSS", title="p50/p95 of each stage; decode tok/s; peak memory")
+                  "prefill tok/s", "frames/s", "peak memory", title="p50/p95 of each stage; decode tok/s; peak memory")
     for r in result["records"]:
         cells = [f"{short(r['stages'][s]['p50'])}/{short(r['stages'][s]['p95'])}" if s in r["stages"] else "-"
                  for s in stages]
         workload = r["workload"] + (f" {r['context']}" if "context" in r else "")
         table.add_row(workload, f"{r['backend']} {r['dtype']}", *cells, short(r["decode_tok_s"]),
                       short(r["prefill_tok_s"]) if "prefill_tok_s" in r else "-",
-                      short(r["frames_per_s"]) if "frames_per_s" in r else "-", human(r["peak_rss_bytes"], "B"))
+                      short(r["frames_per_s"]) if "frames_per_s" in r else "-",
+                      human(r["peak_rss_bytes"], "B") + (f", GPU {human(r['peak_gpu_bytes'], 'B')}"
+                                                         if r.get("peak_gpu_bytes") else ""))
     console.print(table)
     for backend, why in result["skipped"].items():
         console.print(f"skipped {backend}: {why}")

@@ -4,6 +4,7 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 import m4 as m4_api
@@ -47,6 +48,15 @@ def test_bench_bad_arguments():
     assert r.returncode == 2 and "--random-weights" in r.stderr
     r = m4("bench", "--backends", "torch,gpu")
     assert r.returncode == 2 and "unknown backend 'gpu'" in r.stderr
+
+
+def test_bench_cuda_without_a_gpu(checkpoints):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA (tests/test_gpu.py and scripts/gpu_check.sh cover it)")
+    r = m4("bench", "--model", checkpoints["gqa-tied-last-full"], "--device", "cuda")
+    assert r.returncode == 2 and "torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bench_bundle_cache_exports_again_when_stale(checkpoints, tmp_path, monkeypatch):

@@ -16,8 +16,9 @@ QUESTIONS = {1: "Describe the scene.", 2: f"What changed between {IMAGE} and {IM
 
 
 def oracle_tokens(hf, model, p, pictures, max_new_tokens):
-    pixels = torch.from_numpy(preprocess(pictures, model.arch.vision.image_size))
-    ids = torch.tensor([p.ids])
+    """transformers' greedy answer, on whatever device and dtype `hf` was loaded with."""
+    pixels = torch.from_numpy(preprocess(pictures, model.arch.vision.image_size)).to(hf.device, hf.dtype)
+    ids = torch.tensor([p.ids], device=hf.device)
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(model.stop_ids),
                       pad_token_id=sorted(model.stop_ids)[0])

@@ -39,5 +39,5 @@ class LLaVA(nn.Module):
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(ids)
 
-    def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, pos: int | torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         return self.text(embeds, pos, cache, last_only)

@@ -3,6 +3,10 @@
 The cache is preallocated once (`KVCache`) and written in place at positions
 [pos, pos + T); attention reads the view [0, pos + T). Nothing is concatenated or copied,
 so rolling back is just using a smaller `pos` next time.
+
+`pos` is an int, or a 0-d long tensor for the same step with static shapes: keys are
+written with index_copy_ and attention reads the whole buffer under a mask, so no shape
+depends on the position and one captured CUDA graph replays the step at every position.
 """
 
 from dataclasses import dataclass
@@ -65,23 +69,30 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim)
         self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=False)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, pos: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, k_cache, v_cache, pos: int | torch.Tensor, mask=None) -> torch.Tensor:
+        """`pos` the first position, or (static shapes) a tensor of the T positions with
+        `mask` saying which cache entries each query row sees."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        k_cache[:, :, pos:pos + t] = k
-        v_cache[:, :, pos:pos + t] = v
-        keys, values = k_cache[:, :, :pos + t], v_cache[:, :, :pos + t]
-        if pos == 0 and self.heads == self.kv_heads:  # plain causal prefill
+        static = isinstance(pos, torch.Tensor)
+        if static:
+            k_cache.index_copy_(2, pos, k)
+            v_cache.index_copy_(2, pos, v)
+            keys, values = k_cache, v_cache
+        else:
+            k_cache[:, :, pos:pos + t] = k
+            v_cache[:, :, pos:pos + t] = v
+            keys, values = k_cache[:, :, :pos + t], v_cache[:, :, :pos + t]
+        if not static and pos == 0 and self.heads == self.kv_heads:  # plain causal prefill
             y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         else:
             # Each kv head's query heads become rows of one query matrix (GQA without copying
             # the cache); query i of the chunk sees keys up to pos + i.
             g = self.heads // self.kv_heads
-            mask = None
-            if t > 1:
+            if not static and t > 1:
                 mask = torch.arange(pos + t, device=x.device) <= torch.arange(pos, pos + t, device=x.device)[:, None]
                 mask = mask.repeat(g, 1)
             y = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, g * t, self.head_dim), keys, values,
@@ -110,14 +121,15 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden, a.eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, pos: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, pos)
+    def forward(self, x, cos, sin, k_cache, v_cache, pos: int | torch.Tensor, mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Qwen2(nn.Module):
     def __init__(self, a: TextArch):
         super().__init__()
+        self.groups = a.heads // a.kv_heads
         self.embed_tokens = nn.Embedding(a.vocab, a.hidden)
         self.layers = nn.ModuleList(Layer(a) for _ in range(a.layers))
         self.norm = RMSNorm(a.hidden, a.eps)
@@ -126,12 +138,17 @@ class Qwen2(nn.Module):
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: int | torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
         """Embeddings (1, T, H) at positions [pos, pos + T) -> logits (1, T or 1, vocab)."""
-        t = x.shape[1]
-        cos, sin = (r[pos:pos + t].to(x.dtype) for r in (self.cos, self.sin))
+        t, mask = x.shape[1], None
+        if isinstance(pos, torch.Tensor):  # static shapes: positions and mask built once, on the device
+            pos = pos + torch.arange(t, device=x.device)
+            mask = (torch.arange(cache.max_len, device=x.device) <= pos[:, None]).repeat(self.groups, 1)
+            cos, sin = self.cos[pos].to(x.dtype), self.sin[pos].to(x.dtype)
+        else:
+            cos, sin = (r[pos:pos + t].to(x.dtype) for r in (self.cos, self.sin))
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], pos)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], pos, mask)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))

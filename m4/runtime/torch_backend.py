@@ -4,16 +4,35 @@ A backend does two things, encode images and run the decoder on embeddings again
 cache; everything above it (prompts, contexts, sampling) is backend-independent. Embeddings
 stay in the backend's own arrays (here torch tensors on its device); logits come back as
 numpy for the sampler.
+
+On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or weight-only
+INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
+graph per cache and replayed per token; a single frame's vision captured in a graph too (a
+live frame is launch-bound; a batch keeps the GPU busy while Python launches, and each graph
+would hold its own activations); prefill in chunks of PREFILL_CHUNK tokens.
+
+With static steps, caches are sized up to a multiple of CACHE_BUCKET and a released one is
+kept (SPARE_CACHES of them, with their graphs) for the next context of its size: `ask`
+makes a context per question, and capturing a graph for each would cost more than decoding.
 """
 
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from m4.errors import M4Error
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
+from m4.model.int8 import quantise_decoder
 from m4.model.qwen2 import KVCache, rotate
+from m4.runtime.cuda_graph import Graphed
+
+PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
+CACHE_BUCKET = 256  # static steps read the whole buffer: rounding up costs at most this many masked tokens
+SPARE_CACHES = 2
+DECODE_MODES = ("eager", "static", "graph")
 
 
 def pick_device(device: str) -> str:
@@ -25,17 +44,42 @@ def pick_device(device: str) -> str:
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, path: Path, arch: Arch, device: str = "cpu", dtype: str | None = None):
+    def __init__(self, path: Path, arch: Arch, device: str = "cpu", dtype: str | None = None,
+                 decode: str | None = None):
+        """dtype: a torch dtype name, or "int8" (decoder linears in int8, the rest float16 on
+        CUDA, float32 on CPU). decode: "eager" (the default on CPU: attention reads only the
+        filled part of the cache), "static" (the graph's step run eagerly: what a CUDA graph
+        replays, testable on CPU) or "graph" (the default on CUDA)."""
         self.device = pick_device(device)
-        self.dtype = getattr(torch, dtype) if dtype else (torch.float16 if self.device.startswith("cuda") else torch.float32)
+        cuda = self.device.startswith("cuda")
+        self.quantisation = "int8" if dtype == "int8" else None
+        float_dtype = None if dtype in (None, "int8") else dtype
+        self.dtype = getattr(torch, float_dtype) if float_dtype else (torch.float16 if cuda else torch.float32)
+        self.decode = decode or ("graph" if cuda else "eager")
+        if self.decode not in DECODE_MODES or (self.decode == "graph" and not cuda):
+            raise M4Error(f"decode mode {self.decode!r} is not one of {', '.join(DECODE_MODES)} on {self.device}")
         self.arch = arch
         self.model = load_model(path, arch, self.dtype, self.device)
+        if self.quantisation:
+            quantise_decoder(self.model.text)
+        self.decoder = self.model.text  # what a static step runs (see compile)
+        self.frame_graph: Graphed | None = None
+        self.decode_graphs: dict[int, Graphed] = {}  # by the data_ptr of the cache's keys
+        self.spare: list[KVCache] = []
 
     @torch.inference_mode()
     def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
         x = torch.from_numpy(pixels).to(self.device, self.dtype)
-        return self.model.encode_images(x)
+        if self.decode == "graph" and x.shape[0] == 1:
+            if self.frame_graph is None:
+                self.frame_graph = Graphed(self.model.encode_images, x)
+            out = self.frame_graph(x)
+        else:
+            out = self.model.encode_images(x)
+        if self.device.startswith("cuda"):  # the caller's clock (stats, benchmarks) then measures the encoding
+            torch.cuda.synchronize(self.device)
+        return out
 
     @torch.inference_mode()
     def embed_tokens(self, ids: list[int]) -> torch.Tensor:
@@ -45,13 +89,49 @@ class TorchBackend:
         return torch.cat(parts)
 
     def new_cache(self, max_len: int) -> KVCache:
-        return KVCache.empty(self.arch.text, max_len, self.dtype, self.device)
+        if self.decode == "eager":
+            return KVCache.empty(self.arch.text, max_len, self.dtype, self.device)
+        size = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        i = next((i for i, c in enumerate(self.spare) if c.max_len == size), None)
+        buffers = self.spare.pop(i) if i is not None else KVCache.empty(self.arch.text, size, self.dtype, self.device)
+        cache = KVCache(buffers.k, buffers.v)
+        weakref.finalize(cache, self._release, buffers).atexit = False  # nothing to keep at exit
+        return cache
+
+    def _release(self, buffers: KVCache) -> None:
+        """A context let its cache go: keep it for the next one (stale entries are masked)."""
+        self.spare.append(buffers)
+        if len(self.spare) > SPARE_CACHES:
+            self.decode_graphs.pop(self.spare.pop(0).k.data_ptr(), None)
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
-        logits = self.model(embeds[None], pos, cache, last_only)
+        t = embeds.shape[0]
+        if t == 1 and self.decode != "eager":
+            logits = self.step(embeds[None], pos, cache)
+        else:
+            chunks = [self.model(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
+                      for i in range(0, t, PREFILL_CHUNK)]
+            logits = chunks[-1] if last_only else torch.cat(chunks, dim=1)
         return logits[0].float().cpu().numpy()
+
+    def compile(self) -> None:
+        """Static decode steps through torch.compile (Inductor fuses the norms, RoPE and the
+        other small kernels of a step; the graph then replays the fused kernels). The first
+        step compiles, which takes a while; one compile serves every cache size."""
+        self.decoder = torch.compile(self.model.text, fullgraph=True, dynamic=True)
+        self.decode_graphs.clear()
+
+    def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """One token with static shapes: the cache's captured graph replayed, or run eagerly."""
+        if self.decode == "static":
+            return self.decoder(x, torch.tensor(pos, device=self.device), cache)
+        key = cache.k.data_ptr()
+        if key not in self.decode_graphs:  # captured on the cache's first decode step
+            self.decode_graphs[key] = Graphed(lambda x, p: self.decoder(x, p, cache), x,
+                                              torch.tensor(pos, device=self.device))
+        return self.decode_graphs[key](x, pos)
 
     @torch.inference_mode()
     def shift(self, cache: KVCache, start: int, end: int, by: int) -> None:
