@@ -8,6 +8,8 @@ two. Every backend prefills the same random prompt of `context` tokens, then dec
 `--new-tokens` greedily. Prefill: the fastest of `--repeats` runs. Decode tokens/s: one
 over the median step (the steps after the first token, of all repeats), robust to a
 neighbour's burst on a shared machine; `decode_tok_s_mean` is the best run's mean rate.
+The run also measures the machine's memory read bandwidth, and from it the roofline of
+decode (every weight and the filled cache read once a token), and each backend's share of it.
 
     python benchmarks/decode.py [--preset 0.5b] [--contexts 512 4096] [--new-tokens 32]
                                 [--repeats 2] [--threads N] [--workdir DIR] [--json out.json] [--quick]
@@ -184,6 +186,27 @@ def head_to_head(paths: dict[str, Path], contexts: list[int], n: int) -> list[di
     return out
 
 
+def roofline(arch: Arch, contexts: list[int], threads: int) -> dict:
+    """Decode's physical limit here: a step reads every decoder weight (the tied lm_head is
+    the embedding table) and the filled cache once, so tokens/s <= read bandwidth / bytes.
+    Bandwidth is measured as torch's sum over 1 GiB with the backends' threads."""
+    torch.set_num_threads(threads)
+    x = torch.ones(1 << 28)
+    x.sum()
+    best = min(timeit(x.sum) for _ in range(5))
+    t = arch.text
+    weights = 4 * (arch.params()["decoder"] - (0 if t.tied else t.vocab * t.hidden))  # fp32; one embedding row
+    gbps = x.numel() * 4 / best / 1e9
+    return {"read_GBps": gbps, "weight_bytes": weights,
+            "decode_tok_s": {str(c): gbps * 1e9 / (weights + c * arch.kv_bytes_per_token(4)) for c in contexts}}
+
+
+def timeit(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
 def prompt(paths: dict[str, Path], context: int) -> list[int]:
     vocab = Arch.from_dir(paths["checkpoint"]).text.vocab
     return [int(i) for i in np.random.default_rng(context).integers(0, vocab, context)]
@@ -191,9 +214,10 @@ def prompt(paths: dict[str, Path], context: int) -> list[int]:
 
 # -- report -----------------------------------------------------------------------------
 
-def ratios(results: list[dict], contexts: list[int]) -> dict:
+def ratios(results: list[dict], contexts: list[int], roof: dict) -> dict:
     r = {(x["backend"], x["context"]): x for x in results}
-    out = {}
+    out = {f"decode_tok_s {x['backend']} / roofline @{x['context']}":
+           x["decode_tok_s"] / roof["decode_tok_s"][str(x["context"])] for x in results}
     for c in contexts:
         ours = r.get(("m4 onnx", c))
         for other in ("transformers", "ort-genai", "m4 torch"):
@@ -206,12 +230,14 @@ def ratios(results: list[dict], contexts: list[int]) -> dict:
     return out
 
 
-def print_report(results: list[dict], rs: dict, h2h: list[dict]) -> None:
+def print_report(results: list[dict], rs: dict, h2h: list[dict], roof: dict) -> None:
+    out = Console()
+    out.print(f"memory read bandwidth {roof['read_GBps']:.1f} GB/s, decoder weights {roof['weight_bytes'] / 1e9:.2f} GB: "
+              + ", ".join(f"decode <= {v:.1f} tok/s @{c}" for c, v in roof["decode_tok_s"].items()))
     t = Table("backend", "context", "prefill tok/s", "prefill s", "decode tok/s", title="decode benchmark")
     for x in results:
         t.add_row(x["backend"], str(x["context"]), f"{x['prefill_tok_s']:.1f}", f"{x['prefill_s']:.2f}",
                   f"{x['decode_tok_s']:.2f}")
-    out = Console()
     out.print(t)
     for k, v in rs.items():
         out.print(f"{k}: {v:.2f}x")
@@ -266,16 +292,16 @@ def main() -> None:
             console.print(f"{name} @{c}: prefill {c / prefill_s:.1f} tok/s, decode {decode:.2f} tok/s")
         del model
         gc.collect()
-    rs = ratios(results, args.contexts)
+    roof = roofline(Arch.from_dir(paths["checkpoint"]), args.contexts, args.threads)
+    rs = ratios(results, args.contexts, roof)
     h2h = head_to_head(paths, args.contexts, args.new_tokens) \
         if genai and picked("m4 onnx") and picked("ort-genai") else []
-    print_report(results, rs, h2h)
+    print_report(results, rs, h2h, roof)
     if args.json:
         info = {**machine(), "threads": args.threads, "onnxruntime": __import__("onnxruntime").__version__,
                 "transformers": transformers.__version__}
         record = {"machine": info, "preset": args.preset, "new_tokens": args.new_tokens, "repeats": args.repeats,
-                  "results": results, "ratios": rs,
-                  "interleaved": h2h}
+                  "results": results, "ratios": rs, "roofline": roof, "interleaved": h2h}
         args.json.write_text(json.dumps(record, indent=2))
 
 
