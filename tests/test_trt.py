@@ -49,7 +49,8 @@ def with_engines(src, dst, gpu: str, tensorrt: str = "10.3.0"):
         m["files"][f"engines/{name}"] = file_record(dst / "engines" / name)
     shapes = profiles(m, 4, 256)
     m["engines"] = {"tensorrt": tensorrt, "gpu": gpu, "fp16": False, "max_images": 4, "max_context": 256,
-                    "profiles": {k: [{n: list(map(list, s)) for n, s in p.items()} for p in v] for k, v in shapes.items()}}
+                    "profiles": {k: [{n: list(map(list, s)) for n, s in p.items()} for p in v]
+                                 for k, v in shapes.items()}}
     (dst / MANIFEST).write_text(json.dumps(m, indent=2))
     return dst
 
@@ -103,12 +104,22 @@ def test_bench_names_what_trt_needs(bundles, checkpoints, tmp_path):
     b = bundles[VARIANT]
     r = cli("bench", "--model", b, "--backends", "trt", "--json", tmp_path / "b.json", cache=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert json.loads((tmp_path / "b.json").read_text())["skipped"] == {"trt": f"{b} has no TensorRT engines: "
-                                                                               f"build them on this device with m4 build {b}"}
+    skipped = json.loads((tmp_path / "b.json").read_text())["skipped"]
+    assert skipped == {"trt": f"{b} has no TensorRT engines: build them on this device with m4 build {b}"}
     r = cli("bench", "--model", checkpoints[VARIANT], "--backends", "trt", "--json", tmp_path / "c.json",
             cache=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "pass --model BUNDLE after m4 build" in json.loads((tmp_path / "c.json").read_text())["skipped"]["trt"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuda") is None or gpu_name() != "unknown",
+                    reason="needs cuda-python on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line():
+    from m4.runtime.trt_backend import Cuda
+
+    with pytest.raises(M4Error, match="CUDA cudaStreamCreate failed: cudaError") as e:
+        Cuda()
+    assert "\n" not in str(e.value)
 
 
 IMPORTS = """

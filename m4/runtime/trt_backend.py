@@ -14,9 +14,13 @@ keys and values, which two strided device-to-device copies (cudaMemcpy2DAsync) w
 bytes of past_len and logits_index. A decode step copies no cache.
 
 `cuda_graph` (off by default; `model.backend.cuda_graph = True`) replays a decode step's
-TensorRT launch from a CUDA graph captured once per cache; the copies around it stay outside,
-as their addresses move with the position. Approximate eviction (shifting the cache) is not
-implemented here: a live context over this backend evicts exactly.
+TensorRT launch from a CUDA graph, captured over the cache the decode context has bound and
+captured again when another cache is bound (a graph holds the shapes and addresses of its
+capture); the copies around it stay outside, as their addresses move with the position.
+
+Approximate eviction (shifting the cache) is not implemented: a live context over this
+backend evicts exactly. Each execution context allocates TensorRT's default (static)
+activation memory, sized for the largest profile: prefill and decode hold one each.
 
 Nothing here has run on a GPU yet: no GPU was lent to this work.
 """
@@ -131,7 +135,6 @@ class TrtCache:
     def __init__(self, cuda: Cuda, layers: int, kv: int, d: int, max_len: int, dtype):
         self.k = DeviceBuffer(cuda, (layers, kv, d, max_len), dtype)
         self.v = DeviceBuffer(cuda, (layers, kv, max_len, d), dtype)
-        self.graph = None  # the decode step's CUDA graph, captured on its first step
 
     @property
     def max_len(self) -> int:
@@ -156,6 +159,14 @@ class TrtCache:
         cuda.copy_rows(self.v.ptr + pos * d * size, m * d * size, new_v.ptr, t * d * size, layers * kv)
 
 
+class Graph:
+    """An instantiated CUDA graph, destroyed when the object goes."""
+
+    def __init__(self, cuda: Cuda, recorded):
+        self.exec = cuda("cudaGraphInstantiate", recorded, 0)
+        weakref.finalize(self, cuda.rt.cudaGraphExecDestroy, self.exec)
+
+
 class Profile:
     """An execution context of an engine on one optimisation profile, with device buffers
     for its IO tensors at the profile's largest shapes, except the `external` ones, which
@@ -170,11 +181,12 @@ class Profile:
         for n in inputs:
             if -1 in tuple(engine.get_tensor_shape(n)):  # the largest shapes, so outputs take theirs
                 self.shape(n, tuple(engine.get_tensor_profile_shape(n, index)[2]))
-        self.buffers = {n: DeviceBuffer(cuda, self.context.get_tensor_shape(n), trt.nptype(engine.get_tensor_dtype(n)))
-                        for n in names if n not in external}
+        self.buffers = {n: DeviceBuffer(cuda, self.context.get_tensor_shape(n),
+                                        trt.nptype(engine.get_tensor_dtype(n))) for n in names if n not in external}
         for n, buf in self.buffers.items():
             self.context.set_tensor_address(n, buf.ptr)
         self.bound = lambda: None  # the cache whose buffers are bound (a weak reference)
+        self.graph: Graph | None = None  # this context's launch over the bound cache, once captured
 
     def shape(self, name: str, shape: tuple) -> None:
         if self.shapes.get(name) != shape:
@@ -188,7 +200,7 @@ class Profile:
             for name, ptr, shape in cache.tensors():
                 self.shape(name, shape)
                 self.context.set_tensor_address(name, ptr)
-            self.bound = weakref.ref(cache)
+            self.bound, self.graph = weakref.ref(cache), None
 
     def execute(self) -> None:
         if not self.context.execute_async_v3(self.cuda.handle):
@@ -225,7 +237,8 @@ class TrtBackend(BundleBackend):
     def engine(self, f: Path):
         engine = self.runtime.deserialize_cuda_engine(f.read_bytes())
         if engine is None:
-            raise M4Error(f"TensorRT cannot load {f} (its log above says why): rebuild it with m4 build {f.parent.parent}")
+            raise M4Error(f"TensorRT cannot load {f} (its log above says why): "
+                          f"rebuild it with m4 build {f.parent.parent}")
         return engine
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -255,7 +268,8 @@ class TrtBackend(BundleBackend):
             raise M4Error(f"positions {pos}..{pos + t} exceed the cache's {cache.max_len}")
         if t == 1:
             return self.run(self.decode, embeds, pos, cache, np.zeros(1), self.cuda_graph)
-        return self.chunked(embeds, pos, last_only, lambda piece, at, keep: self.run(self.prefill, piece, at, cache, keep))
+        return self.chunked(embeds, pos, last_only,
+                            lambda piece, at, keep: self.run(self.prefill, piece, at, cache, keep))
 
     def run(self, p: Profile, embeds: np.ndarray, pos: int, cache: TrtCache, keep: np.ndarray,
             graph: bool = False) -> np.ndarray:
@@ -266,18 +280,18 @@ class TrtBackend(BundleBackend):
         self.cuda.upload(p.buffers["inputs_embeds"], embeds)
         self.cuda.upload(p.buffers["past_len"], np.array(pos))
         self.cuda.upload(p.buffers["logits_index"], keep)
-        if graph and cache.graph is not None:
-            self.cuda("cudaGraphLaunch", cache.graph, self.cuda.stream)
+        if graph and p.graph is not None:
+            self.cuda("cudaGraphLaunch", p.graph.exec, self.cuda.stream)
         else:
             p.execute()  # also the first graphed step: TensorRT settles its shapes before a capture
             if graph:
-                self.capture(p, cache)
+                p.graph = self.capture(p)
         cache.write(self.cuda, pos, t, p.buffers["new_keys"], p.buffers["new_values"])
         return self.cuda.download(p.buffers["logits"], (k, self.arch.text.vocab)).astype(np.float32)
 
-    def capture(self, p: Profile, cache: TrtCache) -> None:
-        """The decode step's TensorRT launch over `cache`, as a CUDA graph (recorded, not run).
-        Thread-local capture: other threads of the application may use CUDA meanwhile."""
+    def capture(self, p: Profile) -> Graph:
+        """The context's TensorRT launch as it is bound now, as a CUDA graph (recorded, not
+        run). Thread-local capture: other threads of the application may use CUDA meanwhile."""
         c = self.cuda
         c("cudaStreamBeginCapture", c.stream, c.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
         launched = p.context.execute_async_v3(c.handle)
@@ -285,6 +299,7 @@ class TrtBackend(BundleBackend):
         if not launched or err != c.rt.cudaError_t.cudaSuccess:
             raise M4Error(f"TensorRT cannot run this decoder's step from a CUDA graph ({err.name}): "
                           "set model.backend.cuda_graph = False")
-        cache.graph = c("cudaGraphInstantiate", recorded, 0)
-        c("cudaGraphDestroy", recorded)
-        weakref.finalize(cache, c.rt.cudaGraphExecDestroy, cache.graph)
+        try:
+            return Graph(c, recorded)
+        finally:
+            c("cudaGraphDestroy", recorded)  # the instantiated graph keeps what it needs
