@@ -25,22 +25,19 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
          template: str | None = None, threads: int | None = None) -> Model:
-    """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs on
-    ONNX Runtime (`threads`: its intra-op threads, default all cores), a checkpoint on torch."""
+    """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs its
+    TensorRT engines where `m4 build` made them for this machine (backend auto or trt; they
+    run on the GPU whatever `device` says), else ONNX Runtime (`device`; `threads`: its
+    intra-op threads, default all cores); a checkpoint runs on torch."""
     path = resolve(str(model))
     if is_bundle(path):
-        if backend not in ("auto", "onnx"):
-            raise M4Error(f"{model} is an ONNX bundle: use backend auto or onnx")
-        try:
-            from m4.runtime.onnx_backend import OnnxBackend
-        except ImportError as e:
-            raise M4Error(f"{model} is an ONNX bundle, which needs {e.name}: pip install 'm4-vlm[onnx]'") from None
-        b = OnnxBackend(path, device, threads)
+        b = bundle_backend(str(model), path, backend, device, threads)
         return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path)
-    if backend == "onnx":
-        raise M4Error(f"{model} is a checkpoint: export it first (m4 export {model} OUT), then run OUT")
+    if backend in ("onnx", "trt"):
+        then = ", then m4 build OUT" if backend == "trt" else ""
+        raise M4Error(f"{model} is a checkpoint: export it first (m4 export {model} OUT{then}), then run OUT")
     if backend not in ("auto", "torch"):
-        raise M4Error(f"unknown backend {backend!r}: use auto, torch or onnx")
+        raise M4Error(f"unknown backend {backend!r}: use auto, torch, onnx or trt")
     arch = Arch.from_dir(path)
     tokenizer = Tokenizer.from_dir(path)
     try:
@@ -51,6 +48,22 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
 
     return Model(TorchBackend(path, arch, device, dtype), tokenizer, arch,
                  TEMPLATES[template] if template else detect_template(tokenizer), path)
+
+
+def bundle_backend(model: str, path: Path, backend: str, device: str, threads: int | None):
+    """TensorRT where asked, or under auto where the bundle's engines run here; else ONNX Runtime."""
+    if backend not in ("auto", "onnx", "trt"):
+        raise M4Error(f"{model} is an ONNX bundle: use backend auto, onnx or trt")
+    if backend != "onnx":
+        from m4.runtime import trt_backend
+
+        if backend == "trt" or trt_backend.unavailable(path) is None:
+            return trt_backend.TrtBackend(path)  # says why not in one line
+    try:
+        from m4.runtime.onnx_backend import OnnxBackend
+    except ImportError as e:
+        raise M4Error(f"{model} is an ONNX bundle, which needs {e.name}: pip install 'm4-vlm[onnx]'") from None
+    return OnnxBackend(path, device, threads)
 
 
 def as_images(x) -> list:

@@ -39,7 +39,7 @@ FILLER = "The red square at the top left moves right, and the blue circle at the
 
 @dataclass
 class BenchConfig:
-    model: str  # a checkpoint directory (bundles are exported from it for `onnx`)
+    model: str  # a checkpoint directory (bundles are exported from it for `onnx`), or a bundle for onnx and trt
     backends: list[str] = field(default_factory=lambda: ["torch", "hf"])
     workloads: list[str] = field(default_factory=lambda: list(WORKLOADS))
     frames: int = 16
@@ -50,7 +50,7 @@ class BenchConfig:
     contexts: list[int] = field(default_factory=lambda: [256, 1024])
     repeats: int = 5
     device: str = "cpu"
-    bundle: str | None = None  # for `onnx`
+    bundle: str | None = None  # for `onnx` and `trt`
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -261,7 +261,7 @@ def worker(backend: str, c: BenchConfig) -> list[dict]:
     else:
         import m4
 
-        runner = m4.load(c.bundle if backend == "onnx" else c.model, backend=backend, device=c.device)
+        runner = m4.load(c.bundle if backend in ("onnx", "trt") else c.model, backend=backend, device=c.device)
         run = {"stream": m4_stream, "images": m4_images, "decode": m4_decode}
         dtype = str(getattr(runner.backend, "dtype", "float32")).removeprefix("torch.").replace("float", "fp")
     records = []
@@ -291,9 +291,11 @@ def run_backend(backend: str, c: BenchConfig) -> list[dict]:
 
 # -- the whole run --------------------------------------------------------------------------
 
-def prepare_model(model: str | None, preset: str | None, random_weights: bool) -> str:
+def prepare_model(model: str | None, preset: str | None, random_weights: bool,
+                  backends: tuple[str, ...] = ("torch", "hf")) -> str:
     """The checkpoint to measure: a MODEL, or a preset's architecture with random weights
-    (latency does not depend on the values, and nothing is downloaded)."""
+    (latency does not depend on the values, and nothing is downloaded); a bundle where only
+    bundle backends (onnx, trt) are measured."""
     from m4.resolve import cache_dir, resolve
 
     if preset:
@@ -310,8 +312,9 @@ def prepare_model(model: str | None, preset: str | None, random_weights: bool) -
             random_checkpoint(preset, path)
         return str(path)
     path = resolve(model or "demo")
-    if (path / "m4.json").is_file():
-        raise M4Error("m4 bench measures a checkpoint: pass the checkpoint a bundle was exported from")
+    if (path / "m4.json").is_file() and not set(backends) <= {"onnx", "trt"}:
+        raise M4Error("m4 bench measures torch and hf on a checkpoint: pass the checkpoint a bundle was exported "
+                      "from, or a bundle with --backends onnx,trt")
     return str(path)
 
 
@@ -353,12 +356,14 @@ def bundle_for(checkpoint: str) -> str:
     return str(cached_bundle(checkpoint, cache_dir() / "bench-bundles" / name))
 
 
-def unavailable(backend: str, device: str) -> str | None:
+def unavailable(backend: str, device: str, bundle: str | None = None) -> str | None:
     """Why a backend cannot run here, or None."""
     if backend == "trt":
-        if importlib.util.find_spec("tensorrt") is None:
-            return "tensorrt is not installed (m4 build makes engines on the target device)"
-        return "the TensorRT backend is not part of this version"
+        if bundle is None:
+            return "trt runs a bundle's TensorRT engines: pass --model BUNDLE after m4 build BUNDLE"
+        from m4.runtime.trt_backend import unavailable as trt_unavailable
+
+        return trt_unavailable(Path(bundle))
     if backend == "onnx" and importlib.util.find_spec("onnxruntime") is None:
         return "onnxruntime is not installed: pip install 'm4-vlm[onnx]'"
     if backend in ("torch", "hf") and importlib.util.find_spec("torch") is None:
@@ -379,9 +384,11 @@ def bench(c: BenchConfig, step: Callable[[str], None] = lambda s: None) -> dict:
 
         if not torch.cuda.is_available():
             raise M4Error(f"--device {c.device}: torch sees no CUDA device here")
+    given = c.model if (Path(c.model) / "m4.json").is_file() else None  # trt runs only a bundle given
+    c.bundle = c.bundle or given
     records, skipped = [], {}
     for b in c.backends:
-        reason = unavailable(b, c.device)
+        reason = unavailable(b, c.device, given)
         if reason:
             skipped[b] = reason
             continue

@@ -51,7 +51,7 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    backend: str = typer.Option("auto", "--backend"),
+    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnx or trt (bundles built with m4 build)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (bundles: also tensorrt)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per event"),
 ):
@@ -214,7 +214,7 @@ def eval_cmd(model: str = typer.Option("demo", "--model", "-m", help="demo, a ch
 
 @app.command()
 def bench(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="a checkpoint (default: demo)"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="a checkpoint (default: demo); a bundle for onnx,trt"),
     preset: Optional[str] = typer.Option(None, "--preset", help="measure a preset's architecture"),
     random_weights: bool = typer.Option(False, "--random-weights", help="with --preset: random weights, no download"),
     backends: str = typer.Option("torch,hf", "--backends", help="any of torch,onnx,trt,hf"),
@@ -235,7 +235,8 @@ def bench(
     from m4 import bench as b
     from m4.report import plot_bench, print_bench
 
-    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights), backends=backends.split(","),
+    names = backends.split(",")
+    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights, names), backends=names,
                       workloads=list(b.WORKLOADS) if workload == "all" else workload.split(","),
                       frames=frames, window=window, every=every, images=images, new_tokens=new_tokens,
                       contexts=[int(x) for x in contexts.split(",")], repeats=repeats, device=device)

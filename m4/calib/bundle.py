@@ -33,7 +33,7 @@ from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
 from m4.export.manifest import MANIFEST, ORT_DECODER, file_record, is_bundle
 from m4.media import preprocess
-from m4.runtime.onnx_backend import PREFILL_CHUNK
+from m4.runtime.bundle_backend import PREFILL_CHUNK
 
 VISION = ("int8", "none")
 DECODER = ("int8", "int4", "w8a8", "none")

@@ -22,10 +22,10 @@ from pathlib import Path
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.export.manifest import MANIFEST, file_record, manifest_arch, past_names, read_manifest
+from m4.runtime.bundle_backend import PREFILL_CHUNK  # prefills arrive in pieces of at most this
 
-NEEDS = ("m4 build needs TensorRT's Python API (tensorrt >= 10.3) and a CUDA GPU: on Jetson it comes with "
-         "JetPack 6, elsewhere pip install tensorrt")
-PREFILL_CHUNK = 512  # m4.runtime.onnx_backend's prefill chunk: prefills arrive in pieces of at most this
+INSTALL = "on Jetson it comes with JetPack 6, elsewhere pip install tensorrt"
+NEEDS = f"m4 build needs TensorRT's Python API (tensorrt >= 10.3) and a CUDA GPU: {INSTALL}"
 
 
 def profiles(m: dict, max_images: int, max_context: int) -> dict[str, list[dict]]:

@@ -18,8 +18,7 @@ layout:
   costs the prefix, not max_len; a prefill is compute-bound, the copy small beside it) or,
   for a few tokens after a long history, over the buffer as it is.
 
-Prefill runs in chunks of PREFILL_CHUNK tokens, which bounds the attention scores a graph
-materialises.
+Prefill runs in chunks of PREFILL_CHUNK tokens (m4.runtime.bundle_backend).
 """
 
 from __future__ import annotations
@@ -31,10 +30,10 @@ import numpy as np
 import onnxruntime as ort
 
 from m4.errors import M4Error
-from m4.export.manifest import DTYPES, ORT_DECODER, manifest_arch, past_names, present_names, read_manifest
+from m4.export.manifest import ORT_DECODER, past_names, present_names
 from m4.model.config import TextArch
+from m4.runtime.bundle_backend import BundleBackend
 
-PREFILL_CHUNK = 512
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -138,14 +137,12 @@ class OrtCache:
         self.v[:, :, pos:pos + v.shape[2]] = v
 
 
-class OnnxBackend:
+class OnnxBackend(BundleBackend):
     name = "onnx"
 
     def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
         path = Path(path)
-        self.manifest = read_manifest(path)
-        self.arch = manifest_arch(self.manifest)
-        self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
+        super().__init__(path)
         chosen = providers(device)
         self.vision = session(path / "vision.onnx", chosen, threads)
         # the fused twin where it applies: ONNX Runtime's CPU kernels (calibrate drops it
@@ -158,25 +155,15 @@ class OnnxBackend:
         outputs = [o.name for o in self.decoder.get_outputs()]
         if outputs != expected:
             raise M4Error(f"{f} has outputs {outputs[:3]}, not the ones this m4 runs: re-export the bundle")
-        # memory-mapped: a 150k-row table costs only the rows a prompt looks up
-        self.table = np.load(path / "embed_tokens.npy", mmap_mode="r")
         self.past = past_names(layers)
-        self.chunk = PREFILL_CHUNK
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
         return self.vision.run(None, {"pixel_values": pixels.astype(self.dtype)})[0]
 
-    def embed_tokens(self, ids: list[int]) -> np.ndarray:
-        return np.asarray(self.table[ids], dtype=self.dtype)
-
-    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
-        return np.concatenate(parts)
-
     def new_cache(self, max_len: int) -> OrtCache:
         a = self.arch.text
-        if max_len > a.max_positions:
-            raise M4Error(f"a context of {max_len} tokens exceeds the model's {a.max_positions} positions")
+        self.check_positions(max_len)
         shape = (a.layers, a.kv_heads, max_len, a.head_dim)
         keys = shape if self.fused else (a.layers, a.kv_heads, a.head_dim, max_len)
         return OrtCache(np.zeros(keys, self.dtype), np.zeros(shape, self.dtype), transposed=not self.fused)
@@ -190,19 +177,10 @@ class OnnxBackend:
             if cache.step is None:
                 cache.step = self.bound(cache, 1, np.zeros(1))
             return self.run(cache.step, embeds, pos, cache)
-        out = []
-        for s in range(0, t, self.chunk):
-            chunk = embeds[s:s + self.chunk]
-            last = s + self.chunk >= t
-            # the graph returns at least one row of logits: a non-final chunk's is dropped
-            keep = np.arange(len(chunk)) if not last_only else np.array([len(chunk) - 1])
-            if self.fused:
-                logits = self.run(self.bound(cache, len(chunk), keep), chunk, pos + s, cache)
-            else:
-                logits = self.prefill(chunk, pos + s, cache, keep)
-            if last or not last_only:
-                out.append(logits)
-        return np.concatenate(out)
+        if self.fused:
+            return self.chunked(embeds, pos, last_only,
+                                lambda piece, at, keep: self.run(self.bound(cache, len(piece), keep), piece, at, cache))
+        return self.chunked(embeds, pos, last_only, lambda piece, at, keep: self.prefill(piece, at, cache, keep))
 
     def bound(self, cache: OrtCache, t: int, index: np.ndarray) -> Bound:
         return Bound(self.decoder, cache, t, index, self.arch.text.hidden, self.arch.text.vocab)

@@ -1,0 +1,50 @@
+"""What the bundle backends (ONNX Runtime, TensorRT) share: the manifest and architecture,
+the token embedding table, and prefill in chunks. numpy only (no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from m4.errors import M4Error
+from m4.export.manifest import DTYPES, manifest_arch, read_manifest
+
+PREFILL_CHUNK = 512  # bounds the attention scores one decoder call materialises
+
+
+class BundleBackend:
+    def __init__(self, path: Path):
+        path = Path(path)
+        self.manifest = read_manifest(path)
+        self.arch = manifest_arch(self.manifest)
+        self.dtype = np.dtype(DTYPES[self.manifest["dtype"]])
+        # memory-mapped: a 150k-row table costs only the rows a prompt looks up
+        self.table = np.load(path / "embed_tokens.npy", mmap_mode="r")
+        self.chunk = PREFILL_CHUNK
+
+    def embed_tokens(self, ids: list[int]) -> np.ndarray:
+        return np.asarray(self.table[ids], dtype=self.dtype)
+
+    def concat(self, parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts)
+
+    def check_positions(self, max_len: int) -> None:
+        if max_len > self.arch.text.max_positions:
+            raise M4Error(f"a context of {max_len} tokens exceeds the model's {self.arch.text.max_positions} positions")
+
+    def chunked(self, embeds: np.ndarray, pos: int, last_only: bool,
+                run: Callable[[np.ndarray, int, np.ndarray], np.ndarray]) -> np.ndarray:
+        """A prefill in pieces of at most `chunk` tokens: run(piece, its position, which of
+        its rows get logits) for each; the logits asked for. The graph returns at least one
+        row of logits, so a non-final piece under last_only computes one that is dropped."""
+        t, out = embeds.shape[0], []
+        for s in range(0, t, self.chunk):
+            piece = embeds[s:s + self.chunk]
+            last = s + self.chunk >= t
+            keep = np.array([len(piece) - 1]) if last_only else np.arange(len(piece))
+            logits = run(piece, pos + s, keep)
+            if last or not last_only:
+                out.append(logits)
+        return np.concatenate(out)
