@@ -11,6 +11,11 @@ reference is a short answer (at most SHORT words) and ROUGE-L F1 where it is lon
 LLaVA-Interleave evaluation scores its open-ended tasks. Accuracy is the mean score per task
 (`metadata.dataset`), per scenario (`metadata.scenario`, else "unknown") and overall.
 The model is anything `m4.load` takes, so checkpoints and bundles are scored the same way.
+
+Beside each accuracy stands its chance level: the score of the best single answer for the
+task, the same for every sample and picked from the bench's own references (a letter for
+multiple choice). A model that ignores the images but has learnt the answers' distribution
+reaches it; an accuracy near it means the model does not look.
 """
 
 from __future__ import annotations
@@ -105,6 +110,23 @@ def summarise(rows: list[tuple[str, str, float]]) -> dict:
             **{k: {name: mean(v) for name, v in sorted(g.items())} for k, g in groups.items()}, "n": len(rows)}
 
 
+def chance(records: list[dict]) -> dict:
+    """Per sample, the score its task's best constant answer gets; summarised like accuracy."""
+    by_task = defaultdict(list)
+    for r in records:
+        meta = r.get("metadata") or {}
+        by_task[meta.get("dataset", "unknown")].append(
+            (meta.get("question_type", "open-ended"), r["conversations"][0]["value"], r["conversations"][1]["value"],
+             meta.get("scenario", "unknown")))
+    rows = []
+    for task, samples in by_task.items():
+        def scores(answer: str) -> list[float]:
+            return [score(kind, q, ref, answer) for kind, q, ref, _ in samples]
+        best = max((scores(a) for a in sorted({ref for _, _, ref, _ in samples})), key=sum)
+        rows += [(task, scenario, s) for (*_, scenario), s in zip(samples, best)]
+    return summarise(rows)
+
+
 def evaluate(model: str, bench: Path, image_root: Path | None = None, limit: int | None = None,
              max_new_tokens: int = 64, backend: str = "auto", device: str = "cpu", on_sample=None) -> dict:
     """Ask every question of the bench and score the answers; `on_sample(i, n)` follows progress."""
@@ -113,7 +135,7 @@ def evaluate(model: str, bench: Path, image_root: Path | None = None, limit: int
     records = load_bench(bench)[:limit]
     root = Path(image_root or Path(bench).parent)
     m = m4.load(model, backend=backend, device=device)
-    rows, failed, samples = [], [], []
+    rows, failed, samples, scored = [], [], [], []
     for i, rec in enumerate(records):
         meta = rec.get("metadata") or {}
         question, reference = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
@@ -126,24 +148,27 @@ def evaluate(model: str, bench: Path, image_root: Path | None = None, limit: int
             rows.append((meta.get("dataset", "unknown"), meta.get("scenario", "unknown"), s))
             samples.append({"sample_id": rec.get("sample_id", i), "answer": answer, "reference": reference,
                             "score": s})
+            scored.append(rec)
         except M4Error as e:  # a broken sample is reported, not scored
             failed.append(f"{rec.get('sample_id', i)}: {e}")
         if on_sample:
             on_sample(i + 1, len(records))
-    return {**summarise(rows), "failed": len(failed), "failed_first": failed[:5], "model": str(model),
-            "bench": str(bench), "samples": samples}
+    return {**summarise(rows), "chance": {k: v for k, v in chance(scored).items() if k != "n"},
+            "failed": len(failed), "failed_first": failed[:5], "model": str(model), "bench": str(bench),
+            "samples": samples}
 
 
 def print_scores(scores: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table("", "accuracy", title=f"{scores['n']} samples", caption=f"{scores['model']} on {scores['bench']}")
+    t = Table("", "accuracy", "chance", title=f"{scores['n']} samples",
+              caption=f"{scores['model']} on {scores['bench']}; chance: the best single answer per task")
     for group in ("by_scenario", "by_task"):
         for name, acc in scores[group].items():
-            t.add_row(name, f"{acc:.3f}")
+            t.add_row(name, f"{acc:.3f}", f"{scores['chance'][group][name]:.3f}")
         t.add_section()
-    t.add_row("overall", f"{scores['overall']:.3f}")
+    t.add_row("overall", f"{scores['overall']:.3f}", f"{scores['chance']['overall']:.3f}")
     console = Console()
     console.print(t)
     if scores["failed"]:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from m4.eval import rouge_l, score, summarise
+from m4.eval import chance, rouge_l, score, summarise
 from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import TASKS, synth
 
@@ -40,6 +40,23 @@ def test_summary_groups_by_task_and_scenario():
     s = summarise([("t1", "multi-image", 1.0), ("t1", "multi-image", 0.0), ("t2", "multi-view", 1.0)])
     assert s == {"overall": pytest.approx(2 / 3, abs=1e-6), "by_scenario": {"multi-image": 0.5, "multi-view": 1.0},
                  "by_task": {"t1": 0.5, "t2": 1.0}, "n": 3}
+
+
+def record(task: str, kind: str, question: str, answer: str) -> dict:
+    return {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+            "metadata": {"question_type": kind, "dataset": task, "scenario": "s-" + task}}
+
+
+def test_chance_is_the_best_single_answer_per_task():
+    records = ([record("mc", "multi-choice", QUESTION, x) for x in "AABC"]  # "A" right twice in four
+               + [record("count", "open-ended", "How many?", x) for x in "1123345"]  # "3" or "1": 2 of 7
+               + [record("long", "open-ended", "What?", x) for x in ("the red square moved left",
+                                                                        "the red square moved right")])
+    c = chance(records)
+    # the long task's best constant is either reference: 1 on itself, ROUGE-L 0.75 on the other
+    assert c["by_task"] == {"mc": 0.5, "count": pytest.approx(2 / 7, abs=1e-6), "long": pytest.approx(0.875)}
+    assert c["by_scenario"]["s-mc"] == 0.5
+    assert c["overall"] == pytest.approx((2 + 2 + 1.75) / 13, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +93,8 @@ def test_eval_command_scores_a_checkpoint(bench, tmp_path):
     assert set(scores["by_task"]) == set(TASKS)
     assert set(scores["by_scenario"]) == {s for s, _, _ in TASKS.values()}
     assert all(0 <= v <= 1 for v in [scores["overall"], *scores["by_task"].values(), *scores["by_scenario"].values()])
-    assert len(scores["samples"]) == 10 and "overall" in r.stdout
+    assert len(scores["samples"]) == 10 and "overall" in r.stdout and "chance" in r.stdout
+    assert set(scores["chance"]["by_task"]) == set(TASKS) and 0 < scores["chance"]["overall"] <= 1
     # a broken sample is counted, not fatal; a missing bench is one line
     records = json.loads(bench.read_text())[:2]
     records[0]["image"] = ["missing.png"] * len(records[0]["image"])
