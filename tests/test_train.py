@@ -20,6 +20,7 @@ from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
+from m4.train.synth import TASKS
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
 TESTS = Path(__file__).parent
@@ -272,3 +273,15 @@ def test_frozen_tower_tuned_parts_and_gradient_checkpointing(synth, tmp_path):
     assert changed(tower, "model.vision_tower.") and not changed(tower, "model.language_model.")
     with pytest.raises(m4.M4Error, match="--tune"):
         run("bad", tune="projector,eyes")
+
+
+def test_looking_scores_own_against_another_records_images(synth, tmp_path):
+    ck = tmp_path / "ck"
+    random_checkpoint("tiny", ck)
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "looking.py"), ck, synth / "captions.json",
+                        "--n", "40"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[1:]}
+    assert set(rows) == set(TASKS)  # 40 records: every task has a partner of its shape
+    for n, own, other, gap in rows.values():
+        assert int(n) >= 1 and float(gap) == pytest.approx(float(other) - float(own), abs=2e-3)
