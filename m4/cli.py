@@ -182,7 +182,7 @@ def data_synth(out: Path = typer.Argument(..., help="output folder (replaced)"),
                seed: int = typer.Option(0, "--seed"),
                size: int = typer.Option(64, "--size", help="the model's image size in pixels"),
                workers: Optional[int] = typer.Option(None, "--workers", help="processes; default: all cores")):
-    """Generate M4-Synth: train.json, captions.json, bench.json and media/."""
+    """Generate M4-Synth: train.json, captions.json, scenes.json, bench.json and media/."""
     from m4.train.synth import synth
 
     counts = synth(out, n, bench, seed, size, workers)

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Train the demo model that m4 ships (m4/assets/demo): M4-Synth, a caption stage that
-# teaches the model to look, a question stage, then the held-out bench (another seed).
+# Train the demo model that m4 ships (m4/assets/demo): M4-Synth, a scene stage (one image,
+# 1-3 shapes: from scratch the model learns to look here, and stays blind on the harder
+# captions; docs/training.md), a caption stage over all four scenarios, a question stage,
+# then the held-out bench (another seed).
 # Usage: scripts/train_demo.sh RUN_DIR     (README records the command, seed and time)
 # Environment: M4 (default "python -m m4"); N training samples, HELDOUT bench samples,
-# STEPS1 / STEPS2 caption and question steps (defaults: the shipped model's).
+# STEPS0 / STEPS1 / STEPS2 scene, caption and question steps (defaults: the shipped model's).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
 m4=${M4:-python -m m4}
+steps0=${STEPS0:-1500}
 steps1=${STEPS1:-3000}
 steps2=${STEPS2:-8000}
 n=${N:-40000}
@@ -16,8 +19,11 @@ SECONDS=0
 $m4 data synth "$run/data" --n "$n" --bench 0 --seed 0
 $m4 data synth "$run/heldout" --n 0 --bench "$heldout" --seed 1
 echo "data: ${SECONDS}s"
-$m4 train "${common[@]}" --data "$run/data/captions.json" --out "$run/captions" --steps "$steps1" \
+$m4 train "${common[@]}" --data "$run/data/scenes.json" --out "$run/scenes" --steps "$steps0" \
     --lr 1e-3 --vision-lr 1e-3
+echo "scene stage: ${SECONDS}s"
+$m4 train "${common[@]}" --init "$run/scenes" --data "$run/data/captions.json" --out "$run/captions" \
+    --steps "$steps1" --lr 1e-3 --vision-lr 1e-3
 echo "caption stage: ${SECONDS}s"
 $m4 train "${common[@]}" --init "$run/captions" --data "$run/data/train.json" --out "$run/demo" \
     --steps "$steps2" --lr 5e-4

@@ -15,7 +15,7 @@ from m4.media import sample_uniform, tile
 from m4.media.demo import COLOURS
 from m4.prompt import IMAGE
 from m4.train.data import Skipped, load_records
-from m4.train.synth import FRAMES, TASKS, make, synth
+from m4.train.synth import FRAMES, PLACES, TASKS, make, synth
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +72,23 @@ def test_bench_is_llava_interleave_bench_format(data):
             assert letter(gpt["value"]) in options(human["value"])
 
 
+def test_scenes_say_what_is_where_in_their_pixels(data):
+    scenes = load(data / "scenes.json")
+    assert len(scenes) == 20 and len({r["id"] for r in scenes}) == 20
+    for r in scenes:
+        (human, gpt), (path,) = r["conversations"], r["image"]
+        assert human["value"] == f"{IMAGE}\nDescribe the image."
+        img = np.asarray(Image.open(data / path).convert("RGB"))
+        named = gpt["value"].rstrip(".").replace(" and ", ", ").split(", ")  # "a red square at top left"
+        assert 1 <= len(named) <= 3
+        for words in named:
+            colour, place = words.split()[1], words.split(" at ")[1]
+            ys, xs = np.nonzero(mask(img, colour))
+            assert len(ys), (r["id"], words)
+            cell = PLACES[int(3 * ys.mean() / img.shape[0])][int(3 * xs.mean() / img.shape[1])]
+            assert cell == place, (r["id"], words)
+
+
 def test_same_seed_same_files(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         synth(tmp_path / name, n=10, bench=2, seed=seed)
@@ -79,6 +96,7 @@ def test_same_seed_same_files(tmp_path):
     assert (a / "train.json").read_text() == (b / "train.json").read_text()
     assert (a / "media/diff-colour-000000_0.png").read_bytes() == (b / "media/diff-colour-000000_0.png").read_bytes()
     assert (a / "bench.json").read_text() == (b / "bench.json").read_text()
+    assert (a / "scenes.json").read_text() == (b / "scenes.json").read_text()
     assert (a / "train.json").read_text() != (c / "train.json").read_text()
 
 

@@ -10,11 +10,15 @@ Tasks (scenario, question type):
                                                                      made out at tile resolution
 Every sample also yields a dense caption of its media (per image, frame or view): a tiny model
 trained on one-word answers alone learns the answer prior and ignores the images, so the
-captions give it a signal per object to learn to look with (DESIGN, "The demo model").
+captions give it a signal per object to learn to look with (DESIGN, "The demo model"). Even
+those are too hard for a model that has never looked: from scratch the demo preset stays
+blind on them, so each sample also yields a scene, one image of 1-3 shapes and its caption,
+the first stage of the demo recipe (scripts/looking.py measured both; docs/training.md).
 
 Output (paths relative to OUT):
   train.json     M4-Instruct records: questions and captions; videos as MP4 (`video`)
-  captions.json  the caption records alone: stage 1 of the demo recipe
+  scenes.json    single-image captions of 1-3 shapes: stage 0 of the demo recipe
+  captions.json  the caption records alone: stage 1
   bench.json     LLaVA-Interleave Bench records (videos as frame PNGs, `metadata.scenario`)
   media/         PNG and MP4 files
 Multi-patch records carry `"patches": true` (m4's extension): the trainer and `m4 eval` feed
@@ -381,6 +385,15 @@ def train_records(root: Path, i: int, item: Item) -> tuple[dict, dict]:
             {"id": f"{rid}-caption", **media, **extra, "conversations": conversation(*pair[1])})
 
 
+def scene_record(root: Path, i: int, seed: int, size: int) -> dict:
+    """One image of 1-3 shapes in distinct cells, and what is where."""
+    rng = np.random.default_rng([seed, 2, i])
+    objs = grid_objects(rng, int(rng.integers(1, 4)), size)
+    rid = f"scene-{i:06d}"
+    return {"id": rid, "image": save_images(root, rid, [render(objs, size, size)]),
+            "conversations": conversation(f"{IMAGE}\nDescribe the image.", describe(objs, size, size) + ".")}
+
+
 def bench_record(root: Path, i: int, item: Item) -> dict:
     rid = f"{item.task}-bench-{i:06d}"
     scenario, qtype, _ = TASKS[item.task]
@@ -397,14 +410,14 @@ def render_chunk(root: Path, names: list[str], seed: int, size: int, split: int,
     same files."""
     items = ((i, make(names[i % len(names)], [seed, split, i], size)) for i in indices)
     if split == 0:
-        return [train_records(root, i, item) for i, item in items]
+        return [(*train_records(root, i, item), scene_record(root, i, seed, size)) for i, item in items]
     return [bench_record(root, i, item) for i, item in items]
 
 
 def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int = 64,
           workers: int | None = None) -> dict[str, int]:
-    """Write M4-Synth to `out` (replaced atomically): n train samples and `bench` bench
-    samples, tasks taken in turn, rendered by `workers` processes (default: all cores).
+    """Write M4-Synth to `out` (replaced atomically): n train samples (each with its caption
+    record and a scene) and `bench` bench samples, tasks taken in turn, rendered by `workers` processes (default: all cores).
     `size` is the model's image size (the demo preset's 64)."""
     if size < 16 or size % 2:
         raise M4Error(f"--size must be an even number of pixels >= 16, got {size}")
@@ -423,8 +436,8 @@ def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int =
                 done += job.result()
                 bar.update(task, completed=len(done))
             results.append(done)
-        train = [r for pair in results[0] for r in pair]
-        captions = [c for _, c in results[0]]
-        for name, records in (("train", train), ("captions", captions), ("bench", results[1])):
+        files = {"train": [r for q, c, _ in results[0] for r in (q, c)], "captions": [c for _, c, _ in results[0]],
+                 "scenes": [s for *_, s in results[0]], "bench": results[1]}
+        for name, records in files.items():
             (root / f"{name}.json").write_text(json.dumps(records, indent=1))
-    return {"train": len(train), "captions": len(captions), "bench": len(results[1])}
+    return {name: len(records) for name, records in files.items()}
