@@ -11,7 +11,7 @@
 #                  torch.compile
 #   gpu_bench      benchmarks/gpu.py -> gpu-0.5b.json (m4 fp16 / int8 vs transformers, roofline)
 #   m4_bench_cuda  m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda
-# The machine has no network: wheels in .whl/ (transformers, av), when present, are
+# The machine has no network: wheels in .whl/ (transformers, av: scripts/device_wheels.sh), when present, are
 # installed into /tmp/site first, as scripts/ of the training runs do.
 set -u
 : "${OUT:?set OUT to a folder for the results}"
