@@ -95,13 +95,15 @@ def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export
               vision: str = typer.Option("int8", "--vision", help="int8 or none"),
               decoder: str = typer.Option("int8", "--decoder", help="int8, int4 (weight-only), w8a8 or none"),
               method: str = typer.Option("minmax", "--method", help="activation ranges: minmax, entropy, percentile"),
-              samples: int = typer.Option(32, "--samples", help="calibration prompts (a fifth more are held out)")):
+              samples: int = typer.Option(32, "--samples", help="calibration prompts (a fifth more are held out)"),
+              bench: Optional[Path] = typer.Option(None, "--bench", help="also score both bundles on this bench (m4 eval)"),
+              bench_limit: Optional[int] = typer.Option(None, "--bench-limit", help="its first N samples")):
     """Quantise a bundle on calibration data; report.json compares it with the float bundle."""
     try:
         from m4.calib.bundle import calibrate as run_calibration
     except ImportError as e:
         raise M4Error(f"m4 calibrate needs {e.name}: pip install 'm4-vlm[export]'") from None
-    run_calibration(bundle, out, data, vision, decoder, method, samples)
+    run_calibration(bundle, out, data, vision, decoder, method, samples, bench=bench, bench_limit=bench_limit)
 
 
 @app.command("build")

@@ -20,9 +20,11 @@ from m4.calib.data import load_samples
 from m4.calib.measure import teacher_forced
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
 from m4.errors import M4Error
+from m4.eval import evaluate
 from m4.export.bundle import export_bundle
 from m4.export.manifest import ORT_DECODER
 from m4.media import DemoScene, preprocess, write_video
+from m4.train.synth import synth
 
 from conftest import random_images
 from test_parity import QUESTIONS, oracle_tokens
@@ -214,6 +216,25 @@ def test_bad_calibration_data_is_one_clear_line(float_bundle, tmp_path, make, me
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and re.match(f"m4: error: {message}", r.stderr) and r.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_task_accuracy_of_both_bundles_on_a_bench(float_bundle, tmp_path):
+    synth(tmp_path / "synth", n=0, bench=10, seed=1, size=32)
+    bench = tmp_path / "synth" / "bench.json"
+    out = tmp_path / "q"
+    report = calibrate(float_bundle, out, "demo", vision="int8", decoder="int8", samples=4, bench=bench)
+    a = report["task_accuracy"]
+    assert a == json.loads((out / "report.json").read_text())["task_accuracy"]
+    # the same scores m4 eval gives each bundle
+    for name, bundle in (("float", float_bundle), ("quantised", out)):
+        e = evaluate(str(bundle), bench)
+        assert a[name]["n"] == 10 and a[name]["overall"] == e["overall"] and a[name]["by_task"] == e["by_task"]
+    assert a["delta_points"] == pytest.approx(100 * (a["quantised"]["overall"] - a["float"]["overall"]))
+    # a missing bench is one line, before any work
+    r = subprocess.run([sys.executable, "-m", "m4", "calibrate", float_bundle, tmp_path / "q2", "--data", "demo",
+                        "--bench", tmp_path / "nope.json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("m4: error: bench not found") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "q2").exists()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")

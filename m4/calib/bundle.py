@@ -31,6 +31,7 @@ from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
 from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
+from m4.eval import evaluate, load_bench
 from m4.export.manifest import MANIFEST, ORT_DECODER, file_record, is_bundle
 from m4.media import preprocess
 from m4.runtime.bundle_backend import PREFILL_CHUNK
@@ -71,10 +72,14 @@ def graph_bytes(path: Path, name: str) -> int:
 
 
 def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int8", decoder: str = "int8",
-              method: str = "minmax", samples: int = 32, console: Console | None = None) -> dict:
-    """Write the quantised bundle OUT; its report."""
+              method: str = "minmax", samples: int = 32, console: Console | None = None,
+              bench: str | Path | None = None, bench_limit: int | None = None) -> dict:
+    """Write the quantised bundle OUT; its report. With `bench` (LLaVA-Interleave Bench JSON,
+    such as M4-Synth's), the report also has both bundles' task accuracy on it."""
     bundle, out = Path(bundle), Path(out)
     check(bundle, out, vision, decoder, method, samples)
+    if bench is not None:
+        load_bench(Path(bench))  # a bad bench is one line before any work
     ref = m4.load(bundle)
     m = ref.backend.manifest
     if m.get("quantisation"):
@@ -109,6 +114,9 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
         report = {"bundle": str(out), "float_bundle": str(bundle), "quantisation": quant, "calibration": record,
                   "machine": machine(), "size_bytes": sizes(bundle, tmp),
                   **measure(step, ref, m4.load(tmp), quant, test, test_prompts, test_pixels)}
+        if bench is not None:
+            report["task_accuracy"] = step(f"score both bundles on {bench}", task_accuracy, bundle, tmp,
+                                           Path(bench), bench_limit)
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         write_manifest(tmp, m, str(bundle), quant, record)
     print_report(report, Console())
@@ -149,6 +157,14 @@ def measure(step, ref, q, quant: dict, test: list, prompts: list[np.ndarray], pi
         r["decoder"] = step("measure decoder on held-out prompts", measure_decoder, ref, q, prompts)
     r["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles", answers_equal, ref, q, test)}
     return r
+
+
+def task_accuracy(float_bundle: Path, quantised: Path, bench: Path, limit: int | None) -> dict:
+    """Both bundles scored on a bench (m4 eval): accuracies, and the quantised one's change in points."""
+    keep = ("overall", "by_scenario", "by_task", "n", "chance")
+    f, q = (evaluate(str(b), bench, limit=limit) for b in (float_bundle, quantised))
+    return {"bench": str(bench), "float": {k: f[k] for k in keep}, "quantised": {k: q[k] for k in keep},
+            "delta_points": 100 * (q["overall"] - f["overall"])}
 
 
 def embed_samples(model, samples: list) -> tuple[list[np.ndarray], np.ndarray]:
@@ -196,6 +212,11 @@ def print_report(r: dict, console: Console) -> None:
     if "end_to_end" in r:
         console.print(f"held-out answers identical to the float bundle's: {r['end_to_end']['answers_equal']:.0%} "
                       f"of {r['calibration']['held_out']}")
+    if "task_accuracy" in r:
+        a = r["task_accuracy"]
+        console.print(f"task accuracy on {a['bench']} ({a['float']['n']} samples): float {a['float']['overall']:.3f}, "
+                      f"quantised {a['quantised']['overall']:.3f} ({a['delta_points']:+.1f} points; "
+                      f"chance {a['float']['chance']['overall']:.3f})")
 
 
 def size(s: dict) -> str:
