@@ -14,11 +14,15 @@ run=/tmp/demo-run
 scripts/train_demo.sh "$run" > "$OUT/train.log" 2>&1 &
 job=$!
 ( sleep "${BUDGET:-480}"; echo "budget spent: stopping" >> "$OUT/train.log"; pkill -f "m4 train" ) &
+watchdog=$!
 copy() {
     newest=$(ls -td "$run"/demo "$run"/captions "$run"/scenes 2>/dev/null | head -1)
     [ -n "$newest" ] && cp "$newest"/model.safetensors "$OUT/model.safetensors" 2>/dev/null
-    tar czf "$OUT/run.tgz" --exclude=model.safetensors --exclude='checkpoint-*' --exclude=media -C "$run" . 2>/dev/null
+    tar czf "$OUT/run.tgz" --exclude=model.safetensors --exclude='checkpoint-*' --exclude=./data --exclude=./heldout \
+        -C "$run" . 2>/dev/null
 }
 while kill -0 $job 2>/dev/null; do sleep 15; copy; done
+kill $watchdog 2>/dev/null
 copy
-cat "$run/eval.json" 2>/dev/null | head -c 2000
+python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({k: d[k] for k in ('overall', 'by_scenario', 'chance')})" \
+    "$run/eval.json" 2>/dev/null || echo "no eval.json: the run stopped before the bench"
