@@ -110,20 +110,23 @@ def summarise(rows: list[tuple[str, str, float]]) -> dict:
             **{k: {name: mean(v) for name, v in sorted(g.items())} for k, g in groups.items()}, "n": len(rows)}
 
 
+def fields(rec: dict) -> tuple[str, str, str, str, str]:
+    """A bench record's task, scenario, question type, question and reference answer."""
+    meta = rec.get("metadata") or {}
+    return (meta.get("dataset", "unknown"), meta.get("scenario", "unknown"), meta.get("question_type", "open-ended"),
+            rec["conversations"][0]["value"], rec["conversations"][1]["value"])
+
+
 def chance(records: list[dict]) -> dict:
     """Per sample, the score its task's best constant answer gets; summarised like accuracy."""
     by_task = defaultdict(list)
-    for r in records:
-        meta = r.get("metadata") or {}
-        by_task[meta.get("dataset", "unknown")].append(
-            (meta.get("question_type", "open-ended"), r["conversations"][0]["value"], r["conversations"][1]["value"],
-             meta.get("scenario", "unknown")))
+    for f in map(fields, records):
+        by_task[f[0]].append(f)
     rows = []
-    for task, samples in by_task.items():
-        def scores(answer: str) -> list[float]:
-            return [score(kind, q, ref, answer) for kind, q, ref, _ in samples]
-        best = max((scores(a) for a in sorted({ref for _, _, ref, _ in samples})), key=sum)
-        rows += [(task, scenario, s) for (*_, scenario), s in zip(samples, best)]
+    for samples in by_task.values():
+        answers = sorted({ref for *_, ref in samples})
+        best = max(([score(kind, q, ref, a) for _, _, kind, q, ref in samples] for a in answers), key=sum)
+        rows += [(task, scenario, s) for (task, scenario, *_), s in zip(samples, best)]
     return summarise(rows)
 
 
@@ -137,15 +140,14 @@ def evaluate(model: str, bench: Path, image_root: Path | None = None, limit: int
     m = m4.load(model, backend=backend, device=device)
     rows, failed, samples, scored = [], [], [], []
     for i, rec in enumerate(records):
-        meta = rec.get("metadata") or {}
-        question, reference = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
+        task, scenario, kind, question, reference = fields(rec)
         images = rec.get("image") or []
         images = [root / p for p in ([images] if isinstance(images, str) else images)]
         try:
-            answer = m.ask(question, images=images or None, patches=bool(meta.get("patches")),
+            answer = m.ask(question, images=images or None, patches=bool((rec.get("metadata") or {}).get("patches")),
                            max_new_tokens=max_new_tokens)
-            s = score(meta.get("question_type", "open-ended"), question, reference, answer)
-            rows.append((meta.get("dataset", "unknown"), meta.get("scenario", "unknown"), s))
+            s = score(kind, question, reference, answer)
+            rows.append((task, scenario, s))
             samples.append({"sample_id": rec.get("sample_id", i), "answer": answer, "reference": reference,
                             "score": s})
             scored.append(rec)

@@ -51,11 +51,15 @@ def main() -> None:
                          pixel_values=torch.from_numpy(pixels)).loss.item()
 
     sums = defaultdict(lambda: [0.0, 0.0, 0])
+    def pixels(x):  # None for a skipped record or one without images
+        return getattr(x, "pixels", None)
+
     for i, x in enumerate(examples):
+        if pixels(x) is None:
+            continue
         other = next((y for t, y in zip(tasks[i + 1:], examples[i + 1:])
-                      if t == tasks[i] and getattr(y, "pixels", None) is not None and y.pixels.shape == x.pixels.shape),
-                     None)
-        if getattr(x, "pixels", None) is None or other is None:
+                      if t == tasks[i] and pixels(y) is not None and y.pixels.shape == x.pixels.shape), None)
+        if other is None:
             continue
         s = sums[tasks[i]]
         s[0], s[1], s[2] = s[0] + loss(x, x.pixels), s[1] + loss(x, other.pixels), s[2] + 1

@@ -13,6 +13,7 @@ on that GPU model and TensorRT version).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -47,6 +48,7 @@ def profiles(m: dict, max_images: int, max_context: int) -> dict[str, list[dict]
             "decoder.onnx": [decoder((1, chunk // 2, chunk), (1, 1, chunk)), decoder((1, 1, 1), (1, 1, 1))]}
 
 
+@functools.cache  # one GPU per process; nvidia-smi is a subprocess, asked once
 def gpu_name() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,

@@ -417,7 +417,8 @@ def render_chunk(root: Path, names: list[str], seed: int, size: int, split: int,
 def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int = 64,
           workers: int | None = None) -> dict[str, int]:
     """Write M4-Synth to `out` (replaced atomically): n train samples (each with its caption
-    record and a scene) and `bench` bench samples, tasks taken in turn, rendered by `workers` processes (default: all cores).
+    record and a scene) and `bench` bench samples, tasks taken in turn, rendered by `workers`
+    processes (default: all cores).
     `size` is the model's image size (the demo preset's 64)."""
     if size < 16 or size % 2:
         raise M4Error(f"--size must be an even number of pixels >= 16, got {size}")
