@@ -1,28 +1,75 @@
 #!/usr/bin/env bash
-# The demo recipe (scripts/train_demo.sh) on a lent GPU machine, in one device call:
+# The demo recipe (scripts/train_demo.sh) on a lent GPU machine, inside one device call:
 #     scripts/device_wheels.sh      # here, once
-#     run(command="BUDGET=480 bash scripts/device_train_demo.sh", carry=[".whl"], timeout_s=600)
-# The run stops at BUDGET seconds, whatever stage it is in; the newest weights, the logs and
-# the held-out scores are copied into $OUT every 15 s, so a stopped run still returns them.
-# STEPS0/STEPS1/STEPS2, N and HELDOUT pass through to train_demo.sh.
+#     run(command="BUDGET=300 bash scripts/device_train_demo.sh", carry=[".whl"], timeout_s=600)
+# Two variants of the recipe train side by side on the one GPU (a model this small leaves it
+# mostly idle), each on half the cores: VARIANTS lists NAME:BATCH:LR2 (LR2: the question
+# stage's learning rate). Their steps fit BUDGET seconds of training: a 40-step trial of
+# both measures the seconds per question-stage step, and the stages get 10% / 20% / 70% of
+# the steps that buys. Each variant is scored on the held-out bench (seed 1) by train_demo.sh,
+# and on a validation bench (seed 2) here, which picks the model to ship: the held-out
+# score stays unbiased. Into $OUT, every 15 s and at the end: each variant's weights
+# (NAME.safetensors), run.tgz (the small files: logs, configs, tokenizers, scores), train.log.
 set -u
 : "${OUT:?set OUT to a folder for the results}"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 M4="python3 -m m4"
-run=/tmp/demo-run
-scripts/train_demo.sh "$run" > "$OUT/train.log" 2>&1 &
-job=$!
-( sleep "${BUDGET:-480}"; echo "budget spent: stopping" >> "$OUT/train.log"; pkill -f "m4 train" ) &
-watchdog=$!
+source scripts/device_env.sh
+export M4="python3 -m m4"
+runs=/tmp/demo-runs
+variants=(${VARIANTS:-a:32:5e-4 b:64:1e-3})
+half=$(( $(nproc) / 2 ))
+cores=("0-$(( half - 1 ))" "$half-$(( 2 * half - 1 ))")
+log=$OUT/train.log
+mkdir -p "$runs"
+SECONDS=0
+{
+    $M4 data synth "$runs/data" --n "${N:-40000}" --bench 0 --seed 0
+    $M4 data synth "$runs/heldout" --n 0 --bench "${HELDOUT:-600}" --seed 1
+    $M4 data synth "$runs/val" --n 0 --bench 300 --seed 2
+    echo "data: ${SECONDS}s"
+} >> "$log" 2>&1
+
 copy() {
-    newest=$(ls -td "$run"/demo "$run"/captions "$run"/scenes 2>/dev/null | head -1)
-    [ -n "$newest" ] && cp "$newest"/model.safetensors "$OUT/model.safetensors" 2>/dev/null
-    tar czf "$OUT/run.tgz" --exclude=model.safetensors --exclude='checkpoint-*' --exclude=./data --exclude=./heldout \
-        -C "$run" . 2>/dev/null
+    for v in "${variants[@]}"; do
+        name=${v%%:*}
+        newest=$(ls -td "$runs/$name"/demo "$runs/$name"/captions "$runs/$name"/scenes 2>/dev/null | head -1)
+        [ -n "$newest" ] && cp "$newest/model.safetensors" "$OUT/$name.safetensors" 2>/dev/null
+    done
+    tar czf "$OUT/run.tgz" --exclude='*.safetensors' --exclude='checkpoint-*' --exclude=./data \
+        --exclude=./heldout --exclude=./val --exclude='cal-*' -C "$runs" . 2>/dev/null
 }
-while kill -0 $job 2>/dev/null; do sleep 15; copy; done
+
+# seconds per question-stage step, both variants at once as they will run
+for i in "${!variants[@]}"; do
+    IFS=: read -r name batch lr <<< "${variants[$i]}"
+    taskset -c "${cores[$i]}" $M4 train --preset demo --data "$runs/data/train.json" --out "$runs/cal-$name" \
+        --steps 40 --batch-size "$batch" --save-every 1000 >> "$log" 2>&1 &
+done
+wait
+for i in "${!variants[@]}"; do
+    IFS=: read -r name batch lr <<< "${variants[$i]}"
+    s=$(python3 -c "import json, sys, statistics as st; print(st.median(json.loads(l)['step_s'] for l in list(open(sys.argv[1]))[10:]))" \
+        "$runs/cal-$name/log.jsonl")
+    read -r steps0 steps1 steps2 <<< "$(python3 -c "import sys; t = (float(sys.argv[1]) - 30) / float(sys.argv[2]); \
+print(*(max(1, int(t * f)) for f in (0.1, 0.2, 0.7)))" "${BUDGET:-300}" "$s")"
+    echo "variant $name: batch $batch, lr2 $lr, ${s}s per step -> $steps0 + $steps1 + $steps2 steps" | tee -a "$log"
+    ( export BATCH=$batch LR2=$lr DATA=$runs/data HELD=$runs/heldout STEPS0=$steps0 STEPS1=$steps1 STEPS2=$steps2
+      taskset -c "${cores[$i]}" scripts/train_demo.sh "$runs/$name" > "$runs/$name.log" 2>&1
+      taskset -c "${cores[$i]}" $M4 eval --model "$runs/$name/demo" --bench "$runs/val/bench.json" \
+          --json "$runs/$name/val.json" >> "$runs/$name.log" 2>&1 ) &
+done
+( sleep $(( ${BUDGET:-300} + 90 )); echo "budget spent: stopping" >> "$log"; pkill -f "m4 train" ) &
+watchdog=$!
+while [ -n "$(jobs -pr | grep -v "^$watchdog$")" ]; do sleep 15; copy; done
 kill $watchdog 2>/dev/null
 copy
-python3 -c "import json, sys; d = json.load(open(sys.argv[1])); print({k: d[k] for k in ('overall', 'by_scenario', 'chance')})" \
-    "$run/eval.json" 2>/dev/null || echo "no eval.json: the run stopped before the bench"
+for v in "${variants[@]}"; do
+    name=${v%%:*}
+    python3 -c "
+import json, sys
+for f in sys.argv[2:]:
+    try: d = json.load(open(f))
+    except OSError: print(sys.argv[1], f, 'missing'); continue
+    print(sys.argv[1], f.split('/')[-1], round(d['overall'], 3), {k: round(v, 3) for k, v in d['by_scenario'].items()})
+" "$name" "$runs/$name/eval.json" "$runs/$name/val.json" | tee -a "$log"
+done
+echo "total: ${SECONDS}s" | tee -a "$log"

@@ -11,21 +11,19 @@
 #                  torch.compile
 #   gpu_bench      benchmarks/gpu.py -> gpu-0.5b.json (m4 fp16 / int8 vs transformers, roofline)
 #   m4_bench_cuda  m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda
-# The machine has no network: wheels in .whl/ (transformers, av: scripts/device_wheels.sh), when present, are
-# installed into /tmp/site first, as scripts/ of the training runs do.
+# ONLY="NAME ..." runs those steps alone. The machine has no network: wheels in .whl/
+# (transformers, av: scripts/device_wheels.sh) are installed first (scripts/device_env.sh).
 set -u
 : "${OUT:?set OUT to a folder for the results}"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 M4_CACHE=${M4_CACHE:-/tmp/m4-cache} PYTHONPATH=$PWD
-if ls .whl/*.whl > /dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-fi
+source scripts/device_env.sh
+export M4_CACHE=${M4_CACHE:-/tmp/m4-cache}
 
 BUDGET=${BUDGET:-540}  # seconds for the whole check: a step gets its limit or what is left
 step() {  # NAME LIMIT_S COMMAND...: run it, log to $OUT/NAME.log, print its exit status and tail
     local name=$1 limit=$2 t0=$SECONDS
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return; fi
     if (( BUDGET - SECONDS < limit )); then limit=$(( BUDGET - SECONDS )); fi
     if (( limit < 10 )); then echo "== $name: skipped, no time left"; return; fi
     echo "== $name (limit ${limit}s)"
