@@ -97,7 +97,7 @@ class Attention(nn.Module):
                 mask = mask.repeat(g, 1)
             y = F.scaled_dot_product_attention(q.reshape(b, self.kv_heads, g * t, self.head_dim), keys, values,
                                                attn_mask=mask)
-            y = y.view(b, self.heads, t, self.head_dim)
+            y = y.reshape(b, self.heads, t, self.head_dim)  # CUDA kernels may return it strided
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
