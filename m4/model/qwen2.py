@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 
 from m4.model.activations import ACTIVATIONS
 from m4.model.config import TextArch
@@ -86,8 +87,10 @@ class Attention(nn.Module):
             k_cache[:, :, pos:pos + t] = k
             v_cache[:, :, pos:pos + t] = v
             keys, values = k_cache[:, :, :pos + t], v_cache[:, :, :pos + t]
-        if not static and pos == 0 and self.heads == self.kv_heads:  # plain causal prefill
-            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        if not static and t > 1 and self.heads == self.kv_heads:  # prefill after pos cached tokens
+            # lower-right causal (query i sees keys up to pos + i): CUDA runs it in the flash
+            # kernel, where a dense mask would send a long chunk to the slow kernels
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=causal_lower_right(t, pos + t))
         else:
             # Each kv head's query heads become rows of one query matrix (GQA without copying
             # the cache); query i of the chunk sees keys up to pos + i.
