@@ -7,7 +7,8 @@
 # Environment: M4 (default "python -m m4"); N training samples, HELDOUT bench samples,
 # STEPS0 / STEPS1 / STEPS2 scene, caption and question steps, BATCH, LR2 the question stage's
 # learning rate (defaults: the shipped model's); DATA / HELD reuse data already synthesised
-# there (seeds 0 and 1).
+# there (seeds 0 and 1); INIT a checkpoint to start from (with STEPS0=0 STEPS1=0: the
+# question stage alone, from a model that already reads its images).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
 m4=${M4:-python -m m4}
@@ -23,14 +24,18 @@ SECONDS=0
 [ -f "$data/train.json" ] || $m4 data synth "$data" --n "$n" --bench 0 --seed 0
 [ -f "$held/bench.json" ] || $m4 data synth "$held" --n 0 --bench "$heldout" --seed 1
 echo "data: ${SECONDS}s"
-$m4 train "${common[@]}" --data "$data/scenes.json" --out "$run/scenes" --steps "$steps0" \
-    --lr 1e-3 --vision-lr 1e-3
-echo "scene stage: ${SECONDS}s"
-$m4 train "${common[@]}" --init "$run/scenes" --data "$data/captions.json" --out "$run/captions" \
-    --steps "$steps1" --lr 1e-3 --vision-lr 1e-3
-echo "caption stage: ${SECONDS}s"
-$m4 train "${common[@]}" --init "$run/captions" --data "$data/train.json" --out "$run/demo" \
-    --steps "$steps2" --lr "${LR2:-5e-4}"
-echo "question stage: ${SECONDS}s"
-$m4 eval --model "$run/demo" --bench "$held/bench.json" --json "$run/eval.json"
+prev=${INIT:-}
+stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
+    local name=$1 json=$2 steps=$3
+    shift 3
+    if (( steps > 0 )); then
+        $m4 train "${common[@]}" ${prev:+--init "$prev"} --data "$json" --out "$run/$name" --steps "$steps" "$@"
+        prev=$run/$name
+    fi
+    echo "$name stage: ${SECONDS}s"
+}
+stage scenes "$data/scenes.json" "$steps0" --lr 1e-3 --vision-lr 1e-3
+stage captions "$data/captions.json" "$steps1" --lr 1e-3 --vision-lr 1e-3
+stage questions "$data/train.json" "$steps2" --lr "${LR2:-5e-4}"
+$m4 eval --model "$prev" --bench "$held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"
