@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The demo recipe (scripts/train_demo.sh) on a lent GPU machine, inside one device call:
 #     scripts/device_wheels.sh      # here, once
-#     run(command="BUDGET=300 bash scripts/device_train_demo.sh", carry=[".whl"], timeout_s=600)
+#     run(command="BUDGET=420 VARIANTS='a:64:5e-4 b:128:1e-3' bash scripts/device_train_demo.sh",
+#         carry=[".whl"], timeout_s=600)
 # Two variants of the recipe train side by side on the one GPU (a model this small leaves it
 # mostly idle), each on half the cores: VARIANTS lists NAME:BATCH:LR2 (LR2: the question
 # stage's learning rate). Their steps fit BUDGET seconds of training: a 40-step trial of
@@ -9,9 +10,9 @@
 # 2026-11-26 a test run beside it tripled the step and the budget bought a third of its
 # steps), and the scene / caption / question stages get 30% / 20% / 50% of the steps that
 # buys (fewer scene steps leave the model blind: docs/training.md), or, with INIT (a
-# checkpoint that already reads its images), the question stage gets them all. Each variant is scored on the held-out bench (seed 1) by train_demo.sh,
-# and on a validation bench (seed 2) here, which picks the model to ship: the held-out
-# score stays unbiased. Into $OUT, every 15 s and at the end: each variant's weights
+# checkpoint that already reads its images), the question stage gets them all. Each variant
+# is scored on the held-out bench (seed 1) by train_demo.sh, and on a validation bench
+# (seed 2) here, which picks the model to ship: the held-out score stays unbiased. Into $OUT, every 15 s and at the end: each variant's weights
 # (NAME.safetensors), run.tgz (the small files: logs, configs, tokenizers, scores), train.log.
 set -u
 : "${OUT:?set OUT to a folder for the results}"
