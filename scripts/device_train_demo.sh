@@ -12,8 +12,9 @@
 # buys (fewer scene steps leave the model blind: docs/training.md), or, with INIT (a
 # checkpoint that already reads its images), the question stage gets them all. Each variant
 # is scored on the held-out bench (seed 1) by train_demo.sh, and on a validation bench
-# (seed 2) here, which picks the model to ship: the held-out score stays unbiased. Into $OUT, every 15 s and at the end: each variant's weights
-# (NAME.safetensors), run.tgz (the small files: logs, configs, tokenizers, scores), train.log.
+# (seed 2) here, which picks the model to ship: the held-out score stays unbiased. Into
+# $OUT, every 15 s and at the end: each variant's weights (NAME.safetensors), run.tgz (the
+# small files: logs, configs, tokenizers, scores), train.log.
 set -u
 : "${OUT:?set OUT to a folder for the results}"
 source scripts/device_env.sh
