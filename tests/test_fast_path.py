@@ -51,11 +51,17 @@ def test_static_caches_are_reused(checkpoints):
     assert [c.max_len // torch_backend.CACHE_BUCKET for c in b.spare] == [4, 5][-torch_backend.SPARE_CACHES:]
 
 
-def test_static_decode_in_a_live_window(checkpoints, oracle):
+@pytest.mark.parametrize("variant", ["gqa-untied-penult-full", "mha-tied-last-default"])
+def test_static_decode_in_a_live_window(checkpoints, oracle, variant):
     """Rolled-back questions and evicted frames leave stale entries past the context's end:
-    the static step reads the whole buffer, and its mask must hide them."""
-    path = checkpoints["gqa-untied-penult-full"]
+    the static step reads the whole buffer, and its mask must hide them. From the second
+    frame on, frames (and the window refilled after an eviction) are chunks of a length
+    seen before: they go through the static step too."""
+    path = checkpoints[variant]
     model = with_backend(path, decode="static")
+    chunks = []
+    step = model.backend.step
+    model.backend.step = lambda x, pos, cache: chunks.append(x.shape[1]) or step(x, pos, cache)
     live = model.stream(window=3)
     frames = random_images(5, seed=4)
     for k, frame in enumerate(frames, start=1):
@@ -63,6 +69,8 @@ def test_static_decode_in_a_live_window(checkpoints, oracle):
         if k in (2, 4, 5):
             assert list(live.tokens("What is happening?", max_new_tokens=8)) == \
                 oracle_answer(oracle, path, model, frames[max(0, k - 3):k], 8), f"after {k} frames"
+    n = len(live.slots[0].ids)
+    assert {n, 3 * n} <= set(chunks)  # a frame's tokens, the refilled window's (and the question's)
 
 
 def test_chunked_prefill_equals_one_pass(checkpoints, monkeypatch):

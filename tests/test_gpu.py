@@ -86,9 +86,12 @@ def test_graph_replays_the_static_step(checkpoints):
     for f in random_images(3, seed=4):
         live.add_frame(f)
     first = live.ask("What is happening?", max_new_tokens=8)
-    step = graph.backend.decode_graphs[live.ctx.cache.k.data_ptr()]
+    key = (live.ctx.cache.k.data_ptr(), 1)
+    step = graph.backend.decode_graphs[key]
     assert live.ask("What is happening?", max_new_tokens=8) == first
-    assert graph.backend.decode_graphs[live.ctx.cache.k.data_ptr()] is step  # one graph per cache
+    assert graph.backend.decode_graphs[key] is step  # one decode graph per cache
+    # the second frame's tokens, a chunk length this cache had prefilled, went through a graph
+    assert any(k[0] == key[0] and k[1] > 1 for k in graph.backend.decode_graphs)
 
 
 def test_frame_graph_equals_eager(checkpoints):

@@ -9,7 +9,10 @@ On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or w
 INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
 graph per cache and replayed per token; a single frame's vision captured in a graph too (a
 live frame is launch-bound; a batch keeps the GPU busy while Python launches, and each graph
-would hold its own activations); prefill in chunks of PREFILL_CHUNK tokens.
+would hold its own activations); prefill in chunks of PREFILL_CHUNK tokens, and a chunk
+length seen before on a cache (a live frame's tokens, the frames re-prefilled after an
+eviction) through a static step and its graph like a token's: eager, such a chunk is
+launch-bound too, while a one-off prompt would not repay a capture.
 
 With static steps, caches are sized up to a multiple of CACHE_BUCKET and a released one is
 kept (SPARE_CACHES of them, with their graphs) for the next context of its size: `ask`
@@ -32,6 +35,7 @@ from m4.runtime.cuda_graph import Graphed
 PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
 CACHE_BUCKET = 256  # static steps read the whole buffer: rounding up costs at most this many masked tokens
 SPARE_CACHES = 2
+CHUNK_GRAPHS = 4  # graphs of prefill chunks kept per cache (a frame, a refilled window, ...)
 DECODE_MODES = ("eager", "static", "graph")
 
 
@@ -64,7 +68,8 @@ class TorchBackend:
             quantise_decoder(self.model.text)
         self.decoder = self.model.text  # what a static step runs (see compile)
         self.frame_graph: Graphed | None = None
-        self.decode_graphs: dict[int, Graphed] = {}  # by the data_ptr of the cache's keys
+        self.decode_graphs: dict[tuple[int, int], Graphed] = {}  # by (data_ptr of the cache's keys, T)
+        self.seen: set[tuple[int, int]] = set()  # (cache, T) of the chunks prefilled so far
         self.spare: list[KVCache] = []
 
     @torch.inference_mode()
@@ -102,13 +107,15 @@ class TorchBackend:
         """A context let its cache go: keep it for the next one (stale entries are masked)."""
         self.spare.append(buffers)
         if len(self.spare) > SPARE_CACHES:
-            self.decode_graphs.pop(self.spare.pop(0).k.data_ptr(), None)
+            ptr = self.spare.pop(0).k.data_ptr()
+            self.decode_graphs = {k: g for k, g in self.decode_graphs.items() if k[0] != ptr}
+            self.seen = {k for k in self.seen if k[0] != ptr}
 
     @torch.inference_mode()
     def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         t = embeds.shape[0]
-        if t == 1 and self.decode != "eager":
+        if self.decode != "eager" and last_only and self.repeated(cache, t):
             logits = self.step(embeds[None], pos, cache)
         else:
             chunks = [self.model(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
@@ -123,13 +130,28 @@ class TorchBackend:
         self.decoder = torch.compile(self.model.text, fullgraph=True, dynamic=True)
         self.decode_graphs.clear()
 
+    def repeated(self, cache: KVCache, t: int) -> bool:
+        """Whether T tokens go through a static step: always one token, and a chunk whose
+        length this cache has prefilled before."""
+        if t == 1:
+            return True
+        key = (cache.k.data_ptr(), t)
+        seen = key in self.seen
+        self.seen.add(key)
+        return seen and t <= PREFILL_CHUNK
+
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """One token with static shapes: the cache's captured graph replayed, or run eagerly."""
+        """T tokens with static shapes: the graph captured for this cache and T replayed, or
+        run eagerly. compile() serves the decode step; chunks run the plain model."""
+        decoder = self.decoder if x.shape[1] == 1 else self.model.text
         if self.decode == "static":
-            return self.decoder(x, torch.tensor(pos, device=self.device), cache)
-        key = cache.k.data_ptr()
-        if key not in self.decode_graphs:  # captured on the cache's first decode step
-            self.decode_graphs[key] = Graphed(lambda x, p: self.decoder(x, p, cache), x,
+            return decoder(x, torch.tensor(pos, device=self.device), cache)
+        key = (cache.k.data_ptr(), x.shape[1])
+        if key not in self.decode_graphs:  # captured on the first such step
+            chunks = [k for k in self.decode_graphs if k[0] == key[0] and k[1] > 1]
+            if key[1] > 1 and len(chunks) >= CHUNK_GRAPHS:  # each holds its activations: the oldest goes
+                del self.decode_graphs[chunks[0]]
+            self.decode_graphs[key] = Graphed(lambda x, p: decoder(x, p, cache), x,
                                               torch.tensor(pos, device=self.device))
         return self.decode_graphs[key](x, pos)
 
