@@ -200,10 +200,12 @@ PRESETS: dict[str, Arch] = {
         vision=VisionArch(hidden=32, layers=2, heads=4, mlp=64, image_size=32, patch_size=8),
         text=TextArch(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=384),
         image_token_id=None),
-    # the small model m4 ships: a few million parameters, 64 tokens per 64-px image
+    # the small model m4 ships: a few million parameters, 64 tokens per 64-px image; 4,096
+    # positions (a 60-frame window), whose RoPE tables an exported decoder carries: at Qwen2's
+    # 32,768 they would outweigh its 3.2 M weights
     "demo": Arch(
         vision=VisionArch(hidden=128, layers=4, heads=4, mlp=512, image_size=64, patch_size=8),
-        text=TextArch(hidden=256, layers=4, heads=4, kv_heads=2, mlp=704, vocab=512),
+        text=TextArch(hidden=256, layers=4, heads=4, kv_heads=2, mlp=704, vocab=512, max_positions=4096),
         image_token_id=None),
     "0.5b": Arch(
         vision=SIGLIP_SO400M,
