@@ -103,7 +103,7 @@ def replay_ms(model, length: int, repeats: int = 200) -> float:
     ctx = Context(b, length + 1)
     ctx.append("prompt", b.embed_tokens(text_ids(model.tokenizer, length)))
     ctx.append("answer", b.embed_tokens([0]))  # captures the cache's graph
-    return cuda_us(b.decode_graphs[ctx.cache.k.data_ptr(), 1].graph.replay, repeats) / 1e3
+    return cuda_us(b.step_graphs[ctx.cache.k.data_ptr(), 1].graph.replay, repeats) / 1e3
 
 
 def m4_vision(model, frames) -> dict:

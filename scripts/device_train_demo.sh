@@ -33,11 +33,14 @@ SECONDS=0
     echo "data: ${SECONDS}s"
 } >> "$log" 2>&1
 
+newest() {  # NAME: the variant's latest stage
+    ls -td "$runs/$1"/questions "$runs/$1"/captions "$runs/$1"/scenes 2>/dev/null | head -1
+}
 copy() {
     for v in "${variants[@]}"; do
         name=${v%%:*}
-        newest=$(ls -td "$runs/$name"/questions "$runs/$name"/captions "$runs/$name"/scenes 2>/dev/null | head -1)
-        [ -n "$newest" ] && cp "$newest/model.safetensors" "$OUT/$name.safetensors" 2>/dev/null
+        last=$(newest "$name")
+        [ -n "$last" ] && cp "$last/model.safetensors" "$OUT/$name.safetensors" 2>/dev/null
     done
     tar czf "$OUT/run.tgz" --exclude='*.safetensors' --exclude='checkpoint-*' --exclude=./data \
         --exclude=./heldout --exclude=./val --exclude='cal-*' -C "$runs" . 2>/dev/null
@@ -59,8 +62,7 @@ print(*(int(t * f) for f in ((0, 0, 1) if sys.argv[3] else (0.3, 0.2, 0.5))))" "
     echo "variant $name: batch $batch, lr2 $lr, ${s}s per step -> $steps0 + $steps1 + $steps2 steps" | tee -a "$log"
     ( export BATCH=$batch LR2=$lr DATA=$runs/data HELD=$runs/heldout STEPS0=$steps0 STEPS1=$steps1 STEPS2=$steps2
       taskset -c "${cores[$i]}" scripts/train_demo.sh "$runs/$name" > "$runs/$name.log" 2>&1
-      newest=$(ls -td "$runs/$name"/questions "$runs/$name"/captions "$runs/$name"/scenes | head -1)
-      taskset -c "${cores[$i]}" $M4 eval --model "$newest" --bench "$runs/val/bench.json" \
+      taskset -c "${cores[$i]}" $M4 eval --model "$(newest "$name")" --bench "$runs/val/bench.json" \
           --json "$runs/$name/val.json" >> "$runs/$name.log" 2>&1 ) &
 done
 ( sleep $(( ${BUDGET:-300} + 90 )); echo "budget spent: stopping" >> "$log"; pkill -f "m4 train" ) &

@@ -87,11 +87,11 @@ def test_graph_replays_the_static_step(checkpoints):
         live.add_frame(f)
     first = live.ask("What is happening?", max_new_tokens=8)
     key = (live.ctx.cache.k.data_ptr(), 1)
-    step = graph.backend.decode_graphs[key]
+    step = graph.backend.step_graphs[key]
     assert live.ask("What is happening?", max_new_tokens=8) == first
-    assert graph.backend.decode_graphs[key] is step  # one decode graph per cache
+    assert graph.backend.step_graphs[key] is step  # one decode graph per cache
     # the second frame's tokens, a chunk length this cache had prefilled, went through a graph
-    assert any(k[0] == key[0] and k[1] > 1 for k in graph.backend.decode_graphs)
+    assert any(k[0] == key[0] and k[1] > 1 for k in graph.backend.step_graphs)
 
 
 def test_frame_graph_equals_eager(checkpoints):

@@ -67,11 +67,11 @@ class AvSource(Source):
         self.container, self.label, self.is_live = container, label, is_live
         self.stream = container.streams.video[0]
         self.length = self.stream.frames or None  # 0 means the container does not say
-        ctx = self.stream.codec_context
-        # frame threading decodes large files faster but adds latency live; on small clips (a
-        # training set's) starting decoder threads costs more than it saves: 4.6 -> 4.0 ms per
-        # 8-frame M4-Synth clip on 2 cores (more threads start on more cores)
         if not is_live:
+            # frame threading decodes large files faster but adds latency live; on small clips
+            # (a training set's) starting decoder threads costs more than it saves: 4.6 -> 4.0
+            # ms per 8-frame M4-Synth clip on 2 cores (more threads start on more cores)
+            ctx = self.stream.codec_context
             if (ctx.width or 0) * (ctx.height or 0) >= 640 * 480:
                 self.stream.thread_type = "AUTO"
             else:

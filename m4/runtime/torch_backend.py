@@ -68,7 +68,7 @@ class TorchBackend:
             quantise_decoder(self.model.text)
         self.decoder = self.model.text  # what a static step runs (see compile)
         self.frame_graph: Graphed | None = None
-        self.decode_graphs: dict[tuple[int, int], Graphed] = {}  # by (data_ptr of the cache's keys, T)
+        self.step_graphs: dict[tuple[int, int], Graphed] = {}  # static steps, by (data_ptr of the cache's keys, T)
         self.seen: set[tuple[int, int]] = set()  # (cache, T) of the chunks prefilled so far
         self.spare: list[KVCache] = []
 
@@ -108,7 +108,7 @@ class TorchBackend:
         self.spare.append(buffers)
         if len(self.spare) > SPARE_CACHES:
             ptr = self.spare.pop(0).k.data_ptr()
-            self.decode_graphs = {k: g for k, g in self.decode_graphs.items() if k[0] != ptr}
+            self.step_graphs = {k: g for k, g in self.step_graphs.items() if k[0] != ptr}
             self.seen = {k for k in self.seen if k[0] != ptr}
 
     @torch.inference_mode()
@@ -128,17 +128,17 @@ class TorchBackend:
         other small kernels of a step; the graph then replays the fused kernels). The first
         step compiles, which takes a while; one compile serves every cache size."""
         self.decoder = torch.compile(self.model.text, fullgraph=True, dynamic=True)
-        self.decode_graphs.clear()
+        self.step_graphs.clear()
 
     def repeated(self, cache: KVCache, t: int) -> bool:
         """Whether T tokens go through a static step: always one token, and a chunk whose
         length this cache has prefilled before."""
-        if t == 1:
-            return True
+        if t == 1 or t > PREFILL_CHUNK:
+            return t == 1
         key = (cache.k.data_ptr(), t)
         seen = key in self.seen
         self.seen.add(key)
-        return seen and t <= PREFILL_CHUNK
+        return seen
 
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """T tokens with static shapes: the graph captured for this cache and T replayed, or
@@ -147,13 +147,13 @@ class TorchBackend:
         if self.decode == "static":
             return decoder(x, torch.tensor(pos, device=self.device), cache)
         key = (cache.k.data_ptr(), x.shape[1])
-        if key not in self.decode_graphs:  # captured on the first such step
-            chunks = [k for k in self.decode_graphs if k[0] == key[0] and k[1] > 1]
+        if key not in self.step_graphs:  # captured on the first such step
+            chunks = [k for k in self.step_graphs if k[0] == key[0] and k[1] > 1]
             if key[1] > 1 and len(chunks) >= CHUNK_GRAPHS:  # each holds its activations: the oldest goes
-                del self.decode_graphs[chunks[0]]
-            self.decode_graphs[key] = Graphed(lambda x, p: decoder(x, p, cache), x,
+                del self.step_graphs[chunks[0]]
+            self.step_graphs[key] = Graphed(lambda x, p: decoder(x, p, cache), x,
                                               torch.tensor(pos, device=self.device))
-        return self.decode_graphs[key](x, pos)
+        return self.step_graphs[key](x, pos)
 
     @torch.inference_mode()
     def shift(self, cache: KVCache, start: int, end: int, by: int) -> None:
