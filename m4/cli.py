@@ -182,7 +182,7 @@ def data_synth(out: Path = typer.Argument(..., help="output folder (replaced)"),
                n: int = typer.Option(2000, "--n", help="training samples (each also gives a caption record)"),
                bench: int = typer.Option(200, "--bench", help="bench samples"),
                seed: int = typer.Option(0, "--seed"),
-               size: int = typer.Option(64, "--size", help="the model's image size in pixels"),
+               size: Optional[int] = typer.Option(None, "--size", help="the model's image size in pixels; default: the demo preset's"),
                workers: Optional[int] = typer.Option(None, "--workers", help="processes; default: all cores")):
     """Generate M4-Synth: train.json, captions.json, scenes.json, bench.json and media/."""
     from m4.train.synth import synth

@@ -43,6 +43,7 @@ from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.media import write_video
 from m4.media.demo import BACKGROUND, COLOURS, KINDS, DemoScene, draw_shape
+from m4.model.config import PRESETS
 from m4.prompt import IMAGE
 
 FRAMES = 8  # frames per clip: what `m4 train --frames` and `m4.load(...).ask(video=path)` sample
@@ -414,12 +415,13 @@ def render_chunk(root: Path, names: list[str], seed: int, size: int, split: int,
     return [bench_record(root, i, item) for i, item in items]
 
 
-def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int = 64,
+def synth(out: Path, n: int = 2000, bench: int = 200, seed: int = 0, size: int | None = None,
           workers: int | None = None) -> dict[str, int]:
     """Write M4-Synth to `out` (replaced atomically): n train samples (each with its caption
     record and a scene) and `bench` bench samples, tasks taken in turn, rendered by `workers`
     processes (default: all cores).
-    `size` is the model's image size (the demo preset's 64)."""
+    `size` is the model's image size (default: the demo preset's)."""
+    size = size or PRESETS["demo"].vision.image_size
     if size < 16 or size % 2:
         raise M4Error(f"--size must be an even number of pixels >= 16, got {size}")
     names, workers = list(TASKS), workers or os.cpu_count() or 1
