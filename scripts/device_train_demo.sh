@@ -18,7 +18,7 @@
 set -u
 : "${OUT:?set OUT to a folder for the results}"
 source scripts/device_env.sh
-export M4="python3 -m m4"
+export M4="python3 -m m4" PYTHON=python3
 runs=/tmp/demo-runs
 variants=(${VARIANTS:-a:32:5e-4 b:64:1e-3})
 half=$(( $(nproc) / 2 ))
@@ -28,7 +28,7 @@ mkdir -p "$runs"
 SECONDS=0
 {
     $M4 data synth "$runs/data" --n "${N:-40000}" --bench 0 --seed 0
-    $M4 data synth "$runs/heldout" --n 0 --bench "${HELDOUT:-600}" --seed 1
+    $M4 data synth "$runs/heldout" --n 200 --bench "${HELDOUT:-600}" --seed 1
     $M4 data synth "$runs/val" --n 0 --bench 300 --seed 2
     echo "data: ${SECONDS}s"
 } >> "$log" 2>&1

@@ -285,3 +285,29 @@ def test_looking_scores_own_against_another_records_images(synth, tmp_path):
     assert set(rows) == set(TASKS)  # 40 records: every task has a partner of its shape
     for n, own, other, gap in rows.values():
         assert int(n) >= 1 and float(gap) == pytest.approx(float(other) - float(own), abs=2e-3)
+
+
+def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
+    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    try:
+        import probe
+    finally:
+        sys.path.pop(0)
+    assert [probe.cell_tokens(3, c) for c in range(9)] == [[c] for c in range(9)]  # one token per cell
+    cells = [probe.cell_tokens(8, c) for c in range(9)]  # the demo's 8 x 8 patches
+    assert sorted(t for c in cells for t in c) == list(range(64)) and cells[0] == [0, 1, 2, 8, 9, 10, 16, 17, 18]
+    assert probe.shapes("a red square at top left and an orange circle at bottom.") == [
+        ("red", "square", "top left"), ("orange", "circle", "bottom")]
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 8)), rng.integers(0, 3, 200)
+    x[np.arange(200), y] += 10  # each class far out along its own axis
+    assert probe.probe(x[:100], list(y[:100]), x[100:], list(y[100:])) == 1.0
+    ck = tmp_path / "ck"
+    random_checkpoint("tiny", ck)
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "probe.py"), ck, synth, synth,
+                        "--n", "30", "--held-n", "10"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rows = {line[:16].strip(): line[16:].split() for line in r.stdout.splitlines()[1:5]}
+    assert set(rows) == {"patch embedding", "feature layer", "projector", "chance"}
+    assert all(0 <= float(v) <= 1 for row in rows.values() for v in row)
+    assert "captions name" in r.stdout
