@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import m4
 from m4.errors import M4Error
+from m4.model.checkpoint import read_weights
+from m4.model.fused import split_weights
 
 from conftest import random_images
 
@@ -65,7 +67,7 @@ def test_config_from_older_transformers(checkpoints, tmp_path):
     assert answer(tmp_path / "ck") == answer(src)
 
 
-@pytest.mark.parametrize("damage", ["no weights", "wrong shape", "not llava", "truncated"])
+@pytest.mark.parametrize("damage", ["no weights", "wrong shape", "not llava", "truncated", "no k_proj"])
 def test_bad_checkpoints_are_one_error(checkpoints, tmp_path, damage):
     ck = tmp_path / "ck"
     shutil.copytree(checkpoints["gqa-tied-last-full"], ck)
@@ -77,12 +79,17 @@ def test_bad_checkpoints_are_one_error(checkpoints, tmp_path, damage):
         (ck / "config.json").write_text(json.dumps(config))
     elif damage == "not llava":
         (ck / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    elif damage == "no k_proj":  # one of the projections that m4 fuses into one
+        weights = load_file(ck / "model.safetensors")
+        save_file({k: w for k, w in weights.items() if "layers.1.self_attn.k_proj" not in k}, ck / "model.safetensors")
     else:
         data = (ck / "model.safetensors").read_bytes()
         (ck / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(M4Error) as e:
         m4.load(ck)
     assert "\n" not in str(e.value)
+    if damage == "no k_proj":
+        assert "layers.1.self_attn.k_proj" in str(e.value)
 
 
 def test_hub_id_offline_is_one_line():
@@ -100,3 +107,17 @@ def test_loaded_weights_are_the_checkpoints(checkpoints):
     assert tied.lm_head.weight.data_ptr() == tied.embed_tokens.weight.data_ptr()
     untied = m4.load(checkpoints["mha-untied-penult-default"]).backend.model.text
     assert not torch.equal(untied.lm_head.weight, untied.embed_tokens.weight)
+
+
+def test_fused_projections_hold_the_checkpoints_and_split_back(checkpoints):
+    """q, k and v (and gate and up) load as one matrix, in the checkpoint's order, and
+    split back into the checkpoint's tensors for saving."""
+    src = checkpoints["mha-untied-penult-default"]
+    model = m4.load(src).backend.model
+    weights = read_weights(src)
+    qkv = model.text.layers[1].self_attn.qkv_proj.weight
+    assert torch.equal(qkv, torch.cat([weights[f"text.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    state = model.state_dict()
+    split_weights(model, state)
+    assert "vision.layers.0.self_attn.v_proj.bias" in state and "text.layers.0.mlp.up_proj.weight" in state
+    assert all(torch.equal(t, weights[k]) for k, t in state.items())

@@ -32,14 +32,15 @@ class VisionGraph(nn.Module):
 
 
 def qkv(a: Attention) -> nn.Linear:
-    """The q, k and v projections as one Linear: one matmul node, and one rotation for
-    queries and keys. Softmax's 1/sqrt(D) is folded into the queries (rotation is linear):
-    a scale left in the graph would make ORT fuse it into a FusedMatMul, which repacks the
-    cache on every step."""
-    parts = [(a.q_proj, a.head_dim ** -0.5), (a.k_proj, 1.0), (a.v_proj, 1.0)]
-    f = nn.Linear(a.q_proj.in_features, sum(p.out_features for p, _ in parts), device="meta")
-    f.weight = nn.Parameter(torch.cat([p.weight * s for p, s in parts]), requires_grad=False)
-    f.bias = nn.Parameter(torch.cat([p.bias * s for p, s in parts]), requires_grad=False)
+    """The fused q, k and v projection with softmax's 1/sqrt(D) folded into the queries
+    (rotation is linear): a scale left in the graph would make ORT fuse it into a
+    FusedMatMul, which repacks the cache on every step."""
+    p = a.qkv_proj
+    scale = torch.ones(p.out_features, dtype=p.weight.dtype, device=p.weight.device)
+    scale[:a.heads * a.head_dim] = a.head_dim ** -0.5
+    f = nn.Linear(p.in_features, p.out_features, device="meta")
+    f.weight = nn.Parameter(p.weight * scale[:, None], requires_grad=False)
+    f.bias = nn.Parameter(p.bias * scale, requires_grad=False)
     return f
 
 

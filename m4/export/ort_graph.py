@@ -56,13 +56,11 @@ class Builder:
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
         return outs
 
-    def linear(self, x: str, layers: list[torch.nn.Linear], name: str) -> str:
-        """x @ [W1; W2; ...]^T (+ bias where there is a non-zero one): one MatMul."""
-        w = self.weight(f"{name}.weight", torch.cat([lin.weight for lin in layers]).T)
-        (y,) = self.op("MatMul", [x, w], name)
-        biases = [lin.bias if lin.bias is not None else torch.zeros(lin.out_features) for lin in layers]
-        if any(b.count_nonzero() for b in biases):
-            (y,) = self.op("Add", [y, self.weight(f"{name}.bias", torch.cat(biases))], f"{name}/bias")
+    def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
+        """x @ W^T (+ the bias where it is not all zeros): one MatMul."""
+        (y,) = self.op("MatMul", [x, self.weight(f"{name}.weight", lin.weight.T)], name)
+        if lin.bias is not None and lin.bias.count_nonzero():
+            (y,) = self.op("Add", [y, self.weight(f"{name}.bias", lin.bias)], f"{name}/bias")
         return y
 
 
@@ -84,23 +82,23 @@ def decoder_graph(text: Qwen2, arch: TextArch, dtype: torch.dtype) -> onnx.Model
     for i, layer in enumerate(text.layers):
         at, mlp = layer.self_attn, layer.mlp
         h, residual = norm(g, x, residual, layer.input_layernorm, f"layers.{i}.input_layernorm")
-        qkv = g.linear(h, [at.q_proj, at.k_proj, at.v_proj], f"layers.{i}.qkv_proj")
+        qkv = g.linear(h, at.qkv_proj, f"layers.{i}.qkv_proj")
         y, _, _ = g.op("GroupQueryAttention", [qkv, "", "", f"past_key.{i}", f"past_value.{i}", seqlens, total_len,
                                                cos, sin], f"layers.{i}.attn", outputs=3, domain=MS,
                        num_heads=at.heads, kv_num_heads=at.kv_heads, scale=d ** -0.5, do_rotary=1)
         g.nodes[-1].output[1:] = [f"present_key.{i}", f"present_value.{i}"]
-        x = g.linear(y, [at.o_proj], f"layers.{i}.o_proj")
+        x = g.linear(y, at.o_proj, f"layers.{i}.o_proj")
         h, residual = norm(g, x, residual, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
-        gate, up = g.op("Split", [g.linear(h, [mlp.gate_proj, mlp.up_proj], f"layers.{i}.gate_up_proj")],
+        gate, up = g.op("Split", [g.linear(h, mlp.gate_up_proj, f"layers.{i}.gate_up_proj")],
                         f"layers.{i}.split", outputs=2, axis=-1, num_outputs=2)
         op, attrs = ACT[arch.act]
         (act,) = g.op(op, [gate], f"layers.{i}.act", domain=MS, **attrs)
         (prod,) = g.op("Mul", [act, up], f"layers.{i}.mul")
-        x = g.linear(prod, [mlp.down_proj], f"layers.{i}.down_proj")
+        x = g.linear(prod, mlp.down_proj, f"layers.{i}.down_proj")
     (x,) = g.op("Add", [x, residual], "residual")
     (x,) = g.op("Gather", [x, "logits_index"], "keep", axis=1)
     h, _ = norm(g, x, None, text.norm, "norm")
-    g.linear(h, [text.lm_head], "lm_head")
+    g.linear(h, text.lm_head, "lm_head")
     g.nodes[-1].output[0] = "logits"  # the lm_head has no bias: its MatMul is the last node
 
     elem, kv = ELEM[dtype], a.kv_heads

@@ -1,6 +1,7 @@
 """transformers LLaVA checkpoints (safetensors, sharded or not) <-> the compact model.
 
-The compact model keeps transformers' leaf names, so the mapping is by prefix. Two
+The compact model keeps transformers' leaf names, so the mapping is by prefix, except
+where it fuses projections (m4/model/fused.py). Two
 layouts exist in the wild: the public checkpoints' (`language_model.model.*`,
 `vision_tower.vision_model.*`) and transformers >= 4.52's (`model.language_model.*`,
 `vision_tower.*`, `lm_head.*`); both load.
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.model.config import Arch
+from m4.model.fused import fuse_weights, split_weights
 from m4.model.llava import LLaVA
 from m4.tokenizer import Tokenizer
 
@@ -75,13 +77,14 @@ def load_model(path: Path, arch: Arch, dtype: torch.dtype = torch.float32,
         model = LLaVA(arch)
     expected = model.state_dict()
     weights = read_weights(Path(path))
+    absent = fuse_weights(model, weights)
     # Tied checkpoints may or may not store lm_head; either way it is the embedding table.
     tied = arch.text.tied or "text.lm_head.weight" not in weights
     if tied and "text.embed_tokens.weight" in weights:
         weights["text.lm_head.weight"] = weights["text.embed_tokens.weight"]
     # The tower's pooling head, post-layernorm and unread layers are not part of LLaVA.
     unknown = [k for k in weights if k not in expected and not k.startswith("vision.")]
-    missing = [k for k in expected if k not in weights]
+    missing = absent + [k for k in expected if k not in weights]
     if unknown or missing:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unknown[:3]}"
         raise M4Error(f"weights in {path} do not match config.json: {what}")
@@ -107,8 +110,9 @@ def checkpoint_name(name: str) -> str:
 def save_checkpoint(model: LLaVA, tokenizer: Tokenizer, path: Path) -> None:
     """Write `model` as a transformers checkpoint, atomically."""
     tied = model.arch.text.tied
-    out = {checkpoint_name(k): t.contiguous() for k, t in model.state_dict().items()
-           if not (tied and k == "text.lm_head.weight")}
+    state = model.state_dict()
+    split_weights(model, state)
+    out = {checkpoint_name(k): t.contiguous() for k, t in state.items() if not (tied and k == "text.lm_head.weight")}
     # SigLIP's post-layernorm, which LLaVA never applies: identity, so transformers loads it whole
     hidden = model.arch.vision.hidden
     out["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(hidden)

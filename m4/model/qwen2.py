@@ -18,6 +18,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from m4.model.activations import ACTIVATIONS
 from m4.model.config import TextArch
+from m4.model.fused import FusedLinear
 
 
 @dataclass
@@ -56,28 +57,25 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # in float32 and cast back before the weight, as Qwen2 does; F.rms_norm is one kernel
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
     def __init__(self, a: TextArch):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = a.heads, a.kv_heads, a.head_dim
-        self.q_proj = nn.Linear(a.hidden, a.heads * a.head_dim)
-        self.k_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim)
-        self.v_proj = nn.Linear(a.hidden, a.kv_heads * a.head_dim)
+        q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        self.qkv_proj = FusedLinear(a.hidden, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=True)
         self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=False)
 
     def forward(self, x, cos, sin, k_cache, v_cache, pos: int | torch.Tensor, mask=None) -> torch.Tensor:
         """`pos` the first position, or (static shapes) a tensor of the T positions with
         `mask` saying which cache entries each query row sees."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        h, kv = self.heads, self.kv_heads
+        qk, v = self.qkv_proj(x).view(b, t, h + 2 * kv, self.head_dim).transpose(1, 2).split([h + kv, kv], dim=1)
+        q, k = rotate(qk, cos, sin).split([h, kv], dim=1)  # queries and keys in one rotation
         static = isinstance(pos, torch.Tensor)
         if static:
             k_cache.index_copy_(2, pos, k)
@@ -107,13 +105,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: TextArch):
         super().__init__()
-        self.gate_proj = nn.Linear(a.hidden, a.mlp, bias=False)
-        self.up_proj = nn.Linear(a.hidden, a.mlp, bias=False)
+        self.gate_up_proj = FusedLinear(a.hidden, {"gate_proj": a.mlp, "up_proj": a.mlp}, bias=False)
         self.down_proj = nn.Linear(a.mlp, a.hidden, bias=False)
         self.act = ACTIVATIONS[a.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
 
 
 class Layer(nn.Module):

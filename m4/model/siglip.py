@@ -11,6 +11,7 @@ from torch import nn
 
 from m4.model.activations import ACTIVATIONS
 from m4.model.config import VisionArch
+from m4.model.fused import FusedLinear
 
 
 class Embeddings(nn.Module):
@@ -28,12 +29,12 @@ class Attention(nn.Module):
     def __init__(self, a: VisionArch):
         super().__init__()
         self.heads = a.heads
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(a.hidden, a.hidden) for _ in range(4))
+        self.qkv_proj = FusedLinear(a.hidden, dict.fromkeys(("q_proj", "k_proj", "v_proj"), a.hidden), bias=True)
+        self.out_proj = nn.Linear(a.hidden, a.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, p, c = x.shape
-        q, k, v = (proj(x).view(n, p, self.heads, c // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.qkv_proj(x).view(n, p, 3 * self.heads, c // self.heads).transpose(1, 2).chunk(3, dim=1)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out_proj(y.transpose(1, 2).reshape(n, p, c))
 

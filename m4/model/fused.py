@@ -1,0 +1,52 @@
+"""Projections of one input fused into one Linear: q, k and v; gate and up.
+
+A decode step at batch 1 on a GPU is bound by how many kernels it launches, not by the
+bytes it reads (README, GPU), and one matmul is one launch where three were.
+Checkpoints keep the projections apart; `parts` names them as the checkpoint does, with
+their output sizes, so loading concatenates them and saving splits them again.
+"""
+
+import torch
+from torch import nn
+
+from m4.errors import M4Error
+
+
+class FusedLinear(nn.Linear):
+    def __init__(self, in_features: int, parts: dict[str, int], bias: bool):
+        super().__init__(in_features, sum(parts.values()), bias=bias)
+        self.parts = parts
+
+
+def fused(model: nn.Module):
+    """(the module's parent, the fused tensor's name, "weight" or "bias", the module) for
+    every fused tensor of `model`."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedLinear):
+            prefix = name.rsplit(".", 1)[0]
+            for kind in ("weight", "bias") if module.bias is not None else ("weight",):
+                yield prefix, f"{name}.{kind}", kind, module
+
+
+def fuse_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
+    """Checkpoint tensors under m4 names -> the model's fused ones, in place. Returns the
+    parts that are not there (their fused tensor is then left out)."""
+    absent = []
+    for prefix, key, kind, module in fused(model):
+        names = [f"{prefix}.{part}.{kind}" for part in module.parts]
+        absent += [n for n in names if n not in weights]
+        if all(n in weights for n in names):
+            parts = [weights.pop(n) for n in names]
+            for n, w in zip(names, parts):
+                if w.shape[1:] != getattr(module, kind).shape[1:]:
+                    raise M4Error(f"weight {n} has shape {tuple(w.shape)}; config.json gives it "
+                                  f"{module.weight.shape[1]} inputs")
+            weights[key] = torch.cat(parts)
+    return absent
+
+
+def split_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The model's fused tensors -> the checkpoint's separate ones, in place."""
+    for prefix, key, kind, module in fused(model):
+        for part, t in zip(module.parts, state.pop(key).split(list(module.parts.values()))):
+            state[f"{prefix}.{part}.{kind}"] = t
