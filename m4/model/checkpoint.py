@@ -1,10 +1,9 @@
 """transformers LLaVA checkpoints (safetensors, sharded or not) <-> the compact model.
 
 The compact model keeps transformers' leaf names, so the mapping is by prefix, except
-where it fuses projections (m4/model/fused.py). Two
-layouts exist in the wild: the public checkpoints' (`language_model.model.*`,
-`vision_tower.vision_model.*`) and transformers >= 4.52's (`model.language_model.*`,
-`vision_tower.*`, `lm_head.*`); both load.
+where it fuses projections (m4/model/fused.py). Two layouts exist in the wild: the public
+checkpoints' (`language_model.model.*`, `vision_tower.vision_model.*`) and transformers
+>= 4.52's (`model.language_model.*`, `vision_tower.*`, `lm_head.*`); both load.
 """
 
 import json

@@ -19,8 +19,8 @@ class FusedLinear(nn.Linear):
 
 
 def fused(model: nn.Module):
-    """(the module's parent, the fused tensor's name, "weight" or "bias", the module) for
-    every fused tensor of `model`."""
+    """(the parent module's name, the fused tensor's name, "weight" or "bias", the module)
+    for every fused tensor of `model`."""
     for name, module in model.named_modules():
         if isinstance(module, FusedLinear):
             prefix = name.rsplit(".", 1)[0]
@@ -34,14 +34,15 @@ def fuse_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str
     absent = []
     for prefix, key, kind, module in fused(model):
         names = [f"{prefix}.{part}.{kind}" for part in module.parts]
-        absent += [n for n in names if n not in weights]
-        if all(n in weights for n in names):
-            parts = [weights.pop(n) for n in names]
-            for n, w in zip(names, parts):
-                if w.shape[1:] != getattr(module, kind).shape[1:]:
-                    raise M4Error(f"weight {n} has shape {tuple(w.shape)}; config.json gives it "
-                                  f"{module.weight.shape[1]} inputs")
-            weights[key] = torch.cat(parts)
+        gone = [n for n in names if n not in weights]
+        if gone:
+            absent += gone
+            continue
+        for n in names:
+            if weights[n].shape[1:] != getattr(module, kind).shape[1:]:
+                raise M4Error(f"weight {n} has shape {tuple(weights[n].shape)}; config.json gives it "
+                              f"{module.in_features} inputs")
+        weights[key] = torch.cat([weights.pop(n) for n in names])
     return absent
 
 
