@@ -49,7 +49,7 @@ from m4.prompt import IMAGE
 FRAMES = 8  # frames per clip: what `m4 train --frames` and `m4.load(...).ask(video=path)` sample
 CHOICE = "Answer with the option's letter from the given choices directly."
 PLACES = [["top left", "top", "top right"], ["left", "centre", "right"], ["bottom left", "bottom", "bottom right"]]
-GROUND = (64, 64, 64)  # the floor under multi-view scenes
+GROUND = (96, 96, 96)  # the floor under multi-view scenes
 HORIZON = 0.3  # of the height
 
 
