@@ -99,7 +99,10 @@ def test_ctrl_c_ends_a_live_run_cleanly(checkpoints, slow_clip):
 
     proc = subprocess.Popen([sys.executable, "-m", "m4", "run", "--model", str(checkpoints["gqa-tied-last-full"]),
                              "--video", slow_clip, "--fps", "5", "--prompt", "Now?", "--max-new-tokens", "2",
-                             "--json", "--stats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--json", "--stats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a shell starts background jobs with SIGINT
+                            # ignored, and the child would inherit that from a backgrounded pytest
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert json.loads(proc.stdout.readline())["event"] == "frame"
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
