@@ -84,10 +84,11 @@ def vision_variants(fb: Path, work: Path, samples: int, pixels: np.ndarray, repe
     g = onnx.load(str(fb / "vision.onnx"), load_external_data=False).graph
     attention = attention_matmuls(fb / "vision.onnx")
     projector_out = [n.name for n in g.node if n.op_type == "MatMul" and n.name not in attention][-1]
-    variants = {"m4: linear layers int8; attention matmuls, norms, softmax float": (attention, OPS),
+    variants = {"m4: linear layers int8; patch embedding, attention matmuls, norms, softmax float": (attention, OPS),
                 "attention matmuls int8 too": ([], OPS),
                 "LayerNormalization and Softmax int8 too": (attention, OPS + ("LayerNormalization", "Softmax")),
-                "projector output layer float too": (attention + [projector_out], OPS)}
+                "projector output layer float too": (attention + [projector_out], OPS),
+                "patch embedding (Conv) int8 too": (attention, OPS + ("Conv",))}
     out = {}
     for k, (exclude, ops) in variants.items():
         qv = work / f"vision-{len(out)}"

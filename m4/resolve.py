@@ -7,7 +7,7 @@ from pathlib import Path
 from m4.errors import M4Error
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-DEMO_NAME = "demo-random-v3"  # v3: the preset's 4,096 positions
+DEMO_NAME = "demo-random-v4"  # v4: 9 tokens per 96-px image
 
 
 def cache_dir() -> Path:

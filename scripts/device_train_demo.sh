@@ -4,13 +4,13 @@
 #     run(command="BUDGET=420 VARIANTS='a:64:5e-4 b:128:1e-3' bash scripts/device_train_demo.sh",
 #         carry=[".whl"], timeout_s=600)
 # Two variants of the recipe train side by side on the one GPU (a model this small leaves it
-# mostly idle), each on half the cores: VARIANTS lists NAME:BATCH:LR2 (LR2: the question
+# mostly idle), each on half the cores: VARIANTS lists NAME:BATCH:LR1 (LR1: the question
 # stage's learning rate). Their steps fit BUDGET seconds of training: a 40-step trial of
 # both measures the seconds per question-stage step (nothing else may use the GPU then: on
 # 2026-11-26 a test run beside it tripled the step and the budget bought a third of its
-# steps), and the scene / caption / question stages get 30% / 20% / 50% of the steps that
-# buys (fewer scene steps leave the model blind: docs/training.md), or, with INIT (a
-# checkpoint that already reads its images), the question stage gets them all. Each variant
+# steps), and the scene / question stages get 25% / 75% of the steps that buys (fewer
+# scene steps leave the model blind: docs/training.md), or, with INIT (a checkpoint that
+# already reads its images), the question stage gets them all. Each variant
 # is scored on the held-out bench (seed 1) by train_demo.sh, and on a validation bench
 # (seed 2) here, which picks the model to ship: the held-out score stays unbiased. Into
 # $OUT, every 15 s and at the end: each variant's weights (NAME.safetensors), run.tgz (the
@@ -34,7 +34,7 @@ SECONDS=0
 } >> "$log" 2>&1
 
 newest() {  # NAME: the variant's latest stage
-    ls -td "$runs/$1"/questions "$runs/$1"/captions "$runs/$1"/scenes 2>/dev/null | head -1
+    ls -td "$runs/$1"/questions "$runs/$1"/scenes 2>/dev/null | head -1
 }
 copy() {
     for v in "${variants[@]}"; do
@@ -57,10 +57,10 @@ for i in "${!variants[@]}"; do
     IFS=: read -r name batch lr <<< "${variants[$i]}"
     s=$(python3 -c "import json, sys, statistics as st; print(st.median(json.loads(l)['step_s'] for l in list(open(sys.argv[1]))[10:]))" \
         "$runs/cal-$name/log.jsonl")
-    read -r steps0 steps1 steps2 <<< "$(python3 -c "import sys; t = (float(sys.argv[1]) - 30) / float(sys.argv[2]); \
-print(*(int(t * f) for f in ((0, 0, 1) if sys.argv[3] else (0.3, 0.2, 0.5))))" "${BUDGET:-300}" "$s" "${INIT:-}")"
-    echo "variant $name: batch $batch, lr2 $lr, ${s}s per step -> $steps0 + $steps1 + $steps2 steps" | tee -a "$log"
-    ( export BATCH=$batch LR2=$lr DATA=$runs/data HELD=$runs/heldout STEPS0=$steps0 STEPS1=$steps1 STEPS2=$steps2
+    read -r steps0 steps1 <<< "$(python3 -c "import sys; t = (float(sys.argv[1]) - 30) / float(sys.argv[2]); \
+print(*(int(t * f) for f in ((0, 1) if sys.argv[3] else (0.25, 0.75))))" "${BUDGET:-300}" "$s" "${INIT:-}")"
+    echo "variant $name: batch $batch, lr1 $lr, ${s}s per step -> $steps0 + $steps1 steps" | tee -a "$log"
+    ( export BATCH=$batch LR1=$lr DATA=$runs/data HELD=$runs/heldout STEPS0=$steps0 STEPS1=$steps1
       taskset -c "${cores[$i]}" scripts/train_demo.sh "$runs/$name" > "$runs/$name.log" 2>&1
       taskset -c "${cores[$i]}" $M4 eval --model "$(newest "$name")" --bench "$runs/val/bench.json" \
           --json "$runs/$name/val.json" >> "$runs/$name.log" 2>&1 ) &

@@ -1,9 +1,11 @@
 """`m4 run --video` as a user runs it: the demo scene, a file, and a live network stream."""
 
+import contextlib
 import functools
 import http.server
 import json
 import threading
+import time
 
 import pytest
 
@@ -44,13 +46,33 @@ def test_file_stream_and_stop_after_frames(checkpoints, clip):
     assert sum(x["event"] == "answer" for x in e) == 3  # at 1.0 and 2.0 s, and the end at 2.2 s
 
 
-@pytest.fixture
-def served_clip(clip):
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(clip.parent))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+@contextlib.contextmanager
+def serving(clip, delay=0.0):
+    """The clip over HTTP; with `delay`, sent in 256-byte pieces that many seconds apart, as a
+    slow link would: then a run on it lasts seconds however busy the machine is."""
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile):
+            while piece := source.read(256):
+                outputfile.write(piece)
+                time.sleep(delay)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(clip.parent)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/{clip.name}"
     server.shutdown()
+
+
+@pytest.fixture
+def served_clip(clip):
+    with serving(clip) as url:
+        yield url
+
+
+@pytest.fixture
+def slow_clip(clip):
+    # a fast stream can end (four plays, then "stopping") before the signal lands
+    with serving(clip, delay=0.05) as url:
+        yield url
 
 
 def test_live_url_is_reopened_then_ends_cleanly(checkpoints, served_clip):
@@ -69,15 +91,18 @@ def test_live_url_is_reopened_then_ends_cleanly(checkpoints, served_clip):
     assert stats["frames_used"] >= 4
 
 
-def test_ctrl_c_ends_a_live_run_cleanly(checkpoints, served_clip):
+def test_ctrl_c_ends_a_live_run_cleanly(checkpoints, slow_clip):
     import os
     import signal
     import subprocess
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "m4", "run", "--model", str(checkpoints["gqa-tied-last-full"]),
-                             "--video", served_clip, "--fps", "5", "--prompt", "Now?", "--max-new-tokens", "2",
-                             "--json", "--stats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--video", slow_clip, "--fps", "5", "--prompt", "Now?", "--max-new-tokens", "2",
+                             "--json", "--stats"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a shell starts background jobs with SIGINT
+                            # ignored, and the child would inherit that from a backgrounded pytest
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert json.loads(proc.stdout.readline())["event"] == "frame"
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)

@@ -163,4 +163,5 @@ def test_patch_object_is_made_out_at_tile_resolution_only(i):
     assert image.shape == (128, 128, 3)
     views = [np.asarray(t) for t in tile(Image.fromarray(image), 64)]  # base view, then 4 tiles
     counts = [mask(v, item.answer).sum() for v in views]
-    assert max(counts[1:]) >= 10 and max(counts[1:]) >= 5 * counts[0]
+    # the base view halves it: at most a quarter of the pixels, blurred into the background
+    assert max(counts[1:]) >= 10 and max(counts[1:]) >= 3 * counts[0]

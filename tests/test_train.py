@@ -56,7 +56,10 @@ def mean(xs):
 
 def test_synth_then_train_tiny_loss_falls_and_both_loaders_agree(synth, tmp_path):
     out = tmp_path / "tiny"
-    r = m4cli("train", "--preset", "tiny", "--data", synth / "train.json", "--out", out, "--steps", "30")
+    # batches of 16: a batch of 4 mixes 5-token answers with 60-token captions, and one
+    # batch's loss then swings by 20% either way, more than the bound's margin
+    r = m4cli("train", "--preset", "tiny", "--data", synth / "train.json", "--out", out, "--steps", "30",
+              "--batch-size", "16")
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 31))

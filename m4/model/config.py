@@ -200,11 +200,12 @@ PRESETS: dict[str, Arch] = {
         vision=VisionArch(hidden=32, layers=2, heads=4, mlp=64, image_size=32, patch_size=8),
         text=TextArch(hidden=64, layers=2, heads=4, kv_heads=2, mlp=128, vocab=384),
         image_token_id=None),
-    # the small model m4 ships: a few million parameters, 64 tokens per 64-px image; 4,096
-    # positions (a 60-frame window), whose RoPE tables an exported decoder carries: at Qwen2's
-    # 32,768 they would outweigh its 3.2 M weights
+    # the small model m4 ships: a few million parameters, 9 tokens per 96-px image (a 32-px
+    # patch per cell of M4-Synth's 3x3 grid of places; an 8-frame clip is 72 tokens, which is
+    # what lets 2 CPU cores train it); 4,096 positions (a 400-frame window), whose RoPE tables
+    # an exported decoder carries: at Qwen2's 32,768 they would outweigh its 3.2 M weights
     "demo": Arch(
-        vision=VisionArch(hidden=128, layers=4, heads=4, mlp=512, image_size=64, patch_size=8),
+        vision=VisionArch(hidden=128, layers=4, heads=4, mlp=512, image_size=96, patch_size=32),
         text=TextArch(hidden=256, layers=4, heads=4, kv_heads=2, mlp=704, vocab=512, max_positions=4096),
         image_token_id=None),
     "0.5b": Arch(

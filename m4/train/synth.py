@@ -49,7 +49,7 @@ from m4.prompt import IMAGE
 FRAMES = 8  # frames per clip: what `m4 train --frames` and `m4.load(...).ask(video=path)` sample
 CHOICE = "Answer with the option's letter from the given choices directly."
 PLACES = [["top left", "top", "top right"], ["left", "centre", "right"], ["bottom left", "bottom", "bottom right"]]
-GROUND = (64, 64, 64)  # the floor under multi-view scenes
+GROUND = (96, 96, 96)  # the floor under multi-view scenes
 HORIZON = 0.3  # of the height
 
 
@@ -306,14 +306,16 @@ def view_total(rng, size: int) -> Item:
 # -- multi-patch: a small object in an image twice the model's size ------------------------
 
 def patch_scene(rng, size: int) -> tuple[list[Obj], Obj]:
-    """Two large shapes and one small one, inside one anyres tile: about 4 pixels across, it
-    spans half a patch of a tile and blurs into a pixel or two of the downscaled base view."""
+    """Two large shapes and one small one, inside one anyres tile. The small one is as large
+    in its tile as a scene shape in its image (about half a 32-px patch of the demo preset),
+    so the model reads it there as it learned to in the scene stage; the downscaled base view
+    shrinks it to a quarter of the pixels, blurred into the background."""
     big = 2 * size
     cells = rng.choice(9, 2, replace=False).tolist()
     colours = rng.choice(list(COLOURS), 3, replace=False).tolist()
     large = [cell_object(rng, str(rng.choice(KINDS)), c, cell, big, scale=(0.18, 0.24))
              for c, cell in zip(colours[:2], cells)]
-    r = size / 32
+    r = size / 12
     while True:
         x, y = rng.integers(0, 2, 2) * size + rng.uniform(r + 2, size - r - 2, 2)
         if all(max(abs(x - o.x), abs(y - o.y)) > o.r + r + 2 for o in large):
