@@ -87,11 +87,15 @@ def test_int8_vision_has_qdq_around_matmuls_and_float_patch_embedding(quantised)
     assert {n.op_type for n in g.node} >= {"LayerNormalization", "Softmax"}
 
 
-def test_int8_vision_embeddings_close_to_float(float_bundle, quantised):
-    ref, q = m4.load(float_bundle), m4.load(quantised("int8"))
+def held_out_embeddings(ref, q) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quantised and the float bundle's image tokens for held-out pixels; their cosines."""
     pixels = held_out_pixels(ref.arch.vision.image_size)
     a, r = q.backend.encode_images(pixels), ref.backend.encode_images(pixels)
-    cos = (a * r).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(r, axis=-1)
+    return a, r, (a * r).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(r, axis=-1)
+
+
+def test_int8_vision_embeddings_close_to_float(float_bundle, quantised):
+    a, r, cos = held_out_embeddings(m4.load(float_bundle), m4.load(quantised("int8")))
     assert cos.min() >= 0.99, cos.min()
     assert 0 < np.abs(a - r).max() < 0.1 * np.abs(r).max()  # quantised: close, not equal
 
@@ -312,3 +316,15 @@ def test_build_engines(float_bundle, quantised, tmp_path, kind):
     engine = trt.Runtime(trt.Logger(trt.Logger.ERROR)).deserialize_cuda_engine((bundle / "engines/decoder.plan").read_bytes())
     assert engine.num_optimization_profiles == 2
     assert m4.load(bundle).backend.manifest["files"]["engines/vision.plan"]["bytes"] > 0
+
+
+def test_int8_vision_of_the_demo_preset_close_to_float(tmp_path):
+    """The demo preset's tower (96-px images, 32-px patches) on M4-Synth's flat mid-grey: the
+    case that put the patch embedding in float (m4/calib/vision.py)."""
+    from m4.model.checkpoint import random_checkpoint
+
+    random_checkpoint("demo", tmp_path / "ck")
+    export_bundle(str(tmp_path / "ck"), tmp_path / "float")
+    calibrate(tmp_path / "float", tmp_path / "int8", "demo", vision="int8", decoder="none", samples=8)
+    _, _, cos = held_out_embeddings(m4.load(tmp_path / "float"), m4.load(tmp_path / "int8"))
+    assert cos.min() >= 0.99, cos.min()
