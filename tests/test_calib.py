@@ -24,6 +24,7 @@ from m4.eval import evaluate
 from m4.export.bundle import export_bundle
 from m4.export.manifest import ORT_DECODER
 from m4.media import DemoScene, preprocess, write_video
+from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import synth
 
 from conftest import random_images
@@ -321,8 +322,6 @@ def test_build_engines(float_bundle, quantised, tmp_path, kind):
 def test_int8_vision_of_the_demo_preset_close_to_float(tmp_path):
     """The demo preset's tower (96-px images, 32-px patches) on M4-Synth's flat mid-grey: the
     case that put the patch embedding in float (m4/calib/vision.py)."""
-    from m4.model.checkpoint import random_checkpoint
-
     random_checkpoint("demo", tmp_path / "ck")
     export_bundle(str(tmp_path / "ck"), tmp_path / "float")
     calibrate(tmp_path / "float", tmp_path / "int8", "demo", vision="int8", decoder="none", samples=8)
