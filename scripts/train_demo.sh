@@ -2,7 +2,8 @@
 # Train the demo model (M4-Synth; docs/training.md, "The demo recipe"): a scene stage (one
 # image of 1-3 shapes and what is where, the vision tower frozen at its random init: there
 # the model learns to read its image tokens), then a question stage on train.json (questions
-# and their dense captions) mixed with the scenes, then the held-out bench (another seed).
+# and their dense captions) mixed with the scenes, the tower tuned too (at lr / 5: a random
+# tower tells colours and places apart, shapes barely), then the held-out bench (another seed).
 # Usage: scripts/train_demo.sh RUN_DIR     (README records the command, seed and time)
 # Environment: M4 (default "python -m m4"); N training samples, HELDOUT bench samples,
 # STEPS0 / STEPS1 scene and question steps, BATCH, LR1 the question stage's learning rate;
@@ -37,6 +38,6 @@ stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
     echo "$name stage: ${SECONDS}s"
 }
 stage scenes "$data/scenes.json" "$steps0" --lr 1e-3
-stage questions "$data/mix.json" "$steps1" --lr "${LR1:-5e-4}"
+stage questions "$data/mix.json" "$steps1" --lr "${LR1:-5e-4}" --tune projector,decoder,vision
 $m4 eval --model "$prev" --bench "$held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"
