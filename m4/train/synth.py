@@ -154,7 +154,7 @@ def changed_pair(rng, size: int, how: str) -> tuple[list[Obj], list[Obj], int]:
 def diff_item(task: str, size: int, a: list[Obj], b: list[Obj], question: str, answer: str) -> Item:
     # One prompt form, as the views' and the patches': the trainer already varies where the
     # images go, and with a second wording ("The first image is <image> and ...") the demo
-    # preset learned diff-move more slowly (docs/training.md, "One prompt form")
+    # preset learned diff-move more slowly (docs/training.md, "A mid-grey background")
     captions = [describe(a, size, size), describe(b, size, size)]
     return Item(task, [render(a, size, size), render(b, size, size)], f"{IMAGE}\n{IMAGE}\n{question}", answer,
                 (f"{IMAGE}\n{IMAGE}\nDescribe each image.", listing("Image", captions)))
