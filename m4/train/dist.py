@@ -106,10 +106,14 @@ def save_optimizer(model, opt, path, d: Dist) -> None:
 
 def load_optimizer(model, opt, path, d: Dist) -> None:
     state = {"optim": get_optimizer_state_dict(model, opt)}
+    # A trainable parameter that never had a gradient (the tower's post-layernorm, which sits
+    # after the feature layer) has no AdamW state in the checkpoint: it keeps the fresh one.
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    state["optim"]["state"] = {k: v for k, v in state["optim"]["state"].items() if f"optim.state.{k}.step" in saved}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(path), no_dist=d.world == 1)
-    set_optimizer_state_dict(model, opt, state["optim"])
+    set_optimizer_state_dict(model, opt, state["optim"], options=StateDictOptions(strict=False))
 
 
 # -- the dry run: what a preset costs per GPU under FSDP ----------------------------------
