@@ -165,3 +165,7 @@ def test_patch_object_is_made_out_at_tile_resolution_only(i):
     counts = [mask(v, item.answer).sum() for v in views]
     # the base view halves it: at most a quarter of the pixels, blurred into the background
     assert max(counts[1:]) >= 10 and max(counts[1:]) >= 3 * counts[0]
+    # and it sits on a cell of its tile's 3x3 grid (jitter 6% of the tile), as scene shapes do
+    ys, xs = np.nonzero(mask(views[1 + int(np.argmax(counts[1:]))], item.answer))
+    centre = np.array([xs.min() + xs.max(), ys.min() + ys.max()]) / 2 + 0.5
+    assert np.abs(centre % (64 / 3) - 32 / 3).max() <= 0.06 * 64 + 1

@@ -306,18 +306,21 @@ def view_total(rng, size: int) -> Item:
 def patch_scene(rng, size: int) -> tuple[list[Obj], Obj]:
     """Two large shapes and one small one, inside one anyres tile. The small one is as large
     in its tile as a scene shape in its image (about half a 32-px patch of the demo preset),
-    so the model reads it there as it learned to in the scene stage; the downscaled base view
-    shrinks it to a quarter of the pixels, blurred into the background."""
+    and sits, as they do, on a cell of its tile's 3x3 grid: the demo tower reads a shape
+    centred in a patch and barely one that straddles patches (docs/training.md, "Shapes on
+    the grid"). The downscaled base view shrinks it to a quarter of the pixels, blurred into
+    the background."""
     big = 2 * size
     cells = rng.choice(9, 2, replace=False).tolist()
     colours = rng.choice(list(COLOURS), 3, replace=False).tolist()
     large = [cell_object(rng, str(rng.choice(KINDS)), c, cell, big, scale=(0.18, 0.24))
              for c, cell in zip(colours[:2], cells)]
-    r = size / 12
     while True:
-        x, y = rng.integers(0, 2, 2) * size + rng.uniform(r + 2, size - r - 2, 2)
-        if all(max(abs(x - o.x), abs(y - o.y)) > o.r + r + 2 for o in large):
-            return large, Obj(str(rng.choice(KINDS)), colours[2], x, y, r)
+        tx, ty = rng.integers(0, 2, 2) * size
+        o = cell_object(rng, str(rng.choice(KINDS)), colours[2], int(rng.integers(9)), size, scale=(1 / 6, 1 / 6))
+        small = Obj(o.kind, o.colour, tx + o.x, ty + o.y, o.r)
+        if all(max(abs(small.x - p.x), abs(small.y - p.y)) > p.r + small.r + 2 for p in large):
+            return large, small
 
 
 def patch_item(task: str, size: int, large: list[Obj], small: Obj, question: str, answer: str) -> Item:
