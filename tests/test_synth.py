@@ -50,6 +50,9 @@ def test_train_and_caption_records_are_valid_m4_instruct(data):
             assert described.count("Frame ") == FRAMES
         elif len(q["image"]) > 1:
             assert described.count(": ") == len(q["image"])  # "Image 1: ... View 3: ..."
+        if TASKS[rid.split("-0")[0]][1] == "multi-choice":  # answered with the option's text
+            human, gpt = q["conversations"]
+            assert gpt["value"] in options(human["value"]).values() and "option's text" in human["value"]
     assert all(r.get("patches") for r in train if r["id"].startswith("patch-"))
 
 
@@ -111,7 +114,8 @@ def colour_of(option: str) -> str:
 @pytest.mark.parametrize("i", range(6))
 def test_spot_the_difference_answers_match_pixels(i):
     item = make("diff-colour", [9, 0, i], 64)
-    right = options(item.question)[item.answer]
+    right = item.answer  # the option's text; the bench's reference is its letter
+    assert options(item.question)[item.reference] == right
     a, b = item.images
     assert mask(a, colour_of(right)).sum() > 20 and mask(b, colour_of(right)).sum() == 0
     for wrong in set(options(item.question).values()) - {right}:

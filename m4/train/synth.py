@@ -31,7 +31,7 @@ import json
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +47,11 @@ from m4.model.config import PRESETS
 from m4.prompt import IMAGE
 
 FRAMES = 8  # frames per clip: what `m4 train --frames` and `m4.load(...).ask(video=path)` sample
-CHOICE = "Answer with the option's letter from the given choices directly."
+# Multiple choice is answered with the option's text, not its letter: the demo decoder, trained
+# from scratch, did not learn to pick the letter of the option that names what it sees
+# (docs/training.md, "Shapes on the grid"). `m4 eval` scores the text or the letter alike, and
+# bench records keep the letter as their reference, as LLaVA-Interleave Bench does.
+CHOICE = "Answer with the option's text from the given choices directly."
 PLACES = [["top left", "top", "top right"], ["left", "centre", "right"], ["bottom left", "bottom", "bottom right"]]
 GROUND = (96, 96, 96)  # the floor under multi-view scenes
 HORIZON = 0.3  # of the height
@@ -76,6 +80,7 @@ class Item:
     video: bool = False
     patches: bool = False
     info: dict = field(default_factory=dict)  # ground truth the tests check (multi-view visibility)
+    reference: str | None = None  # the bench's answer where it differs: a multiple choice's letter
 
 
 # -- drawing and describing ---------------------------------------------------------------
@@ -162,8 +167,10 @@ def diff_item(task: str, size: int, a: list[Obj], b: list[Obj], question: str, a
 
 def diff_colour(rng, size: int) -> Item:
     a, b, k = changed_pair(rng, size, "colour")
-    lines, letter = choices(rng, [f"the {o.name}" for o in a], f"the {a[k].name}")
-    return diff_item("diff-colour", size, a, b, f"Which object changed colour?\n{lines}\n{CHOICE}", letter)
+    right = f"the {a[k].name}"
+    lines, letter = choices(rng, [f"the {o.name}" for o in a], right)
+    return replace(diff_item("diff-colour", size, a, b, f"Which object changed colour?\n{lines}\n{CHOICE}", right),
+                   reference=letter)
 
 
 def diff_move(rng, size: int) -> Item:
@@ -338,8 +345,9 @@ def patch_colour(rng, size: int) -> Item:
 def patch_shape(rng, size: int) -> Item:
     large, small = patch_scene(rng, size)
     lines, letter = choices(rng, list(KINDS), small.kind)
-    return patch_item("patch-shape", size, large, small,
-                      f"What shape is the small {small.colour} object?\n{lines}\n{CHOICE}", letter)
+    return replace(patch_item("patch-shape", size, large, small,
+                              f"What shape is the small {small.colour} object?\n{lines}\n{CHOICE}", small.kind),
+                   reference=letter)
 
 
 # task -> (scenario, question type, generator)
@@ -405,7 +413,7 @@ def bench_record(root: Path, i: int, item: Item) -> dict:
     if item.patches:
         meta["patches"] = True
     return {"sample_id": rid, "image": save_images(root, rid, item.images),
-            "conversations": conversation(item.question, item.answer), "metadata": meta}
+            "conversations": conversation(item.question, item.reference or item.answer), "metadata": meta}
 
 
 def render_chunk(root: Path, names: list[str], seed: int, size: int, split: int, indices: range) -> list:
