@@ -26,6 +26,7 @@ from m4.media import Frame, open_source, sample_rate, sample_uniform
 RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
 RECONNECT_WAIT_S = 1.0
 STABLE_S = 60.0  # a source that ran this long since it was opened has its tries back
+CLOSE_WAIT_S = 2.0  # how long closing waits for the reader to finish its current frame
 
 
 def emit(event: str, **fields) -> None:
@@ -149,8 +150,11 @@ class Latest:
             yield f
 
     def close(self) -> None:
+        # The reader closes its source itself once it sees `done`: PyAV crashes (a segfault) when
+        # a container is closed under a decode running in another thread. A read stalled on the
+        # network outlasts the wait; the thread is a daemon and the process exits without it.
         self.done = True
-        self.source.close()
+        self.thread.join(CLOSE_WAIT_S)
 
 
 def typed_questions() -> queue.Queue:

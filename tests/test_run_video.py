@@ -109,3 +109,31 @@ def test_ctrl_c_ends_a_live_run_cleanly(checkpoints, slow_clip):
     assert proc.returncode == 0, err
     assert "interrupted" in err and "Traceback" not in err
     assert events(out)[-1]["event"] == "stats"
+
+
+def test_closing_a_live_reader_mid_decode_is_clean(tmp_path):
+    """Ctrl-C closes the live reader while its thread decodes: closing the PyAV container
+    under that decode crashed the process (a segfault) or raised in the thread."""
+    import subprocess
+    import sys
+
+    code = f"""
+import random, threading, time
+import numpy as np
+from m4.media import open_source, write_video
+from m4.run import Latest
+path = {str(tmp_path / "big.mp4")!r}
+rng = np.random.default_rng(0)
+write_video(path, [rng.integers(0, 255, (480, 640, 3), np.uint8) for _ in range(60)], fps=25)
+errors = []
+threading.excepthook = lambda a: errors.append(repr(a.exc_value))
+random.seed(0)
+for _ in range(30):
+    live = Latest(path, open_source(path))
+    time.sleep(random.uniform(0, 0.05))
+    live.close()
+    assert not live.thread.is_alive()
+assert not errors, errors
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
