@@ -89,16 +89,16 @@ class Latest:
     is reopened up to RECONNECT_TRIES times, then the stream ends."""
 
     def __init__(self, spec: str, source):
-        self.spec, self.source, self.frame, self.done = spec, source, None, False
+        self.spec, self.frame, self.done = spec, None, False
         self.received = self.dropped = 0
         self.start = time.monotonic()
         self.error: str | None = None
         self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread = threading.Thread(target=self._read, args=(source,), daemon=True)
         self.thread.start()
 
-    def _read(self) -> None:
-        tries, source = 0, self.source
+    def _read(self, source) -> None:
+        tries = 0
         while source is not None and not self.done:
             opened = time.monotonic()
             self._pump(source)
@@ -132,8 +132,7 @@ class Latest:
             say(f"{self.spec}: {self.error}; reopening ({tries}/{RECONNECT_TRIES})")
             time.sleep(RECONNECT_WAIT_S)
             try:
-                self.source = open_source(self.spec)
-                return self.source
+                return open_source(self.spec)
             except M4Error as e:
                 self.error = str(e)
                 tries += 1

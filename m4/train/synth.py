@@ -325,7 +325,7 @@ def patch_scene(rng, size: int) -> tuple[list[Obj], Obj]:
     while True:
         tx, ty = rng.integers(0, 2, 2) * size
         o = cell_object(rng, str(rng.choice(KINDS)), colours[2], int(rng.integers(9)), size, scale=(1 / 6, 1 / 6))
-        small = Obj(o.kind, o.colour, tx + o.x, ty + o.y, o.r)
+        small = replace(o, x=tx + o.x, y=ty + o.y)
         if all(max(abs(small.x - p.x), abs(small.y - p.y)) > p.r + small.r + 2 for p in large):
             return large, small
 
