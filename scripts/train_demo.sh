@@ -1,31 +1,39 @@
 #!/usr/bin/env bash
-# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"): a scene stage (one
-# image of 1-3 shapes and what is where, the vision tower frozen at its random init: there
-# the model learns to read its image tokens), then a question stage on train.json (questions
-# and their dense captions) mixed with the scenes, the tower tuned too (at lr / 5: a random
-# tower tells colours and places apart, shapes barely), then the held-out bench (another seed).
-# Usage: scripts/train_demo.sh RUN_DIR     (README records the command, seed and time)
-# Environment: M4 (default "python -m m4"); N training samples, HELDOUT bench samples,
-# STEPS0 / STEPS1 scene and question steps, BATCH, LR1 the question stage's learning rate;
-# DATA / HELD reuse data already synthesised there (seeds 0 and 1); INIT a checkpoint to
-# start from (with STEPS0=0: the question stage alone, from a model that already reads its
-# images).
+# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in three stages:
+#   scenes     one image of 1-3 shapes and what is where, the vision tower frozen at its random
+#              init: there the model learns to read its image tokens;
+#   questions  train.json (questions and their dense captions) mixed with the scenes, the tower
+#              tuned too (at lr / 5: a random tower tells colours and places apart, shapes barely);
+#   weighted   the questions of two synth seeds, the tasks the mix learns last weighted up
+#              (scripts/mix_tasks.py), a fifth of the records captions;
+# then the held-out bench (another seed). README records how the shipped model was made.
+# Usage: scripts/train_demo.sh RUN_DIR
+# Environment: M4 (default "python -m m4"); N / N2 training samples of seeds 0 / 4, HELDOUT
+# bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several runs),
+# STEPS0 / STEPS1 / STEPS2 the stages' steps (all 0: only the data), BATCH, LR the question
+# stages' learning rate; INIT a checkpoint to start from (with STEPS0=0 STEPS1=0: the weighted
+# stage alone, e.g. from m4/assets/demo to train the shipped model further).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
 m4=${M4:-python -m m4}
+py=${PYTHON:-python}
+here=$(dirname "$0")
 steps0=${STEPS0:-3000}
-steps1=${STEPS1:-14000}
-n=${N:-30000}
-heldout=${HELDOUT:-600}
-data=${DATA:-$run/data}
-held=${HELD:-$run/heldout}
-common=(--preset demo --batch-size "${BATCH:-8}" --save-every 2000 --keep 8 --seed 0)
+steps1=${STEPS1:-2000}
+steps2=${STEPS2:-20000}
+data=${DATA:-$run}
+lr=${LR:-5e-4}
+common=(--preset demo --batch-size "${BATCH:-8}" --save-every 2000 --keep 10 --log-every 50)
 SECONDS=0
-[ -f "$data/train.json" ] || $m4 data synth "$data" --n "$n" --bench 0 --seed 0
-[ -f "$held/bench.json" ] || $m4 data synth "$held" --n 10 --bench "$heldout" --seed 1
-[ -f "$data/mix.json" ] || ${PYTHON:-python} -c "import json, sys; \
+[ -f "$data/A/train.json" ] || $m4 data synth "$data/A" --n "${N:-30000}" --bench 0 --seed 0
+[ -f "$data/B/train.json" ] || $m4 data synth "$data/B" --n "${N2:-60000}" --bench 0 --seed 4
+[ -f "$data/held/bench.json" ] || $m4 data synth "$data/held" --n 10 --bench "${HELDOUT:-600}" --seed 5
+[ -f "$data/A/mix.json" ] || $py -c "import json, sys; \
 json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.argv[3], 'w'))" \
-    "$data/train.json" "$data/scenes.json" "$data/mix.json"
+    "$data/A/train.json" "$data/A/scenes.json" "$data/A/mix.json"
+[ -f "$data/weighted.json" ] || $py "$here/mix_tasks.py" "$data/weighted.json" "$data/A/train.json" "$data/B/train.json" \
+    --captions 0.2 --seed 1 --weight patch-colour=0.6 --weight order=0.6 --weight diff-describe=0.8 \
+    --weight diff-move=1.2 --weight count=1.3 --weight diff-colour=1.3 --weight patch-shape=1.3 --weight view-count=1.3
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
@@ -37,7 +45,8 @@ stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
     fi
     echo "$name stage: ${SECONDS}s"
 }
-stage scenes "$data/scenes.json" "$steps0" --lr 1e-3
-stage questions "$data/mix.json" "$steps1" --lr "${LR1:-5e-4}" --tune projector,decoder,vision
-$m4 eval --model "$prev" --bench "$held/bench.json" --json "$run/eval.json"
+stage scenes "$data/A/scenes.json" "$steps0" --lr 1e-3 --seed 0
+stage questions "$data/A/mix.json" "$steps1" --lr "$lr" --tune projector,decoder,vision --seed 0
+stage weighted "$data/weighted.json" "$steps2" --lr "$lr" --tune projector,decoder,vision --seed 1
+[ -z "$prev" ] || $m4 eval --model "$prev" --bench "$data/held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"

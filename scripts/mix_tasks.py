@@ -1,0 +1,72 @@
+"""A question-stage mix from M4-Synth train.json files: each task's questions weighted, plus
+a share of caption records; image paths rewritten relative to OUT's folder, so one mix can draw
+on several synth runs (seeds).
+
+usage: python scripts/mix_tasks.py OUT.json SRC/train.json [SRC2/train.json ...]
+           [--captions 0.2] [--seed 0] [--weight TASK=W ...]
+
+A weight of 1.3 keeps every question of the task and repeats 30% of them (drawn at random);
+0.6 keeps 60%. The tasks the ten-task mix learns last (docs/training.md) are weighted up.
+"""
+
+import argparse
+import json
+import os
+import random
+
+from m4.jsonio import read_json_list
+from m4.train.synth import TASKS
+
+
+def task_of(record: dict) -> str:
+    return record["id"].rsplit("-", 1)[0]
+
+
+def rebase(record: dict, rel: str) -> dict:
+    for key in ("image", "video"):
+        if isinstance(record.get(key), list):
+            record[key] = [os.path.join(rel, p) for p in record[key]]
+        elif key in record:
+            record[key] = os.path.join(rel, record[key])
+    return record
+
+
+def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[str, float]) -> list[dict]:
+    rng = random.Random(seed)
+    questions, caption_records = [], []
+    for src in sources:
+        rel = os.path.relpath(os.path.dirname(os.path.abspath(src)), os.path.dirname(os.path.abspath(out)))
+        for r in read_json_list(src, "M4-Synth train.json"):
+            (caption_records if r["id"].endswith("-caption") else questions).append(rebase(r, rel))
+    records = []
+    for r in questions:
+        w = weights.get(task_of(r), 1.0)
+        records += [r] * int(w) + ([r] if rng.random() < w - int(w) else [])
+    n = min(int(len(records) * captions / (1 - captions)), len(caption_records))
+    records += rng.sample(caption_records, n)
+    rng.shuffle(records)
+    return records
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out")
+    ap.add_argument("sources", nargs="+")
+    ap.add_argument("--captions", type=float, default=0.2, help="share of caption records in the mix")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weight", action="append", default=[], metavar="TASK=W")
+    a = ap.parse_args()
+    weights = {k: float(v) for k, v in (w.split("=") for w in a.weight)}
+    unknown = set(weights) - set(TASKS)
+    if unknown:
+        ap.error(f"unknown task(s): {', '.join(sorted(unknown))}; M4-Synth has {', '.join(TASKS)}")
+    records = mix(a.out, a.sources, a.captions, a.seed, weights)
+    tmp = f"{a.out}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f)
+    os.replace(tmp, a.out)  # a mix a run is reading is never half written
+    print(f"{a.out}: {len(records)} records")
+
+
+if __name__ == "__main__":
+    main()
