@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(VENV)/bin/m4 run --video demo --prompt "What is moving in the scene?" --max-new-tokens 32
+	$(VENV)/bin/m4 run --video demo --prompt "Which way does the cyan circle move?" --max-new-tokens 8
 
 test: setup
 	$(PY) -m pytest -q

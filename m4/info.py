@@ -4,7 +4,7 @@ from pathlib import Path
 
 from m4.export.manifest import is_bundle, manifest_arch, read_manifest
 from m4.model.config import PRESETS, Arch
-from m4.resolve import DEMO_NAME, resolve
+from m4.resolve import DEMO_DIR, resolve
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
 
@@ -18,8 +18,8 @@ def describe(spec: str) -> dict:
         return describe_bundle(path)
     arch = Arch.from_dir(path)
     source = f"checkpoint {path}"
-    if path.name == DEMO_NAME:
-        source = f"demo model: seeded random weights of the demo preset until a trained one ships ({path})"
+    if path == DEMO_DIR:
+        source = f"demo model: the demo preset trained on M4-Synth ({path})"
     d = describe_arch(arch, source)
     d["files_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     return d

@@ -7,7 +7,7 @@ from pathlib import Path
 from m4.errors import M4Error
 
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-DEMO_NAME = "demo-random-v4"  # v4: 9 tokens per 96-px image
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"  # trained on M4-Synth (scripts/train_demo.sh)
 
 
 def cache_dir() -> Path:
@@ -39,11 +39,7 @@ def fetch(repo_id: str) -> Path:
 
 
 def demo_checkpoint() -> Path:
-    """The demo model. Until a trained one ships, a seeded random checkpoint of the demo
-    preset, made on first use in the user cache."""
-    path = cache_dir() / DEMO_NAME
-    if not (path / "config.json").is_file():
-        from m4.model.checkpoint import random_checkpoint
-
-        random_checkpoint("demo", path, seed=0)
-    return path
+    """The demo model, shipped inside the package (a transformers checkpoint, fp16 weights)."""
+    if not (DEMO_DIR / "model.safetensors").is_file():
+        raise M4Error(f"the demo model is missing from this install ({DEMO_DIR}): reinstall m4")
+    return DEMO_DIR
