@@ -8,7 +8,8 @@
 #              (scripts/mix_tasks.py), a fifth of the records captions;
 #   focused    the same questions reweighted towards the tasks still at chance after that
 #              (count, view-count), fewer captions;
-# then the held-out bench (another seed). README records how the shipped model was made.
+# then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
+# how the shipped model was made.
 # Usage: scripts/train_demo.sh RUN_DIR
 # Environment: M4 (default "python -m m4"); N / N2 training samples of seeds 0 / 4, HELDOUT
 # bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several runs),
