@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in four stages:
+# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in five stages:
 #   scenes     one image of 1-3 shapes and what is where, the vision tower frozen at its random
 #              init: there the model learns to read its image tokens;
 #   questions  train.json (questions and their dense captions) mixed with the scenes, the tower
@@ -8,15 +8,17 @@
 #              (scripts/mix_tasks.py), a fifth of the records captions;
 #   focused    the same questions reweighted towards the tasks still at chance after that
 #              (count, view-count), fewer captions;
+#   views      the questions of a third seed too, view-count and motion weighted up, the
+#              tasks already learned down;
 # then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
 # how the shipped model was made.
 # Usage: scripts/train_demo.sh RUN_DIR
-# Environment: M4 (default "python -m m4"); N / N2 training samples of seeds 0 / 4, HELDOUT
-# bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several runs),
-# STEPS0 / STEPS1 / STEPS2 / STEPS3 the stages' steps (all 0: only the data), BATCH, LR the
-# question stages' learning rate (the focused stage: LR3); INIT a checkpoint to start from (with
-# STEPS0=0 STEPS1=0 STEPS2=0: the focused stage alone, e.g. from m4/assets/demo to train the
-# shipped model further).
+# Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6,
+# HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
+# runs), STEPS0 ... STEPS4 the stages' steps (all 0: only the data), BATCH, LR the question
+# stages' learning rate (the focused and views stages: LR3, LR4); INIT a checkpoint to start
+# from (with STEPS0=0 STEPS1=0 STEPS2=0 STEPS3=0: the views stage alone, e.g. from
+# m4/assets/demo to train the shipped model further).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
 m4=${M4:-python -m m4}
@@ -26,6 +28,7 @@ steps0=${STEPS0:-3000}
 steps1=${STEPS1:-2000}
 steps2=${STEPS2:-20000}
 steps3=${STEPS3:-30000}
+steps4=${STEPS4:-20000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
 # one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
@@ -33,6 +36,7 @@ common=(--preset demo --batch-size "${BATCH:-8}" --save-every 2000 --keep 10 --l
 SECONDS=0
 [ -f "$data/A/train.json" ] || $m4 data synth "$data/A" --n "${N:-30000}" --bench 0 --seed 0
 [ -f "$data/B/train.json" ] || $m4 data synth "$data/B" --n "${N2:-60000}" --bench 0 --seed 4
+[ -f "$data/C/train.json" ] || $m4 data synth "$data/C" --n "${N3:-30000}" --bench 0 --seed 6
 [ -f "$data/held/bench.json" ] || $m4 data synth "$data/held" --n 10 --bench "${HELDOUT:-600}" --seed 5
 [ -f "$data/A/mix.json" ] || $py -c "import json, sys; \
 json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.argv[3], 'w'))" \
@@ -43,6 +47,10 @@ json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.
 [ -f "$data/focused.json" ] || $py "$here/mix_tasks.py" "$data/focused.json" "$data/A/train.json" "$data/B/train.json" \
     --captions 0.15 --seed 2 --weight count=3 --weight view-count=2.5 --weight diff-move=2 --weight diff-colour=2 \
     --weight patch-shape=2 --weight motion=1.5 --weight order=0.6 --weight diff-describe=0.6 --weight patch-colour=0.5
+[ -f "$data/views.json" ] || $py "$here/mix_tasks.py" "$data/views.json" "$data/A/train.json" "$data/B/train.json" \
+    "$data/C/train.json" --captions 0.15 --seed 4 --weight view-count=4 --weight motion=2.5 --weight view-total=1.2 \
+    --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 --weight count=0.4 \
+    --weight patch-shape=0.3 --weight patch-colour=0.25
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
@@ -58,5 +66,6 @@ stage scenes "$data/A/scenes.json" "$steps0" --lr 1e-3 --seed 0
 stage questions "$data/A/mix.json" "$steps1" --lr "$lr" --tune projector,decoder,vision --seed 0
 stage weighted "$data/weighted.json" "$steps2" --lr "$lr" --tune projector,decoder,vision --seed 1
 stage focused "$data/focused.json" "$steps3" --lr "${LR3:-4e-4}" --tune projector,decoder,vision --seed 3
+stage views "$data/views.json" "$steps4" --lr "${LR4:-3e-4}" --tune projector,decoder,vision --seed 4
 [ -z "$prev" ] || $m4 eval --model "$prev" --bench "$data/held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"
