@@ -3,19 +3,26 @@ a share of caption records; image paths rewritten relative to OUT's folder, so o
 on several synth runs (seeds).
 
 usage: python scripts/mix_tasks.py OUT.json SRC/train.json [SRC2/train.json ...]
-           [--captions 0.2] [--seed 0] [--weight TASK=W ...]
+           [--captions 0.2] [--seed 0] [--weight TASK=W ...] [--per-view W]
 
 A weight of 1.3 keeps every question of the task and repeats 30% of them (drawn at random);
 0.6 keeps 60%. The tasks the ten-task mix learns last (docs/training.md) are weighted up.
+--per-view W adds W questions per multi-view sample about one of its views ("How many red
+objects does view 2 show?"), answered from the sample's caption: the step view-count builds
+on (the count in a scene is the most that one view shows, for 96% of them), as a curriculum.
 """
 
 import argparse
 import json
 import os
 import random
+import re
 
 from m4.jsonio import read_json_list
-from m4.train.synth import TASKS
+from m4.prompt import IMAGE
+from m4.train.synth import TASKS, VIEW_COLOURS, conversation
+
+VIEW_TASKS = tuple(t for t, (scenario, *_) in TASKS.items() if scenario == "multi-view")
 
 
 def task_of(record: dict) -> str:
@@ -31,7 +38,25 @@ def rebase(record: dict, rel: str) -> dict:
     return record
 
 
-def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[str, float]) -> list[dict]:
+def view_questions(caption: dict, n: int, rng: random.Random) -> list[dict]:
+    """n questions about single views of a multi-view caption record ("View 1: a red circle
+    at left and .... View 2: ..."), asking for a colour present in the scene or any other."""
+    views = re.split(r"View \d+: ", caption["conversations"][1]["value"])[1:]
+    head = caption["conversations"][0]["value"].split("Describe")[0]
+    colours = sorted({c for v in views for c in VIEW_COLOURS if f"{c} " in v}) + VIEW_COLOURS
+    out = []
+    for _ in range(n):
+        j, colour = rng.randrange(len(views)), rng.choice(colours)
+        answer = str(len(re.findall(rf"\b{colour} ", views[j])))
+        question = (f"{head}The images show one scene from several viewpoints. "
+                    f"How many {colour} objects does view {j + 1} show?")
+        out.append({"id": caption["id"].replace("-caption", "-view"), "image": caption["image"],
+                    "conversations": conversation(question, answer)})
+    return out
+
+
+def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[str, float],
+        per_view: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
     questions, caption_records = [], []
     for src in sources:
@@ -44,6 +69,11 @@ def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[
         records += [r] * int(w) + ([r] if rng.random() < w - int(w) else [])
     n = min(int(len(records) * captions / (1 - captions)), len(caption_records))
     records += rng.sample(caption_records, n)
+    if per_view:  # its own generator: the mix above stays what it was without --per-view
+        vrng = random.Random(seed)
+        for c in caption_records:
+            if c["id"].rsplit("-", 2)[0] in VIEW_TASKS:  # view-count-000123-caption
+                records += view_questions(c, int(per_view) + (vrng.random() < per_view % 1), vrng)
     rng.shuffle(records)
     return records
 
@@ -55,12 +85,14 @@ def main() -> None:
     ap.add_argument("--captions", type=float, default=0.2, help="share of caption records in the mix")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weight", action="append", default=[], metavar="TASK=W")
+    ap.add_argument("--per-view", type=float, default=0.0, metavar="W",
+                    help="questions about single views per multi-view sample")
     a = ap.parse_args()
     weights = {k: float(v) for k, v in (w.split("=") for w in a.weight)}
     unknown = set(weights) - set(TASKS)
     if unknown:
         ap.error(f"unknown task(s): {', '.join(sorted(unknown))}; M4-Synth has {', '.join(TASKS)}")
-    records = mix(a.out, a.sources, a.captions, a.seed, weights)
+    records = mix(a.out, a.sources, a.captions, a.seed, weights, a.per_view)
     tmp = f"{a.out}.tmp"
     with open(tmp, "w") as f:
         json.dump(records, f)

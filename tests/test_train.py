@@ -20,6 +20,7 @@ from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
+from m4.train import synth as synth_module
 from m4.train.synth import TASKS
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
@@ -318,3 +319,28 @@ def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
     assert set(rows) == {"patch embedding", "feature layer", "projector", "chance"}
     assert all(0 <= float(v) <= 1 for row in rows.values() for v in row)
     assert "captions name" in r.stdout
+
+
+def test_per_view_questions_count_what_each_view_shows(synth):
+    sys.path.insert(0, str(TESTS.parent / "scripts"))
+    try:
+        import mix_tasks
+    finally:
+        sys.path.pop(0)
+    out = str(synth / "mix.json")
+    plain = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {})
+    mixed = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {}, per_view=3)
+    asked = [r for r in mixed if r["id"].endswith("-view")]
+    assert sorted(r["id"] for r in mixed if not r["id"].endswith("-view")) == sorted(r["id"] for r in plain)
+    # three per multi-view sample, whether or not its caption was drawn into the mix
+    assert len(asked) == 3 * sum(1 for r in plain if r["id"].startswith("view-") and "caption" not in r["id"])
+    assert {r["conversations"][1]["value"] for r in asked} >= {"0", "1"}
+    for r in asked:  # the answer, read from the caption, against the scene's geometry
+        task, index, _ = r["id"].rsplit("-", 2)
+        things, _, seen = synth_module.views_scene(np.random.default_rng([3, 0, int(index)]),
+                                                   PRESETS["demo"].vision.image_size)
+        q = r["conversations"][0]["value"]
+        colour, view = q.split("How many ")[1].split()[0], int(q.split("does view ")[1].split()[0]) - 1
+        assert q.count("<image>") == len(r["image"]) == len(seen)
+        shown = sum(t.colour == colour and v >= 0.5 for t, v in zip(things, seen[view]))
+        assert r["conversations"][1]["value"] == str(shown), (r["id"], q)

@@ -54,6 +54,7 @@ FRAMES = 8  # frames per clip: what `m4 train --frames` and `m4.load(...).ask(vi
 CHOICE = "Answer with the option's text from the given choices directly."
 PLACES = [["top left", "top", "top right"], ["left", "centre", "right"], ["bottom left", "bottom", "bottom right"]]
 GROUND = (96, 96, 96)  # the floor under multi-view scenes
+VIEW_COLOURS = ["red", "green", "blue", "yellow"]  # of multi-view objects: fewer, so colours repeat
 HORIZON = 0.3  # of the height
 
 
@@ -277,7 +278,7 @@ def views_scene(rng, size: int):
             p = rng.uniform(-1, 1, 2)
             if np.hypot(*p) <= 1 and all(np.hypot(*(p - q)) > 0.5 for q in pts):
                 pts.append(p)
-        things = [Thing(str(rng.choice(KINDS)), str(rng.choice(["red", "green", "blue", "yellow"])), *p) for p in pts]
+        things = [Thing(str(rng.choice(KINDS)), str(rng.choice(VIEW_COLOURS)), *p) for p in pts]
         k = int(rng.integers(2, 5))
         start = rng.uniform(0, 2 * math.pi)
         views = [view(things, start + 2 * math.pi * v / k + rng.uniform(-0.3, 0.3), size) for v in range(k)]
@@ -296,7 +297,7 @@ def views_item(task: str, size: int, question: str, answer: str, views, seen) ->
 
 def view_count(rng, size: int) -> Item:
     things, views, seen = views_scene(rng, size)
-    colour = str(rng.choice(sorted({t.colour for t in things}) + ["red", "green", "blue", "yellow"]))
+    colour = str(rng.choice(sorted({t.colour for t in things}) + VIEW_COLOURS))
     n = sum(t.colour == colour for t in things)
     return views_item("view-count", size, f"The images show one scene from several viewpoints. "
                       f"How many {colour} objects are in the scene?", str(n), views, seen)
