@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in five stages:
+# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in six stages:
 #   scenes     one image of 1-3 shapes and what is where, the vision tower frozen at its random
 #              init: there the model learns to read its image tokens;
 #   questions  train.json (questions and their dense captions) mixed with the scenes, the tower
@@ -10,14 +10,17 @@
 #              (count, view-count), fewer captions;
 #   views      the questions of a third seed too, view-count and motion weighted up, the
 #              tasks already learned down;
+#   per-view   the same with questions about one view at a time added ("How many red objects
+#              does view 2 show?"): the step that view-count, the most any view shows, builds
+#              on; count back up, which the new "How many" questions otherwise make it forget;
 # then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
 # how the shipped model was made.
 # Usage: scripts/train_demo.sh RUN_DIR
 # Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6,
 # HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
-# runs), STEPS0 ... STEPS4 the stages' steps (all 0: only the data), BATCH, LR the question
-# stages' learning rate (the focused and views stages: LR3, LR4); INIT a checkpoint to start
-# from (with STEPS0=0 STEPS1=0 STEPS2=0 STEPS3=0: the views stage alone, e.g. from
+# runs), STEPS0 ... STEPS5 the stages' steps (all 0: only the data), BATCH, LR the question
+# stages' learning rate (the focused, views and per-view stages: LR3, LR4, LR5); INIT a
+# checkpoint to start from (with STEPS0=0 ... STEPS4=0: the per-view stage alone, e.g. from
 # m4/assets/demo to train the shipped model further).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
@@ -29,6 +32,7 @@ steps1=${STEPS1:-2000}
 steps2=${STEPS2:-20000}
 steps3=${STEPS3:-30000}
 steps4=${STEPS4:-20000}
+steps5=${STEPS5:-20000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
 # one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
@@ -51,6 +55,10 @@ json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.
     "$data/C/train.json" --captions 0.15 --seed 4 --weight view-count=4 --weight motion=2.5 --weight view-total=1.2 \
     --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 --weight count=0.4 \
     --weight patch-shape=0.3 --weight patch-colour=0.25
+[ -f "$data/per-view.json" ] || $py "$here/mix_tasks.py" "$data/per-view.json" "$data/A/train.json" "$data/B/train.json" \
+    "$data/C/train.json" --captions 0.15 --seed 6 --weight view-count=3 --weight motion=2.5 --weight view-total=1.2 \
+    --weight count=1.5 --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 \
+    --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
@@ -67,5 +75,6 @@ stage questions "$data/A/mix.json" "$steps1" --lr "$lr" --tune projector,decoder
 stage weighted "$data/weighted.json" "$steps2" --lr "$lr" --tune projector,decoder,vision --seed 1
 stage focused "$data/focused.json" "$steps3" --lr "${LR3:-4e-4}" --tune projector,decoder,vision --seed 3
 stage views "$data/views.json" "$steps4" --lr "${LR4:-3e-4}" --tune projector,decoder,vision --seed 4
+stage per-view "$data/per-view.json" "$steps5" --lr "${LR5:-3e-4}" --tune projector,decoder,vision --seed 6
 [ -z "$prev" ] || $m4 eval --model "$prev" --bench "$data/held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"
