@@ -19,7 +19,6 @@ import random
 import re
 
 from m4.jsonio import read_json_list
-from m4.prompt import IMAGE
 from m4.train.synth import TASKS, VIEW_COLOURS, conversation
 
 VIEW_TASKS = tuple(t for t, (scenario, *_) in TASKS.items() if scenario == "multi-view")

@@ -127,5 +127,5 @@ def test_shipped_demo_reads_its_images(tmp_path):
     assert own["failed"] == other["failed"] == 0
     # measured (2026-11-27, the model shipped in session 15): 0.883 own, 0.285 with the other
     # images, chance 0.377
-    assert own["overall"] >= own["chance"]["overall"] + 0.30, own["by_task"]
-    assert own["overall"] >= other["overall"] + 0.40, (own["by_task"], other["by_task"])
+    assert own["overall"] >= own["chance"]["overall"] + 0.40, own["by_task"]
+    assert own["overall"] >= other["overall"] + 0.50, (own["by_task"], other["by_task"])
