@@ -41,12 +41,13 @@ def view_questions(caption: dict, n: int, rng: random.Random) -> list[dict]:
     """n questions about single views of a multi-view caption record ("View 1: a red circle
     at left and .... View 2: ..."), asking for a colour present in the scene or any other."""
     views = re.split(r"View \d+: ", caption["conversations"][1]["value"])[1:]
+    counts = [{c: len(re.findall(rf"\b{c} ", v)) for c in VIEW_COLOURS} for v in views]
     head = caption["conversations"][0]["value"].split("Describe")[0]
-    colours = sorted({c for v in views for c in VIEW_COLOURS if f"{c} " in v}) + VIEW_COLOURS
+    colours = sorted({c for seen in counts for c, k in seen.items() if k}) + VIEW_COLOURS
     out = []
     for _ in range(n):
         j, colour = rng.randrange(len(views)), rng.choice(colours)
-        answer = str(len(re.findall(rf"\b{colour} ", views[j])))
+        answer = str(counts[j][colour])
         question = (f"{head}The images show one scene from several viewpoints. "
                     f"How many {colour} objects does view {j + 1} show?")
         out.append({"id": caption["id"].replace("-caption", "-view"), "image": caption["image"],

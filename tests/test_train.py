@@ -2,6 +2,7 @@
 prompts equal to inference's in both placements; bad records skipped; exact resume; FSDP on
 two CPU ranks equal to one process; the dry run of a 7B preset."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -20,8 +21,7 @@ from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
-from m4.train import synth as synth_module
-from m4.train.synth import TASKS
+from m4.train.synth import TASKS, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
 TESTS = Path(__file__).parent
@@ -295,12 +295,17 @@ def test_looking_scores_own_against_another_records_images(synth, tmp_path):
         assert int(n) >= 1 and float(gap) == pytest.approx(float(other) - float(own), abs=2e-3)
 
 
-def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
+def script(name: str):
+    """A module of scripts/ (not a package), imported as the scripts run it."""
     sys.path.insert(0, str(TESTS.parent / "scripts"))
     try:
-        import probe
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
+    probe = script("probe")
     assert [probe.cell_tokens(3, c) for c in range(9)] == [[c] for c in range(9)]  # one token per cell
     cells = [probe.cell_tokens(8, c) for c in range(9)]  # the demo's 8 x 8 patches
     assert sorted(t for c in cells for t in c) == list(range(64)) and cells[0] == [0, 1, 2, 8, 9, 10, 16, 17, 18]
@@ -322,11 +327,7 @@ def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
 
 
 def test_per_view_questions_count_what_each_view_shows(synth):
-    sys.path.insert(0, str(TESTS.parent / "scripts"))
-    try:
-        import mix_tasks
-    finally:
-        sys.path.pop(0)
+    mix_tasks = script("mix_tasks")
     out = str(synth / "mix.json")
     plain = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {})
     mixed = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {}, per_view=3)
@@ -337,8 +338,7 @@ def test_per_view_questions_count_what_each_view_shows(synth):
     assert {r["conversations"][1]["value"] for r in asked} >= {"0", "1"}
     for r in asked:  # the answer, read from the caption, against the scene's geometry
         task, index, _ = r["id"].rsplit("-", 2)
-        things, _, seen = synth_module.views_scene(np.random.default_rng([3, 0, int(index)]),
-                                                   PRESETS["demo"].vision.image_size)
+        things, _, seen = views_scene(np.random.default_rng([3, 0, int(index)]), PRESETS["demo"].vision.image_size)
         q = r["conversations"][0]["value"]
         colour, view = q.split("How many ")[1].split()[0], int(q.split("does view ")[1].split()[0]) - 1
         assert q.count("<image>") == len(r["image"]) == len(seen)
