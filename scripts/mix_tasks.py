@@ -3,13 +3,15 @@ a share of caption records; image paths rewritten relative to OUT's folder, so o
 on several synth runs (seeds).
 
 usage: python scripts/mix_tasks.py OUT.json SRC/train.json [SRC2/train.json ...]
-           [--captions 0.2] [--seed 0] [--weight TASK=W ...] [--per-view W]
+           [--captions 0.2] [--seed 0] [--weight TASK=W ...] [--per-view W] [--per-frame W]
 
 A weight of 1.3 keeps every question of the task and repeats 30% of them (drawn at random);
 0.6 keeps 60%. The tasks the ten-task mix learns last (docs/training.md) are weighted up.
 --per-view W adds W questions per multi-view sample about one of its views ("How many red
 objects does view 2 show?"), answered from the sample's caption: the step view-count builds
 on (the count in a scene is the most that one view shows, for 96% of them), as a curriculum.
+--per-frame W does the same for motion clips ("Where is the cyan circle in frame 1?"): the
+place change from the first frame to the last names the direction for 90% of them.
 """
 
 import argparse
@@ -37,26 +39,46 @@ def rebase(record: dict, rel: str) -> dict:
     return record
 
 
+def parts(caption: dict, label: str) -> tuple[str, list[str]]:
+    """A caption record's text before "Describe", and its answer split at "View N: " or "Frame N: "."""
+    return (caption["conversations"][0]["value"].split("Describe")[0],
+            re.split(rf"{label} \d+: ", caption["conversations"][1]["value"])[1:])
+
+
+def question(caption: dict, kind: str, text: str, answer: str) -> dict:
+    media = {k: caption[k] for k in ("image", "video") if k in caption}
+    return {"id": caption["id"].replace("-caption", f"-{kind}"), **media, "conversations": conversation(text, answer)}
+
+
 def view_questions(caption: dict, n: int, rng: random.Random) -> list[dict]:
     """n questions about single views of a multi-view caption record ("View 1: a red circle
     at left and .... View 2: ..."), asking for a colour present in the scene or any other."""
-    views = re.split(r"View \d+: ", caption["conversations"][1]["value"])[1:]
+    head, views = parts(caption, "View")
     counts = [{c: len(re.findall(rf"\b{c} ", v)) for c in VIEW_COLOURS} for v in views]
-    head = caption["conversations"][0]["value"].split("Describe")[0]
     colours = sorted({c for seen in counts for c, k in seen.items() if k}) + VIEW_COLOURS
     out = []
     for _ in range(n):
         j, colour = rng.randrange(len(views)), rng.choice(colours)
-        answer = str(counts[j][colour])
-        question = (f"{head}The images show one scene from several viewpoints. "
-                    f"How many {colour} objects does view {j + 1} show?")
-        out.append({"id": caption["id"].replace("-caption", "-view"), "image": caption["image"],
-                    "conversations": conversation(question, answer)})
+        out.append(question(caption, "view", f"{head}The images show one scene from several viewpoints. "
+                            f"How many {colour} objects does view {j + 1} show?", str(counts[j][colour])))
+    return out
+
+
+def frame_questions(caption: dict, n: int, rng: random.Random) -> list[dict]:
+    """n questions about single frames of a clip's caption record ("Frame 1: an orange circle
+    at top right and a green triangle at left. Frame 2: ..."): where one of its shapes is, in
+    the first or last frame half the time (a motion's answer is the move between those two)."""
+    head, frames = parts(caption, "Frame")
+    out = []
+    for _ in range(n):
+        j = rng.choice([0, len(frames) - 1]) if rng.random() < 0.5 else rng.randrange(len(frames))
+        name, where = rng.choice(re.findall(r"an? (\w+ \w+) at ([a-z ]+?)(?=,| and |\.|$)", frames[j]))
+        out.append(question(caption, "frame", f"{head}Where is the {name} in frame {j + 1}?", where))
     return out
 
 
 def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[str, float],
-        per_view: float = 0.0) -> list[dict]:
+        per_view: float = 0.0, per_frame: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
     questions, caption_records = [], []
     for src in sources:
@@ -69,11 +91,13 @@ def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[
         records += [r] * int(w) + ([r] if rng.random() < w - int(w) else [])
     n = min(int(len(records) * captions / (1 - captions)), len(caption_records))
     records += rng.sample(caption_records, n)
-    if per_view:  # its own generator: the mix above stays what it was without --per-view
-        vrng = random.Random(seed)
-        for c in caption_records:
-            if c["id"].rsplit("-", 2)[0] in VIEW_TASKS:  # view-count-000123-caption
-                records += view_questions(c, int(per_view) + (vrng.random() < per_view % 1), vrng)
+    # each with its own generator: the mix above stays what it was without --per-view / --per-frame
+    for w, tasks, ask in ((per_view, VIEW_TASKS, view_questions), (per_frame, ("motion",), frame_questions)):
+        if w:
+            srng = random.Random(seed)
+            for c in caption_records:
+                if c["id"].rsplit("-", 2)[0] in tasks:  # view-count-000123-caption
+                    records += ask(c, int(w) + (srng.random() < w % 1), srng)
     rng.shuffle(records)
     return records
 
@@ -87,12 +111,14 @@ def main() -> None:
     ap.add_argument("--weight", action="append", default=[], metavar="TASK=W")
     ap.add_argument("--per-view", type=float, default=0.0, metavar="W",
                     help="questions about single views per multi-view sample")
+    ap.add_argument("--per-frame", type=float, default=0.0, metavar="W",
+                    help="questions about single frames per motion clip")
     a = ap.parse_args()
     weights = {k: float(v) for k, v in (w.split("=") for w in a.weight)}
     unknown = set(weights) - set(TASKS)
     if unknown:
         ap.error(f"unknown task(s): {', '.join(sorted(unknown))}; M4-Synth has {', '.join(TASKS)}")
-    records = mix(a.out, a.sources, a.captions, a.seed, weights, a.per_view)
+    records = mix(a.out, a.sources, a.captions, a.seed, weights, a.per_view, a.per_frame)
     tmp = f"{a.out}.tmp"
     with open(tmp, "w") as f:
         json.dump(records, f)

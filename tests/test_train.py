@@ -21,7 +21,7 @@ from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
-from m4.train.synth import TASKS, views_scene
+from m4.train.synth import TASKS, make, place, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
 TESTS = Path(__file__).parent
@@ -344,3 +344,23 @@ def test_per_view_questions_count_what_each_view_shows(synth):
         assert q.count("<image>") == len(r["image"]) == len(seen)
         shown = sum(t.colour == colour and v >= 0.5 for t, v in zip(things, seen[view]))
         assert r["conversations"][1]["value"] == str(shown), (r["id"], q)
+
+
+def test_per_frame_questions_place_shapes_where_the_clip_shows_them(synth):
+    mix_tasks = script("mix_tasks")
+    out = str(synth / "mix.json")
+    plain = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {})
+    mixed = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {}, per_frame=2)
+    asked = [r for r in mixed if r["id"].endswith("-frame")]
+    assert sorted(r["id"] for r in mixed if not r["id"].endswith("-frame")) == sorted(r["id"] for r in plain)
+    assert len(asked) == 2 * sum(1 for r in plain if r["id"].startswith("motion-") and "caption" not in r["id"])
+    assert len({r["conversations"][1]["value"] for r in asked}) >= 3
+    for r in asked:  # the answer, read from the caption, against the scene's geometry
+        index = int(r["id"].split("-")[1])
+        scene = make("motion", [3, 0, index], PRESETS["demo"].vision.image_size).info["scene"]
+        q = r["conversations"][0]["value"]
+        name, frame = q.split("Where is the ")[1].split(" in frame ")
+        shape = next(s for s in scene.shapes if f"{s.colour} {s.kind}" == name)
+        x, y = scene.center(shape, (int(frame.rstrip("?")) - 1) / scene.fps)
+        assert r["video"].endswith(f"motion-{index:06d}.mp4") and q.startswith("<image>\n")
+        assert r["conversations"][1]["value"] == place(x, y, scene.width, scene.height), (r["id"], q)

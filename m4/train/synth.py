@@ -205,8 +205,10 @@ def motion(rng, size: int) -> Item:
     frames = [[Obj(s.kind, s.colour, *scene.center(s, i / scene.fps), s.size / 2) for s in scene.shapes]
               for i in range(scene.num_frames)]
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
-    return clip_item("motion", frames, 4 * size, f"Which way does the {s.colour} {s.kind} move?", s.direction,
+    item = clip_item("motion", frames, 4 * size, f"Which way does the {s.colour} {s.kind} move?", s.direction,
                      images=list(scene.frames()))
+    item.info["scene"] = scene  # the geometry the tests check per-frame answers against
+    return item
 
 
 def order(rng, size: int) -> Item:
