@@ -364,3 +364,19 @@ def test_per_frame_questions_place_shapes_where_the_clip_shows_them(synth):
         x, y = scene.center(shape, (int(frame.rstrip("?")) - 1) / scene.fps)
         assert r["video"].endswith(f"motion-{index:06d}.mp4") and q.startswith("<image>\n")
         assert r["conversations"][1]["value"] == place(x, y, scene.width, scene.height), (r["id"], q)
+
+
+def test_motion_probe_reads_directions_and_runs(tmp_path):
+    probe = script("motion_probe")
+    assert probe.direction("top left", "top right") == "right" and probe.direction("centre", "top left") == "left"
+    assert probe.direction("top", "bottom right") == "down" and probe.direction("left", "left") is None
+    assert probe.direction("left", "nowhere") is None
+    snapped = probe.snap(probe.Obj("circle", "red", 40.0, 70.0, 5.0), 96)  # cell (1, 2): centre (48, 80)
+    assert (snapped.x, snapped.y) == (48.0, 80.0)
+    ck = tmp_path / "ck"
+    random_checkpoint("tiny", ck)
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "motion_probe.py"), ck, "--n", "1"],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    rates = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
+    assert len(rates) == 4 and all(0 <= v <= 1 for v in rates)

@@ -1,0 +1,74 @@
+"""Why does a checkpoint miss `motion`? On held-out motion clips (M4-Synth's demo scenes), it
+answers the motion question, then describes each frame ("Describe each frame."), of the clip
+as it is and of the same clip with every shape moved to the centre of the grid cell its centre
+is in (one 32-px patch of the demo preset each, the way the other tasks place their shapes).
+Printed: the answers' accuracy; the share of (shape, frame) pairs its descriptions name at the
+right place, for both clips; and how often the place change of the asked shape between its
+own first and last frame names the right direction (docs/training.md, "The shipped demo model").
+
+    python scripts/motion_probe.py CHECKPOINT [--n 60] [--seed 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+from PIL import Image
+
+import m4
+from m4.train.synth import FRAMES, PLACES, TASKS, Obj, make, place, render
+
+CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
+
+
+def direction(a: str | None, b: str | None) -> str | None:
+    """The way from place a to place b, by the larger of the two moves; None if no move."""
+    if a not in CELL or b not in CELL or a == b:
+        return None
+    dx, dy = CELL[b][0] - CELL[a][0], CELL[b][1] - CELL[a][1]
+    return ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+
+
+def snap(o: Obj, w: int) -> Obj:
+    return Obj(o.kind, o.colour, (int(3 * o.x / w) + 0.5) * w / 3, (int(3 * o.y / w) + 0.5) * w / 3, o.r)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint")
+    ap.add_argument("--n", type=int, default=60, help="motion clips (the held-out bench's first n)")
+    ap.add_argument("--seed", type=int, default=5, help="M4-Synth seed of the bench (5: the held-out one)")
+    a = ap.parse_args()
+    model = m4.load(a.checkpoint)
+    size = model.arch.vision.image_size
+    index = list(TASKS).index("motion")
+    answered = own = 0
+    named = {"as is": 0, "snapped": 0}
+    pairs = 0
+    for i in range(index, index + 10 * a.n, 10):  # the bench's motion samples: tasks taken in turn
+        item = make("motion", [a.seed, 1, i], size)
+        scene, w = item.info["scene"], item.info["scene"].width
+        frames = [[Obj(s.kind, s.colour, *scene.center(s, f / scene.fps), s.size / 2) for s in scene.shapes]
+                  for f in range(FRAMES)]
+        clips = {"as is": [Image.fromarray(x) for x in item.images],
+                 "snapped": [Image.fromarray(render([snap(o, w) for o in fr], w, w)) for fr in frames]}
+        answered += model.ask(item.question, video=clips["as is"], max_new_tokens=4).strip() == item.answer
+        for k, clip in clips.items():
+            told = re.split(r"Frame \d+: ", model.ask("Describe each frame.", video=clip, max_new_tokens=400))[1:]
+            told += [""] * (FRAMES - len(told))
+            named[k] += sum(f"{o.name} at {place(o.x, o.y, w, w)}" in told[f] for f, fr in enumerate(frames) for o in fr)
+            if k == "as is":  # where its own words put the asked shape first and last
+                colour = item.question.split("does the ")[1].split()[0]
+                at = [re.search(rf"{colour} \w+ at ([a-z ]+?)(?=,| and |\.|$)", t) for t in (told[0], told[-1])]
+                own += direction(*(m.group(1) if m else None for m in at)) == item.answer
+        pairs += sum(len(fr) for fr in frames)
+    print(f"{a.checkpoint}: {a.n} motion clips (seed {a.seed})")
+    print(f"  motion answers right                          {answered / a.n:.2f}")
+    print(f"  (shape, frame) places named right, as is      {named['as is'] / pairs:.2f}")
+    print(f"  the same, each shape at its cell's centre     {named['snapped'] / pairs:.2f}")
+    print(f"  its own first/last places give the direction  {own / a.n:.2f}")
+
+
+if __name__ == "__main__":
+    main()
