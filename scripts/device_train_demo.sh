@@ -8,10 +8,10 @@
 # stages' learning rate). Their steps fit BUDGET seconds of training: a 40-step trial of
 # both measures the seconds per question-stage step (nothing else may use the GPU then: on
 # 2026-11-26 a test run beside it tripled the step and the budget bought a third of its
-# steps), and the scene / question / weighted / focused / views / per-view stages get 15% /
-# 10% / 30% / 20% / 10% / 15% of the steps that buys (fewer scene steps leave the model blind:
-# docs/training.md), or, with INIT (a checkpoint that already reads its images, such as the
-# shipped m4/assets/demo), the per-view stage gets them all. Each variant
+# steps), and the scene / question / weighted / focused / views / per-view / per-frame stages
+# get 15% / 10% / 25% / 20% / 10% / 10% / 10% of the steps that buys (fewer scene steps leave
+# the model blind: docs/training.md), or, with INIT (a checkpoint that already reads its
+# images, such as the shipped m4/assets/demo), the per-frame stage gets them all. Each variant
 # is scored on the held-out bench (seed 5) by train_demo.sh, and on a validation bench
 # (seed 2) here, which picks the model to ship: the held-out score stays unbiased. Into
 # $OUT, every 15 s and at the end: each variant's weights (NAME.safetensors), run.tgz (the
@@ -28,13 +28,13 @@ log=$OUT/train.log
 mkdir -p "$runs"
 SECONDS=0
 {
-    INIT= DATA=$runs/data STEPS0=0 STEPS1=0 STEPS2=0 STEPS3=0 STEPS4=0 STEPS5=0 scripts/train_demo.sh "$runs/data"
+    INIT= DATA=$runs/data STEPS0=0 STEPS1=0 STEPS2=0 STEPS3=0 STEPS4=0 STEPS5=0 STEPS6=0 scripts/train_demo.sh "$runs/data"
     $M4 data synth "$runs/val" --n 0 --bench 300 --seed 2
     echo "data: ${SECONDS}s"
 } >> "$log" 2>&1
 
 newest() {  # NAME: the variant's latest stage
-    ls -td "$runs/$1"/per-view "$runs/$1"/views "$runs/$1"/focused "$runs/$1"/weighted "$runs/$1"/questions "$runs/$1"/scenes 2>/dev/null | head -1
+    ls -td "$runs/$1"/per-frame "$runs/$1"/per-view "$runs/$1"/views "$runs/$1"/focused "$runs/$1"/weighted "$runs/$1"/questions "$runs/$1"/scenes 2>/dev/null | head -1
 }
 copy() {
     for v in "${variants[@]}"; do
@@ -57,11 +57,11 @@ for i in "${!variants[@]}"; do
     IFS=: read -r name batch lr <<< "${variants[$i]}"
     s=$(python3 -c "import json, sys, statistics as st; print(st.median(json.loads(l)['step_s'] for l in list(open(sys.argv[1]))[10:]))" \
         "$runs/cal-$name/log.jsonl")
-    read -r steps0 steps1 steps2 steps3 steps4 steps5 <<< "$(python3 -c "import sys; t = (float(sys.argv[1]) - 30) / float(sys.argv[2]); \
-print(*(int(t * f) for f in ((0, 0, 0, 0, 0, 1) if sys.argv[3] else (0.15, 0.10, 0.30, 0.20, 0.10, 0.15))))" "${BUDGET:-300}" "$s" "${INIT:-}")"
-    echo "variant $name: batch $batch, lr $lr, ${s}s per step -> $steps0 + $steps1 + $steps2 + $steps3 + $steps4 + $steps5 steps" | tee -a "$log"
-    ( export BATCH=$batch LR=$lr LR3=$lr LR4=$lr LR5=$lr DATA=$runs/data \
-          STEPS0=$steps0 STEPS1=$steps1 STEPS2=$steps2 STEPS3=$steps3 STEPS4=$steps4 STEPS5=$steps5
+    read -r steps0 steps1 steps2 steps3 steps4 steps5 steps6 <<< "$(python3 -c "import sys; t = (float(sys.argv[1]) - 30) / float(sys.argv[2]); \
+print(*(int(t * f) for f in ((0, 0, 0, 0, 0, 0, 1) if sys.argv[3] else (0.15, 0.10, 0.25, 0.20, 0.10, 0.10, 0.10))))" "${BUDGET:-300}" "$s" "${INIT:-}")"
+    echo "variant $name: batch $batch, lr $lr, ${s}s per step -> $steps0 + $steps1 + $steps2 + $steps3 + $steps4 + $steps5 + $steps6 steps" | tee -a "$log"
+    ( export BATCH=$batch LR=$lr LR3=$lr LR4=$lr LR5=$lr LR6=$lr DATA=$runs/data \
+          STEPS0=$steps0 STEPS1=$steps1 STEPS2=$steps2 STEPS3=$steps3 STEPS4=$steps4 STEPS5=$steps5 STEPS6=$steps6
       taskset -c "${cores[$i]}" scripts/train_demo.sh "$runs/$name" > "$runs/$name.log" 2>&1
       taskset -c "${cores[$i]}" $M4 eval --model "$(newest "$name")" --bench "$runs/val/bench.json" \
           --json "$runs/$name/val.json" >> "$runs/$name.log" 2>&1 ) &

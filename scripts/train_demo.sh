@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in six stages:
+# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in seven stages:
 #   scenes     one image of 1-3 shapes and what is where, the vision tower frozen at its random
 #              init: there the model learns to read its image tokens;
 #   questions  train.json (questions and their dense captions) mixed with the scenes, the tower
@@ -13,14 +13,18 @@
 #   per-view   the same with questions about one view at a time added ("How many red objects
 #              does view 2 show?"): the step that view-count, the most any view shows, builds
 #              on; count back up, which the new "How many" questions otherwise make it forget;
+#   per-frame  the same with questions about one frame of a motion clip added ("Where is the
+#              cyan circle in frame 1?"), meant as the step that motion (the move from the
+#              first frame to the last) builds on; the model did not learn them, but the stage
+#              lifted motion and the rest (docs/training.md);
 # then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
 # how the shipped model was made.
 # Usage: scripts/train_demo.sh RUN_DIR
 # Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6,
 # HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
-# runs), STEPS0 ... STEPS5 the stages' steps (all 0: only the data), BATCH, LR the question
-# stages' learning rate (the focused, views and per-view stages: LR3, LR4, LR5); INIT a
-# checkpoint to start from (with STEPS0=0 ... STEPS4=0: the per-view stage alone, e.g. from
+# runs), STEPS0 ... STEPS6 the stages' steps (all 0: only the data), BATCH, LR the question
+# stages' learning rate (the focused, views, per-view and per-frame stages: LR3 ... LR6); INIT
+# a checkpoint to start from (with STEPS0=0 ... STEPS5=0: the per-frame stage alone, e.g. from
 # m4/assets/demo to train the shipped model further).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
@@ -33,6 +37,7 @@ steps2=${STEPS2:-20000}
 steps3=${STEPS3:-30000}
 steps4=${STEPS4:-20000}
 steps5=${STEPS5:-20000}
+steps6=${STEPS6:-14000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
 # one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
@@ -59,6 +64,10 @@ json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.
     "$data/C/train.json" --captions 0.15 --seed 6 --weight view-count=3 --weight motion=2.5 --weight view-total=1.2 \
     --weight count=1.5 --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 \
     --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2
+[ -f "$data/per-frame.json" ] || $py "$here/mix_tasks.py" "$data/per-frame.json" "$data/A/train.json" "$data/B/train.json" \
+    "$data/C/train.json" --captions 0.15 --seed 7 --weight view-count=3 --weight motion=2.5 --weight view-total=1.2 \
+    --weight count=1.5 --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 \
+    --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2 --per-frame 3
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
@@ -76,5 +85,6 @@ stage weighted "$data/weighted.json" "$steps2" --lr "$lr" --tune projector,decod
 stage focused "$data/focused.json" "$steps3" --lr "${LR3:-4e-4}" --tune projector,decoder,vision --seed 3
 stage views "$data/views.json" "$steps4" --lr "${LR4:-3e-4}" --tune projector,decoder,vision --seed 4
 stage per-view "$data/per-view.json" "$steps5" --lr "${LR5:-3e-4}" --tune projector,decoder,vision --seed 6
+stage per-frame "$data/per-frame.json" "$steps6" --lr "${LR6:-2e-4}" --tune projector,decoder,vision --seed 7
 [ -z "$prev" ] || $m4 eval --model "$prev" --bench "$data/held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"
