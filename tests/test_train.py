@@ -326,15 +326,21 @@ def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
     assert "captions name" in r.stdout
 
 
-def test_per_view_questions_count_what_each_view_shows(synth):
+def added_questions(synth, kind: str, task: str, per: int, **option) -> list[dict]:
+    """The questions `mix_tasks.py --per-view/--per-frame` adds (ids ending in -KIND): `per`
+    for each sample of `task` (view-, motion-), whether or not its caption was drawn into the
+    mix; the rest of the mix as it is without the option."""
     mix_tasks = script("mix_tasks")
-    out = str(synth / "mix.json")
-    plain = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {})
-    mixed = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {}, per_view=3)
-    asked = [r for r in mixed if r["id"].endswith("-view")]
-    assert sorted(r["id"] for r in mixed if not r["id"].endswith("-view")) == sorted(r["id"] for r in plain)
-    # three per multi-view sample, whether or not its caption was drawn into the mix
-    assert len(asked) == 3 * sum(1 for r in plain if r["id"].startswith("view-") and "caption" not in r["id"])
+    args = (str(synth / "mix.json"), [str(synth / "train.json")], 0.2, 0, {})
+    plain, mixed = mix_tasks.mix(*args), mix_tasks.mix(*args, **option)
+    asked = [r for r in mixed if r["id"].endswith(f"-{kind}")]
+    assert sorted(r["id"] for r in mixed if r not in asked) == sorted(r["id"] for r in plain)
+    assert len(asked) == per * sum(1 for r in plain if r["id"].startswith(task) and "caption" not in r["id"])
+    return asked
+
+
+def test_per_view_questions_count_what_each_view_shows(synth):
+    asked = added_questions(synth, "view", "view-", 3, per_view=3)
     assert {r["conversations"][1]["value"] for r in asked} >= {"0", "1"}
     for r in asked:  # the answer, read from the caption, against the scene's geometry
         task, index, _ = r["id"].rsplit("-", 2)
@@ -347,13 +353,7 @@ def test_per_view_questions_count_what_each_view_shows(synth):
 
 
 def test_per_frame_questions_place_shapes_where_the_clip_shows_them(synth):
-    mix_tasks = script("mix_tasks")
-    out = str(synth / "mix.json")
-    plain = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {})
-    mixed = mix_tasks.mix(out, [str(synth / "train.json")], 0.2, 0, {}, per_frame=2)
-    asked = [r for r in mixed if r["id"].endswith("-frame")]
-    assert sorted(r["id"] for r in mixed if not r["id"].endswith("-frame")) == sorted(r["id"] for r in plain)
-    assert len(asked) == 2 * sum(1 for r in plain if r["id"].startswith("motion-") and "caption" not in r["id"])
+    asked = added_questions(synth, "frame", "motion-", 2, per_frame=2)
     assert len({r["conversations"][1]["value"] for r in asked}) >= 3
     for r in asked:  # the answer, read from the caption, against the scene's geometry
         index = int(r["id"].split("-")[1])
