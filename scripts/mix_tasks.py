@@ -21,7 +21,7 @@ import random
 import re
 
 from m4.jsonio import read_json_list
-from m4.train.synth import TASKS, VIEW_COLOURS, conversation
+from m4.train.synth import TASKS, VIEW_COLOURS, conversation, read_description
 
 VIEW_TASKS = tuple(t for t, (scenario, *_) in TASKS.items() if scenario == "multi-view")
 
@@ -72,8 +72,8 @@ def frame_questions(caption: dict, n: int, rng: random.Random) -> list[dict]:
     out = []
     for _ in range(n):
         j = rng.choice([0, len(frames) - 1]) if rng.random() < 0.5 else rng.randrange(len(frames))
-        name, where = rng.choice(re.findall(r"an? (\w+ \w+) at ([a-z ]+?)(?=,| and |\.|$)", frames[j]))
-        out.append(question(caption, "frame", f"{head}Where is the {name} in frame {j + 1}?", where))
+        colour, kind, where = rng.choice(read_description(frames[j]))
+        out.append(question(caption, "frame", f"{head}Where is the {colour} {kind} in frame {j + 1}?", where))
     return out
 
 

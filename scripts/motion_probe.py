@@ -17,7 +17,7 @@ import re
 from PIL import Image
 
 import m4
-from m4.train.synth import FRAMES, PLACES, TASKS, Obj, make, place, render
+from m4.train.synth import PLACES, TASKS, Obj, make, place, read_description, render, scene_objects
 
 CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
 
@@ -49,19 +49,18 @@ def main() -> None:
     for i in range(index, index + 10 * a.n, 10):  # the bench's motion samples: tasks taken in turn
         item = make("motion", [a.seed, 1, i], size)
         scene, w = item.info["scene"], item.info["scene"].width
-        frames = [[Obj(s.kind, s.colour, *scene.center(s, f / scene.fps), s.size / 2) for s in scene.shapes]
-                  for f in range(FRAMES)]
+        frames = scene_objects(scene)
         clips = {"as is": [Image.fromarray(x) for x in item.images],
                  "snapped": [Image.fromarray(render([snap(o, w) for o in fr], w, w)) for fr in frames]}
         answered += model.ask(item.question, video=clips["as is"], max_new_tokens=4).strip() == item.answer
         for k, clip in clips.items():
             told = re.split(r"Frame \d+: ", model.ask("Describe each frame.", video=clip, max_new_tokens=400))[1:]
-            told += [""] * (FRAMES - len(told))
+            told += [""] * (len(frames) - len(told))
             named[k] += sum(f"{o.name} at {place(o.x, o.y, w, w)}" in told[f] for f, fr in enumerate(frames) for o in fr)
             if k == "as is":  # where its own words put the asked shape first and last
                 colour = item.question.split("does the ")[1].split()[0]
-                at = [re.search(rf"{colour} \w+ at ([a-z ]+?)(?=,| and |\.|$)", t) for t in (told[0], told[-1])]
-                own += direction(*(m.group(1) if m else None for m in at)) == item.answer
+                at = [next((p for c, _, p in read_description(t) if c == colour), None) for t in (told[0], told[-1])]
+                own += direction(*at) == item.answer
         pairs += sum(len(fr) for fr in frames)
     print(f"{a.checkpoint}: {a.n} motion clips (seed {a.seed})")
     print(f"  motion answers right                          {answered / a.n:.2f}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,16 +24,9 @@ from transformers import LlavaForConditionalGeneration
 
 import m4
 from m4.media import load_image, preprocess
-from m4.train.synth import PLACES
+from m4.train.synth import PLACES, read_description
 
 CELLS = {p: i for i, p in enumerate(p for row in PLACES for p in row)}
-SHAPE = re.compile(r"an? (\w+) (\w+) at ([a-z ]+?)(?=,| and |\.)")  # colour, kind, place
-
-
-def shapes(caption: str) -> list[tuple[str, str, str]]:
-    return SHAPE.findall(caption)
-
-
 def cell_tokens(grid: int, cell: int) -> list[int]:
     """The image tokens (row-major over a grid x grid patch grid) whose patch centres lie in
     the cell."""
@@ -60,7 +52,7 @@ def features(model, root: Path, n: int):
     x = {name: [] for name in points}
     y = []
     for k, r in enumerate(records):
-        for colour, kind, place in shapes(r["conversations"][-1]["value"]):
+        for colour, kind, place in read_description(r["conversations"][-1]["value"]):
             idx = cell_tokens(grid, CELLS[place])
             for name, t in points.items():
                 x[name].append(t[k, idx].mean(0).numpy())
@@ -84,9 +76,9 @@ def caption_recall(path: Path, root: Path, n: int) -> float:
     model = m4.load(str(path))
     hit = total = 0
     for r in json.loads((root / "scenes.json").read_text())[:n]:
-        want = set(shapes(r["conversations"][-1]["value"]))
+        want = set(read_description(r["conversations"][-1]["value"]))
         said = model.ask(r["conversations"][0]["value"], images=[str(root / r["image"][0])], max_new_tokens=64)
-        hit += len(want & set(shapes(said.strip())))
+        hit += len(want & set(read_description(said.strip())))
         total += len(want)
     return hit / max(total, 1)
 

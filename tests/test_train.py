@@ -21,7 +21,7 @@ from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
-from m4.train.synth import TASKS, make, place, views_scene
+from m4.train.synth import TASKS, make, place, read_description, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
 TESTS = Path(__file__).parent
@@ -309,7 +309,7 @@ def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
     assert [probe.cell_tokens(3, c) for c in range(9)] == [[c] for c in range(9)]  # one token per cell
     cells = [probe.cell_tokens(8, c) for c in range(9)]  # the demo's 8 x 8 patches
     assert sorted(t for c in cells for t in c) == list(range(64)) and cells[0] == [0, 1, 2, 8, 9, 10, 16, 17, 18]
-    assert probe.shapes("a red square at top left and an orange circle at bottom.") == [
+    assert read_description("a red square at top left and an orange circle at bottom.") == [
         ("red", "square", "top left"), ("orange", "circle", "bottom")]
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(200, 8)), rng.integers(0, 3, 200)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -107,6 +108,15 @@ def describe(objs: list[Obj], w: int, h: int, sizes: bool = False) -> str:
     if not words:
         return "nothing"
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+SHAPE = re.compile(r"an? (\w+) (\w+) at ([a-z ]+?)(?=,| and |\.)")  # what describe writes of a shape
+
+
+def read_description(text: str) -> list[tuple[str, str, str]]:
+    """describe's words read back (from a caption, or a model's): (colour, kind, place) of each
+    shape it names."""
+    return SHAPE.findall(text)
 
 
 def a_or_an(words: str) -> str:
@@ -198,12 +208,17 @@ def clip_item(task: str, frames: list[list[Obj]], w: int, question: str, answer:
                 ("Describe each frame.", captions), video=True)
 
 
+def scene_objects(scene: DemoScene) -> list[list[Obj]]:
+    """The shapes of each frame of a demo scene, where they are in it."""
+    return [[Obj(s.kind, s.colour, *scene.center(s, i / scene.fps), s.size / 2) for s in scene.shapes]
+            for i in range(scene.num_frames)]
+
+
 def motion(rng, size: int) -> Item:
     """The demo scene itself (`m4 run --video demo`), FRAMES frames over its 10 seconds."""
     scene = DemoScene(seed=int(rng.integers(2**31)), width=4 * size, height=4 * size,
                       fps=FRAMES / 10, duration=10.0)
-    frames = [[Obj(s.kind, s.colour, *scene.center(s, i / scene.fps), s.size / 2) for s in scene.shapes]
-              for i in range(scene.num_frames)]
+    frames = scene_objects(scene)
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     item = clip_item("motion", frames, 4 * size, f"Which way does the {s.colour} {s.kind} move?", s.direction,
                      images=list(scene.frames()))
