@@ -56,7 +56,8 @@ def main() -> None:
         for k, clip in clips.items():
             told = re.split(r"Frame \d+: ", model.ask("Describe each frame.", video=clip, max_new_tokens=400))[1:]
             told += [""] * (len(frames) - len(told))
-            named[k] += sum(f"{o.name} at {place(o.x, o.y, w, w)}" in told[f] for f, fr in enumerate(frames) for o in fr)
+            named[k] += sum((o.colour, o.kind, place(o.x, o.y, w, w)) in read_description(told[f])
+                            for f, fr in enumerate(frames) for o in fr)
             if k == "as is":  # where its own words put the asked shape first and last
                 colour = item.question.split("does the ")[1].split()[0]
                 at = [next((p for c, _, p in read_description(t) if c == colour), None) for t in (told[0], told[-1])]
