@@ -60,14 +60,12 @@ json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.
     "$data/C/train.json" --captions 0.15 --seed 4 --weight view-count=4 --weight motion=2.5 --weight view-total=1.2 \
     --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 --weight count=0.4 \
     --weight patch-shape=0.3 --weight patch-colour=0.25
-[ -f "$data/per-view.json" ] || $py "$here/mix_tasks.py" "$data/per-view.json" "$data/A/train.json" "$data/B/train.json" \
-    "$data/C/train.json" --captions 0.15 --seed 6 --weight view-count=3 --weight motion=2.5 --weight view-total=1.2 \
-    --weight count=1.5 --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 \
-    --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2
-[ -f "$data/per-frame.json" ] || $py "$here/mix_tasks.py" "$data/per-frame.json" "$data/A/train.json" "$data/B/train.json" \
-    "$data/C/train.json" --captions 0.15 --seed 7 --weight view-count=3 --weight motion=2.5 --weight view-total=1.2 \
-    --weight count=1.5 --weight diff-colour=1.3 --weight diff-move=1.3 --weight order=0.5 --weight diff-describe=0.5 \
-    --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2 --per-frame 3
+# the per-view and per-frame mixes: the same weights and single-view questions
+late=("$data/A/train.json" "$data/B/train.json" "$data/C/train.json" --captions 0.15 --weight view-count=3
+      --weight motion=2.5 --weight view-total=1.2 --weight count=1.5 --weight diff-colour=1.3 --weight diff-move=1.3
+      --weight order=0.5 --weight diff-describe=0.5 --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2)
+[ -f "$data/per-view.json" ] || $py "$here/mix_tasks.py" "$data/per-view.json" "${late[@]}" --seed 6
+[ -f "$data/per-frame.json" ] || $py "$here/mix_tasks.py" "$data/per-frame.json" "${late[@]}" --seed 7 --per-frame 3
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
