@@ -46,11 +46,15 @@ copy() {
         --exclude=./val --exclude='cal-*' -C "$runs" . 2>/dev/null
 }
 
-# seconds per question-stage step, both variants at once as they will run
+# seconds per step of the stage that gets most steps (with INIT: the per-frame stage, and the
+# model INIT names, which may see more image tokens than a fresh one), both variants at once
+trial=${INIT:+per-frame}
+trial=${trial:-focused}
+export WORKERS=${WORKERS:-$(( half - 2 ))}
 for i in "${!variants[@]}"; do
     IFS=: read -r name batch lr <<< "${variants[$i]}"
-    taskset -c "${cores[$i]}" $M4 train --preset demo --data "$runs/data/focused.json" --out "$runs/cal-$name" \
-        --steps 40 --batch-size "$batch" --save-every 1000 >> "$log" 2>&1 &
+    taskset -c "${cores[$i]}" $M4 train --preset demo ${INIT:+--init "$INIT"} --data "$runs/data/$trial.json" \
+        --out "$runs/cal-$name" --steps 40 --batch-size "$batch" --save-every 1000 --workers "$WORKERS" >> "$log" 2>&1 &
 done
 wait
 for i in "${!variants[@]}"; do

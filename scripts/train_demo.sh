@@ -23,7 +23,8 @@
 # Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6,
 # HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
 # runs), STEPS0 ... STEPS6 the stages' steps (all 0: only the data), BATCH, LR the question
-# stages' learning rate (the focused, views, per-view and per-frame stages: LR3 ... LR6); INIT
+# stages' learning rate (the focused, views, per-view and per-frame stages: LR3 ... LR6), WORKERS
+# the data-loader processes (default 1); INIT
 # a checkpoint to start from (with STEPS0=0 ... STEPS5=0: the per-frame stage alone, e.g. from
 # m4/assets/demo to train the shipped model further).
 set -euo pipefail
@@ -41,7 +42,7 @@ steps6=${STEPS6:-14000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
 # one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
-common=(--preset demo --batch-size "${BATCH:-8}" --save-every 2000 --keep 10 --log-every 50 --workers 1)
+common=(--preset demo --batch-size "${BATCH:-8}" --save-every 2000 --keep 10 --log-every 50 --workers "${WORKERS:-1}")
 SECONDS=0
 [ -f "$data/A/train.json" ] || $m4 data synth "$data/A" --n "${N:-30000}" --bench 0 --seed 0
 [ -f "$data/B/train.json" ] || $m4 data synth "$data/B" --n "${N2:-60000}" --bench 0 --seed 4

@@ -67,7 +67,11 @@ def test_synth_then_train_tiny_loss_falls_and_both_loaders_agree(synth, tmp_path
     assert all(e["tokens_per_s"] > 0 and e["lr"] > 0 for e in log)
     losses = [e["loss"] for e in log]
     assert mean(losses[-3:]) <= 0.7 * mean(losses[:3]), losses
+    both_loaders_agree(out, synth)
 
+
+def both_loaders_agree(out, synth):
+    """transformers and m4.load give the same greedy answer from checkpoint `out`."""
     hf = transformers.LlavaForConditionalGeneration.from_pretrained(out).eval()
     model = m4.load(out)
     rec = next(r for r in json.loads((synth / "bench.json").read_text()) if r["metadata"]["dataset"] == "diff-move")
@@ -81,6 +85,7 @@ def test_synth_then_train_tiny_loss_falls_and_both_loaders_agree(synth, tmp_path
     assert ref, "the trained model answered nothing"
     assert list(model.tokens(question, images=images, max_new_tokens=12)) == ref
     assert model.ask(question, images=images, max_new_tokens=12) == model.tokenizer.decode(ref)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -380,3 +385,23 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
     assert r.returncode == 0, r.stderr
     rates = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
     assert len(rates) == 4 and all(0 <= v <= 1 for v in rates)
+
+
+def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_path):
+    src, out = tmp_path / "src", tmp_path / "fine"
+    random_checkpoint("tiny", src, std=0.5)  # 32-px images, 8-px patches
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, out, "--patch", "4"],
+                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    old, new = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    key = next(k for k in old if k.endswith("patch_embedding.weight"))
+    x = torch.rand(2, 3, 32, 32)
+    upscaled = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    torch.testing.assert_close(torch.nn.functional.conv2d(x, new[key], stride=4),
+                               torch.nn.functional.conv2d(upscaled, old[key], stride=8))
+    assert new[key.replace("patch_embedding", "position_embedding")].shape[0] == 64  # 8 x 8 patches
+    model = both_loaders_agree(out, synth)
+    assert model.arch.tokens_per_image == 64
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, tmp_path / "x",
+                        "--patch", "3"], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "x").exists()
