@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from m4.atomic import atomic_directory
+from m4.train.trainer import TOKENIZER_FILES
+
 
 def refine(state: dict[str, torch.Tensor], patch: int, new_patch: int, image_size: int) -> dict[str, torch.Tensor]:
     if patch % new_patch or image_size % new_patch:
@@ -52,9 +54,9 @@ def main() -> None:
     config["image_seq_length"] = (vision["image_size"] // args.patch) ** 2
     with atomic_directory(args.out) as tmp:
         save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        for f in args.checkpoint.iterdir():
-            if f.is_file() and f.suffix in (".json", ".jinja", ".txt") and f.name not in ("config.json", "trainer_state.json"):
-                shutil.copy2(f, tmp / f.name)
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            if (args.checkpoint / name).is_file():
+                shutil.copy2(args.checkpoint / name, tmp / name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     print(f"{args.checkpoint} -> {args.out}: {config['image_seq_length']} image tokens per image")
 

@@ -24,9 +24,8 @@
 # HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
 # runs), STEPS0 ... STEPS6 the stages' steps (all 0: only the data), BATCH, LR the question
 # stages' learning rate (the focused, views, per-view and per-frame stages: LR3 ... LR6), WORKERS
-# the data-loader processes (default 1); INIT
-# a checkpoint to start from (with STEPS0=0 ... STEPS5=0: the per-frame stage alone, e.g. from
-# m4/assets/demo to train the shipped model further).
+# the data-loader processes (default 1); INIT a checkpoint to start from (with STEPS0=0 ...
+# STEPS5=0: the per-frame stage alone, e.g. from m4/assets/demo to train the shipped model further).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
 m4=${M4:-python -m m4}

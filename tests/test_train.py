@@ -388,10 +388,13 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
 
 
 def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_path):
+    def refine(out, patch):
+        return subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, out,
+                               "--patch", str(patch)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+
     src, out = tmp_path / "src", tmp_path / "fine"
     random_checkpoint("tiny", src, std=0.5)  # 32-px images, 8-px patches
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, out, "--patch", "4"],
-                       capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    r = refine(out, 4)
     assert r.returncode == 0, r.stderr
     old, new = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
     key = next(k for k in old if k.endswith("patch_embedding.weight"))
@@ -402,6 +405,5 @@ def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_pa
     assert new[key.replace("patch_embedding", "position_embedding")].shape[0] == 64  # 8 x 8 patches
     model = both_loaders_agree(out, synth)
     assert model.arch.tokens_per_image == 64
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, tmp_path / "x",
-                        "--patch", "3"], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
+    r = refine(tmp_path / "x", 3)
     assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "x").exists()
