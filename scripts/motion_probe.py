@@ -2,7 +2,8 @@
 answers the motion question, then describes each frame ("Describe each frame."), of the clip
 as it is and of the same clip with every shape moved to the centre of the grid cell its centre
 is in (one 32-px patch of the demo preset each, the way the other tasks place their shapes).
-Printed: the answers' accuracy; the share of (shape, frame) pairs its descriptions name at the
+Printed: the answers' accuracy, on the clips as they are and with only the asked shape drawn
+(do the other shapes get in the way, or is one shape's motion already missed?); the share of (shape, frame) pairs its descriptions name at the
 right place, for both clips; and how often the place change of the asked shape between its
 own first and last frame names the right direction (docs/training.md, "The shipped demo model").
 
@@ -43,7 +44,7 @@ def main() -> None:
     model = m4.load(a.checkpoint)
     size = model.arch.vision.image_size
     index = list(TASKS).index("motion")
-    answered = own = 0
+    answered = alone = own = 0
     named = {"as is": 0, "snapped": 0}
     pairs = 0
     for i in range(index, index + 10 * a.n, 10):  # the bench's motion samples: tasks taken in turn
@@ -53,18 +54,22 @@ def main() -> None:
         clips = {"as is": [Image.fromarray(x) for x in item.images],
                  "snapped": [Image.fromarray(render([snap(o, w) for o in fr], w, w)) for fr in frames]}
         answered += model.ask(item.question, video=clips["as is"], max_new_tokens=4).strip() == item.answer
+        name = item.question.split("does the ")[1].removesuffix(" move?")
+        only = [Image.fromarray(render([o for o in fr if o.name == name], w, w)) for fr in frames]
+        alone += model.ask(item.question, video=only, max_new_tokens=4).strip() == item.answer
         for k, clip in clips.items():
             told = re.split(r"Frame \d+: ", model.ask("Describe each frame.", video=clip, max_new_tokens=400))[1:]
             told += [""] * (len(frames) - len(told))
             named[k] += sum((o.colour, o.kind, place(o.x, o.y, w, w)) in read_description(told[f])
                             for f, fr in enumerate(frames) for o in fr)
             if k == "as is":  # where its own words put the asked shape first and last
-                colour = item.question.split("does the ")[1].split()[0]
+                colour = name.split()[0]
                 at = [next((p for c, _, p in read_description(t) if c == colour), None) for t in (told[0], told[-1])]
                 own += direction(*at) == item.answer
         pairs += sum(len(fr) for fr in frames)
     print(f"{a.checkpoint}: {a.n} motion clips (seed {a.seed})")
     print(f"  motion answers right                          {answered / a.n:.2f}")
+    print(f"  the same, only the asked shape drawn          {alone / a.n:.2f}")
     print(f"  (shape, frame) places named right, as is      {named['as is'] / pairs:.2f}")
     print(f"  the same, each shape at its cell's centre     {named['snapped'] / pairs:.2f}")
     print(f"  its own first/last places give the direction  {own / a.n:.2f}")

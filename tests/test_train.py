@@ -384,7 +384,7 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
                        capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     rates = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
-    assert len(rates) == 4 and all(0 <= v <= 1 for v in rates)
+    assert len(rates) == 5 and all(0 <= v <= 1 for v in rates)
 
 
 def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_path):
