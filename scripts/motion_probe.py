@@ -1,11 +1,14 @@
 """Why does a checkpoint miss `motion`? On held-out motion clips (M4-Synth's demo scenes), it
-answers the motion question, then describes each frame ("Describe each frame."), of the clip
-as it is and of the same clip with every shape moved to the centre of the grid cell its centre
-is in (one 32-px patch of the demo preset each, the way the other tasks place their shapes).
-Printed: the answers' accuracy, on the clips as they are and with only the asked shape drawn
-(do the other shapes get in the way, or is one shape's motion already missed?); the share of (shape, frame) pairs its descriptions name at the
-right place, for both clips; and how often the place change of the asked shape between its
-own first and last frame names the right direction (docs/training.md, "The shipped demo model").
+answers the motion question of the clip as it is, played backwards (right: the opposite way)
+and with only the asked shape drawn (do the other shapes get in the way?); then describes
+each frame ("Describe each frame."), of the clip as it is and with every shape moved to the
+centre of the grid cell its centre is in (one 32-px patch of the demo preset each, the way
+the other tasks place their shapes). Printed: the answers' accuracy; the share of (shape,
+frame) pairs its descriptions name at the right place, for both clips; how often the place
+change of the asked shape between its own first and last frame names the right direction;
+and how well a linear map from one frame's image tokens gives a lone shape's centre (ridge,
+fitted on 1,500 frames, RMSE on 500 others, in the model's pixels): small means the vision
+side holds where a shape is and the decoder does not use it (docs/training.md).
 
     python scripts/motion_probe.py CHECKPOINT [--n 60] [--seed 5]
 """
@@ -15,11 +18,14 @@ from __future__ import annotations
 import argparse
 import re
 
+import numpy as np
 from PIL import Image
 
 import m4
+from m4.media.demo import COLOURS, KINDS
 from m4.train.synth import PLACES, TASKS, Obj, make, place, read_description, render, scene_objects
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
 
 
@@ -35,6 +41,25 @@ def snap(o: Obj, w: int) -> Obj:
     return Obj(o.kind, o.colour, (int(3 * o.x / w) + 0.5) * w / 3, (int(3 * o.y / w) + 0.5) * w / 3, o.r)
 
 
+def place_readout(model, w: int, n: int = 2000, seed: int = 0) -> float:
+    """RMSE, in the model's pixels, of the best linear map from a frame's image tokens to
+    the centre of the one shape it shows (sized as in the demo scene, anywhere in a w-px frame)."""
+    rng = np.random.default_rng(seed)
+    frames, centres = [], []
+    for _ in range(n):
+        r = rng.integers(w // 8, w // 5 + 1) / 2
+        x, y = rng.uniform(r, w - r, 2)
+        frames.append(Image.fromarray(render([Obj(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), x, y, r)], w, w)))
+        centres.append((x, y))
+    f = np.concatenate([np.asarray(model.encode(frames[k:k + 100]), np.float64).reshape(len(frames[k:k + 100]), -1)
+                        for k in range(0, n, 100)])
+    f = np.hstack([f, np.ones((n, 1))])
+    c = np.array(centres) * model.arch.vision.image_size / w
+    fit = 3 * n // 4
+    coef = np.linalg.solve(f[:fit].T @ f[:fit] + 100 * np.eye(f.shape[1]), f[:fit].T @ c[:fit])  # ridge
+    return float(np.sqrt(((f[fit:] @ coef - c[fit:]) ** 2).mean()))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint")
@@ -44,7 +69,7 @@ def main() -> None:
     model = m4.load(a.checkpoint)
     size = model.arch.vision.image_size
     index = list(TASKS).index("motion")
-    answered = alone = own = 0
+    answered = backwards = alone = own = 0
     named = {"as is": 0, "snapped": 0}
     pairs = 0
     for i in range(index, index + 10 * a.n, 10):  # the bench's motion samples: tasks taken in turn
@@ -54,6 +79,7 @@ def main() -> None:
         clips = {"as is": [Image.fromarray(x) for x in item.images],
                  "snapped": [Image.fromarray(render([snap(o, w) for o in fr], w, w)) for fr in frames]}
         answered += model.ask(item.question, video=clips["as is"], max_new_tokens=4).strip() == item.answer
+        backwards += model.ask(item.question, video=clips["as is"][::-1], max_new_tokens=4).strip() == OPPOSITE[item.answer]
         name = item.question.split("does the ")[1].removesuffix(" move?")
         only = [Image.fromarray(render([o for o in fr if o.name == name], w, w)) for fr in frames]
         alone += model.ask(item.question, video=only, max_new_tokens=4).strip() == item.answer
@@ -69,10 +95,12 @@ def main() -> None:
         pairs += sum(len(fr) for fr in frames)
     print(f"{a.checkpoint}: {a.n} motion clips (seed {a.seed})")
     print(f"  motion answers right                          {answered / a.n:.2f}")
+    print(f"  the same, played backwards                    {backwards / a.n:.2f}")
     print(f"  the same, only the asked shape drawn          {alone / a.n:.2f}")
     print(f"  (shape, frame) places named right, as is      {named['as is'] / pairs:.2f}")
     print(f"  the same, each shape at its cell's centre     {named['snapped'] / pairs:.2f}")
     print(f"  its own first/last places give the direction  {own / a.n:.2f}")
+    print(f"  a lone shape's centre from one frame's tokens, RMSE in px of {size}  {place_readout(model, w):.1f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -383,8 +384,31 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
     r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "motion_probe.py"), ck, "--n", "1"],
                        capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    rates = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
-    assert len(rates) == 5 and all(0 <= v <= 1 for v in rates)
+    *rates, rmse = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
+    assert len(rates) == 6 and all(0 <= v <= 1 for v in rates)
+    assert 0 < rmse < 32
+
+
+def test_place_readout_finds_a_place_the_tokens_hold_and_none_they_do_not():
+    probe = script("motion_probe")
+
+    class Tokens:  # stands in for a vision tower: one token per frame, given by `token`
+        arch = SimpleNamespace(vision=SimpleNamespace(image_size=96))
+
+        def __init__(self, token):
+            self.token = token
+
+        def encode(self, frames):
+            return np.stack([self.token(np.asarray(f)) for f in frames])[:, None]
+
+    def centroid(a):  # where the frame differs from the background, in 96-px units
+        ys, xs = np.nonzero((a != a[0, 0]).any(-1))
+        return np.array([xs.mean(), ys.mean()]) / 4
+
+    noise = np.random.default_rng(1)
+    held = probe.place_readout(Tokens(centroid), 384, n=400)
+    lost = probe.place_readout(Tokens(lambda a: noise.normal(size=8)), 384, n=400)
+    assert held < 1.5 and lost > 15  # a guess at the middle of 96 px misses by ~24
 
 
 def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_path):
