@@ -49,10 +49,11 @@ def place_readout(model, w: int, n: int = 2000, seed: int = 0) -> float:
     for _ in range(n):
         r = rng.integers(w // 8, w // 5 + 1) / 2
         x, y = rng.uniform(r, w - r, 2)
-        frames.append(Image.fromarray(render([Obj(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), x, y, r)], w, w)))
+        shape = Obj(str(rng.choice(KINDS)), str(rng.choice(list(COLOURS))), x, y, r)
+        frames.append(Image.fromarray(render([shape], w, w)))
         centres.append((x, y))
-    f = np.concatenate([np.asarray(model.encode(frames[k:k + 100]), np.float64).reshape(len(frames[k:k + 100]), -1)
-                        for k in range(0, n, 100)])
+    chunks = [np.asarray(model.encode(frames[k:k + 100]), np.float64) for k in range(0, n, 100)]
+    f = np.concatenate([t.reshape(len(t), -1) for t in chunks])
     f = np.hstack([f, np.ones((n, 1))])
     c = np.array(centres) * model.arch.vision.image_size / w
     fit = 3 * n // 4
@@ -79,7 +80,8 @@ def main() -> None:
         clips = {"as is": [Image.fromarray(x) for x in item.images],
                  "snapped": [Image.fromarray(render([snap(o, w) for o in fr], w, w)) for fr in frames]}
         answered += model.ask(item.question, video=clips["as is"], max_new_tokens=4).strip() == item.answer
-        backwards += model.ask(item.question, video=clips["as is"][::-1], max_new_tokens=4).strip() == OPPOSITE[item.answer]
+        backwards += (model.ask(item.question, video=clips["as is"][::-1], max_new_tokens=4).strip()
+                      == OPPOSITE[item.answer])
         name = item.question.split("does the ")[1].removesuffix(" move?")
         only = [Image.fromarray(render([o for o in fr if o.name == name], w, w)) for fr in frames]
         alone += model.ask(item.question, video=only, max_new_tokens=4).strip() == item.answer
