@@ -2,8 +2,9 @@
 
 usage: python scripts/refine_patches.py CHECKPOINT OUT [--patch P]
 
-The demo model sees a 96-px image as 3 x 3 patches of 32 px, too coarse to place the small
-shapes of a motion clip (docs/training.md, "The shipped demo model"). With P = 16 it sees 6 x 6.
+The demo model sees a 96-px image as 3 x 3 patches of 32 px, where one patch often holds parts
+of several of a motion clip's small shapes (docs/training.md, "Where motion is lost"). With P = 16
+it sees 6 x 6.
 The new patch kernel is the old one summed over f x f blocks (f = old / new patch size), so a
 new patch embeds exactly as an old patch of the image upscaled f times (nearest) would: the
 tower sees each image as a zoomed-in copy. The position embeddings are interpolated (bicubic)
