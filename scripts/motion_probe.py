@@ -23,18 +23,9 @@ from PIL import Image
 
 import m4
 from m4.media.demo import COLOURS, KINDS
-from m4.train.synth import PLACES, TASKS, Obj, make, place, read_description, render, scene_objects
+from m4.train.synth import TASKS, Obj, direction, make, place, read_description, render, scene_objects
 
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
-
-
-def direction(a: str | None, b: str | None) -> str | None:
-    """The way from place a to place b, by the larger of the two moves; None if no move."""
-    if a not in CELL or b not in CELL or a == b:
-        return None
-    dx, dy = CELL[b][0] - CELL[a][0], CELL[b][1] - CELL[a][1]
-    return ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
 
 
 def snap(o: Obj, w: int) -> Obj:

@@ -101,6 +101,17 @@ def place(x: float, y: float, w: int, h: int) -> str:
     return PLACES[min(int(3 * y / h), 2)][min(int(3 * x / w), 2)]
 
 
+CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
+
+
+def direction(a: str | None, b: str | None) -> str | None:
+    """The way from place a to place b, by the larger of the two moves; None if no move."""
+    if a not in CELL or b not in CELL or a == b:
+        return None
+    dx, dy = CELL[b][0] - CELL[a][0], CELL[b][1] - CELL[a][1]
+    return ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+
+
 def describe(objs: list[Obj], w: int, h: int, sizes: bool = False) -> str:
     """'a red square at top left, a blue circle at centre and ...' ('nothing' when empty)."""
     words = [a_or_an(f"{'small ' if sizes and o.r < w / 20 else 'large ' if sizes else ''}{o.name}")
