@@ -112,9 +112,9 @@ def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[
         w = weights.get(task_of(r), 1.0)
         records += [r] * int(w) + ([r] if rng.random() < w - int(w) else [])
     if every_shape:
-        srng, clips = random.Random(seed), {c["id"]: c for c in caption_records}
-        records = [ask_every_shape(r, clips[f"{r['id']}-caption"], srng) if task_of(r) == "motion" else r
-                   for r in records]
+        # a clip's caption by its path: ids repeat across sources (seeds), paths do not
+        srng, clips = random.Random(seed), {c["video"]: c for c in caption_records if "video" in c}
+        records = [ask_every_shape(r, clips[r["video"]], srng) if task_of(r) == "motion" else r for r in records]
     n = min(int(len(records) * captions / (1 - captions)), len(caption_records))
     records += rng.sample(caption_records, n)
     # each with its own generator: the mix above stays what it was without --per-view / --per-frame
