@@ -1,6 +1,7 @@
 """Why does a checkpoint miss `motion`? On held-out motion clips (M4-Synth's demo scenes), it
 answers the motion question of the clip as it is, played backwards (right: the opposite way)
-and with only the asked shape drawn (do the other shapes get in the way?); then describes
+and with only the asked shape drawn (do the other shapes get in the way?), and asks it about
+every shape of the clip (does the answer depend on the shape asked?); then describes
 each frame ("Describe each frame."), of the clip as it is and with every shape moved to the
 centre of the grid cell its centre is in (one 32-px patch of the demo preset each, the way
 the other tasks place their shapes). Printed: the answers' accuracy; the share of (shape,
@@ -61,7 +62,7 @@ def main() -> None:
     model = m4.load(a.checkpoint)
     size = model.arch.vision.image_size
     index = list(TASKS).index("motion")
-    answered = backwards = alone = own = 0
+    answered = backwards = alone = own = every = same = truly_same = 0
     named = {"as is": 0, "snapped": 0}
     pairs = 0
     for i in range(index, index + 10 * a.n, 10):  # the bench's motion samples: tasks taken in turn
@@ -76,6 +77,11 @@ def main() -> None:
         name = item.question.split("does the ")[1].removesuffix(" move?")
         only = [Image.fromarray(render([o for o in fr if o.name == name], w, w)) for fr in frames]
         alone += model.ask(item.question, video=only, max_new_tokens=4).strip() == item.answer
+        ways = [model.ask(f"Which way does the {s.colour} {s.kind} move?", video=clips["as is"],
+                          max_new_tokens=4).strip() for s in scene.shapes]
+        every += sum(w == s.direction for w, s in zip(ways, scene.shapes)) / len(ways)
+        same += len(set(ways)) == 1
+        truly_same += len({s.direction for s in scene.shapes}) == 1
         for k, clip in clips.items():
             told = re.split(r"Frame \d+: ", model.ask("Describe each frame.", video=clip, max_new_tokens=400))[1:]
             told += [""] * (len(frames) - len(told))
@@ -90,6 +96,9 @@ def main() -> None:
     print(f"  motion answers right                          {answered / a.n:.2f}")
     print(f"  the same, played backwards                    {backwards / a.n:.2f}")
     print(f"  the same, only the asked shape drawn          {alone / a.n:.2f}")
+    print(f"  the same, asked about every shape             {every / a.n:.2f}")
+    print(f"  clips whose shapes all get the same answer    {same / a.n:.2f}")
+    print(f"  clips whose shapes all go the same way        {truly_same / a.n:.2f}")
     print(f"  (shape, frame) places named right, as is      {named['as is'] / pairs:.2f}")
     print(f"  the same, each shape at its cell's centre     {named['snapped'] / pairs:.2f}")
     print(f"  its own first/last places give the direction  {own / a.n:.2f}")

@@ -410,7 +410,7 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
                        capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     *rates, rmse = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
-    assert len(rates) == 6 and all(0 <= v <= 1 for v in rates)
+    assert len(rates) == 9 and all(0 <= v <= 1 for v in rates)
     assert 0 < rmse < 32
 
 
