@@ -21,7 +21,8 @@ import m4
 from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
-from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records
+from m4.media.demo import COLOURS
+from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records, problem, turns
 from m4.train.synth import TASKS, make, place, read_description, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
@@ -395,6 +396,34 @@ def test_every_shape_asks_each_clip_about_its_shapes_with_their_ways(synth, tmp_
         ways.add(len({a for _, a in asked}))
         seeds.add(seed)
     assert max(ways) >= 2 and seeds == {3, 4}  # some clip's shapes go different ways: one answer for all is wrong
+
+
+def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
+    out = tmp_path / "where"
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "where_frames.py"), out, "--n", "6",
+                        "--bench", "3", "--seed", "3"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    train, bench = (json.loads((out / f"{n}.json").read_text()) for n in ("train", "bench"))
+    assert len(train) == 6 and all(problem(rec, out) is None for rec in train)  # the trainer takes them
+    assert all(b["metadata"]["dataset"] == "where" and len(b["conversations"]) == 2 for b in bench)
+    asked = [(rec["image"][0], turns(rec["conversations"])) for rec in train + bench]
+    assert all(ts[0][0].startswith("<image>\n") and not any("<image>" in q for q, _ in ts[1:]) for _, ts in asked)
+    shown = {path: np.asarray(Image.open(out / path).convert("RGB")) for path, _ in asked}
+    for path, img in shown.items():  # every shape of a training frame asked, once
+        colours = [c for c, rgb in COLOURS.items() if (img == rgb).all(-1).any()]
+        if "bench" not in path:
+            ts = next(ts for p, ts in asked if p == path)
+            assert sorted(q.split("the ")[1].split()[0] for q, _ in ts) == sorted(colours)
+    places = set()
+    for path, ts in asked:  # each answer against the pixels of the colour it asks about
+        for q, a in ts:
+            colour = q.split("the ")[1].split()[0]
+            (y0, x0), (y1, x1) = (f((shown[path] == COLOURS[colour]).all(-1).nonzero(), axis=1) for f in (np.min, np.max))
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            if min(abs(v - k * 128) for v in (cx, cy) for k in (1, 2)) > 2:  # not on a cell line
+                assert a == place(cx, cy, 384, 384), (path, q)
+            places.add(a)
+    assert len(places) >= 3
 
 
 def test_motion_probe_reads_directions_and_runs(tmp_path):
