@@ -9,7 +9,8 @@ frame) pairs its descriptions name at the right place, for both clips; how often
 change of the asked shape between its own first and last frame names the right direction;
 and how well a linear map from one frame's image tokens gives a lone shape's centre (ridge,
 fitted on 1,500 frames, RMSE on 500 others, in the model's pixels): small means the vision
-side holds where a shape is and the decoder does not use it (docs/training.md).
+side holds where a shape is and the decoder does not use it; and whether the colour a question
+names reaches the answer at all (docs/training.md, "One answer for every shape of a clip").
 
     python scripts/motion_probe.py CHECKPOINT [--n 60] [--seed 5]
 """
@@ -20,9 +21,12 @@ import argparse
 import re
 
 import numpy as np
+import torch
+import transformers
 from PIL import Image
 
 import m4
+from m4.media import preprocess
 from m4.media.demo import COLOURS, KINDS
 from m4.train.synth import TASKS, Obj, direction, make, place, read_description, render, scene_objects
 
@@ -51,6 +55,21 @@ def place_readout(model, w: int, n: int = 2000, seed: int = 0) -> float:
     fit = 3 * n // 4
     coef = np.linalg.solve(f[:fit].T @ f[:fit] + 100 * np.eye(f.shape[1]), f[:fit].T @ c[:fit])  # ridge
     return float(np.sqrt(((f[fit:] @ coef - c[fit:]) ** 2).mean()))
+
+
+def colour_reach(model, image: Image.Image) -> float:
+    """1 - the mean cosine, over pairs of the eight colours, of the last layer's hidden state at
+    the answer's position (transformers running the checkpoint) when "Where is the C circle?"
+    names each colour about `image`: 0 when the colour named does not reach the answer."""
+    llava = transformers.LlavaForConditionalGeneration.from_pretrained(model.path).eval()
+    pixels = torch.as_tensor(np.asarray(preprocess([image], model.arch.vision.image_size)))
+    last = []
+    for colour in COLOURS:
+        ids = torch.tensor([list(model.prompt(f"Where is the {colour} circle?", images=[image]).ids)])
+        with torch.no_grad():
+            last.append(llava(input_ids=ids, pixel_values=pixels, output_hidden_states=True).hidden_states[-1][0, -1])
+    h = torch.nn.functional.normalize(torch.stack(last), dim=-1)
+    return 1 - float((h @ h.T)[~torch.eye(len(last), dtype=torch.bool)].mean())
 
 
 def main() -> None:
@@ -103,6 +122,7 @@ def main() -> None:
     print(f"  the same, each shape at its cell's centre     {named['snapped'] / pairs:.2f}")
     print(f"  its own first/last places give the direction  {own / a.n:.2f}")
     print(f"  a lone shape's centre from one frame's tokens, RMSE in px of {size}  {place_readout(model, w):.1f}")
+    print(f"  the answer's state across the colours named, 1 - cosine  {colour_reach(model, clips['as is'][0]):.1e}")
 
 
 if __name__ == "__main__":

@@ -438,9 +438,10 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
     r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "motion_probe.py"), ck, "--n", "1"],
                        capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
-    *rates, rmse = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
+    *rates, rmse, reach = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
     assert len(rates) == 9 and all(0 <= v <= 1 for v in rates)
-    assert 0 < rmse < 32
+    assert 0 < rmse < 32 and reach > 1e-5  # a random checkpoint's answer does depend on the colour (~1e-3;
+    # the shipped model's: ~1e-6, docs/training.md)
 
 
 def test_place_readout_finds_a_place_the_tokens_hold_and_none_they_do_not():
