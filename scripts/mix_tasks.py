@@ -15,7 +15,7 @@ on (the count in a scene is the most that one view shows, for 96% of them), as a
 place change from the first frame to the last names the direction for 90% of them.
 --every-shape asks each motion clip about every shape whose way its caption shows, in turns
 of one conversation: trained on one question a clip, the shipped model gives every shape of a
-clip the same answer (docs/training.md, "Where motion is lost").
+clip the same answer (docs/training.md, "One answer for every shape of a clip").
 """
 
 import argparse
