@@ -90,17 +90,18 @@ def main() -> None:
         frames = scene_objects(scene)
         clips = {"as is": [Image.fromarray(x) for x in item.images],
                  "snapped": [Image.fromarray(render([snap(o, w) for o in fr], w, w)) for fr in frames]}
-        answered += model.ask(item.question, video=clips["as is"], max_new_tokens=4).strip() == item.answer
-        backwards += (model.ask(item.question, video=clips["as is"][::-1], max_new_tokens=4).strip()
-                      == OPPOSITE[item.answer])
-        name = item.question.split("does the ")[1].removesuffix(" move?")
-        only = [Image.fromarray(render([o for o in fr if o.name == name], w, w)) for fr in frames]
-        alone += model.ask(item.question, video=only, max_new_tokens=4).strip() == item.answer
+        # every shape asked, the bench's own question among them
         ways = [model.ask(f"Which way does the {s.colour} {s.kind} move?", video=clips["as is"],
                           max_new_tokens=4).strip() for s in scene.shapes]
-        every += sum(w == s.direction for w, s in zip(ways, scene.shapes)) / len(ways)
+        name = item.question.split("does the ")[1].removesuffix(" move?")
+        answered += ways[[f"{s.colour} {s.kind}" for s in scene.shapes].index(name)] == item.answer
+        every += sum(way == s.direction for way, s in zip(ways, scene.shapes)) / len(ways)
         same += len(set(ways)) == 1
         truly_same += len({s.direction for s in scene.shapes}) == 1
+        backwards += (model.ask(item.question, video=clips["as is"][::-1], max_new_tokens=4).strip()
+                      == OPPOSITE[item.answer])
+        only = [Image.fromarray(render([o for o in fr if o.name == name], w, w)) for fr in frames]
+        alone += model.ask(item.question, video=only, max_new_tokens=4).strip() == item.answer
         for k, clip in clips.items():
             told = re.split(r"Frame \d+: ", model.ask("Describe each frame.", video=clip, max_new_tokens=400))[1:]
             told += [""] * (len(frames) - len(told))

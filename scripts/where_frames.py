@@ -16,9 +16,8 @@ import numpy as np
 from rich.progress import track
 
 from m4.atomic import atomic_directory
-from m4.media.demo import DemoScene
 from m4.prompt import IMAGE
-from m4.train.synth import FRAMES, Obj, conversation, place, render, save_images, scene_objects
+from m4.train.synth import FRAMES, Obj, clip_scene, conversation, place, render, save_images, scene_objects
 
 SIZE = 384  # a motion clip's frames, before the model's resize
 
@@ -26,8 +25,7 @@ SIZE = 384  # a motion clip's frames, before the model's resize
 def frame(seed: int, split: int, i: int, shapes: int) -> list[Obj]:
     """The shapes (at most `shapes`) of one frame, drawn at random, of a demo scene."""
     rng = np.random.default_rng([seed, split, i])
-    scene = DemoScene(seed=int(rng.integers(2**31)), width=SIZE, height=SIZE, fps=FRAMES / 10, duration=10.0)
-    return scene_objects(scene)[int(rng.integers(FRAMES))][:shapes]
+    return scene_objects(clip_scene(rng, SIZE))[int(rng.integers(FRAMES))][:shapes]
 
 
 def asked(objs: list[Obj]) -> list[tuple[str, str]]:

@@ -387,9 +387,9 @@ def test_every_shape_asks_each_clip_about_its_shapes_with_their_ways(synth, tmp_
         seed = 4 if m["video"].startswith("seed4/") else 3
         scene = make("motion", [seed, 0, int(m["id"].split("-")[1])], PRESETS["demo"].vision.image_size).info["scene"]
         truth = {f"Which way does the {s.colour} {s.kind} move?": s.direction for s in scene.shapes}
-        turns = [(q["value"], a["value"]) for q, a in zip(m["conversations"][::2], m["conversations"][1::2])]
-        assert turns[0][0].startswith("<image>\n") and not any("<image>" in q for q, _ in turns[1:])
-        asked = [(q.removeprefix("<image>\n"), a) for q, a in turns]
+        ts = turns(m["conversations"])
+        assert ts[0][0].startswith("<image>\n") and not any("<image>" in q for q, _ in ts[1:])
+        asked = [(q.removeprefix("<image>\n"), a) for q, a in ts]
         assert (p["conversations"][0]["value"].removeprefix("<image>\n"), p["conversations"][1]["value"]) in asked
         assert len({q for q, _ in asked}) == len(asked) <= len(scene.shapes)
         assert all(truth[q] == a for q, a in asked), m["id"]  # each way against the scene's geometry

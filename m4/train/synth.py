@@ -225,10 +225,14 @@ def scene_objects(scene: DemoScene) -> list[list[Obj]]:
             for i in range(scene.num_frames)]
 
 
+def clip_scene(rng, w: int) -> DemoScene:
+    """A demo scene as a motion clip has it: w px square, FRAMES frames over its 10 seconds."""
+    return DemoScene(seed=int(rng.integers(2**31)), width=w, height=w, fps=FRAMES / 10, duration=10.0)
+
+
 def motion(rng, size: int) -> Item:
     """The demo scene itself (`m4 run --video demo`), FRAMES frames over its 10 seconds."""
-    scene = DemoScene(seed=int(rng.integers(2**31)), width=4 * size, height=4 * size,
-                      fps=FRAMES / 10, duration=10.0)
+    scene = clip_scene(rng, 4 * size)
     frames = scene_objects(scene)
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     item = clip_item("motion", frames, 4 * size, f"Which way does the {s.colour} {s.kind} move?", s.direction,
