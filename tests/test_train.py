@@ -466,6 +466,38 @@ def test_place_readout_finds_a_place_the_tokens_hold_and_none_they_do_not():
     assert held < 1.5 and lost > 15  # a guess at the middle of 96 px misses by ~24
 
 
+def test_token_places_selects_by_colour_only_where_tokens_say_their_place(tmp_path):
+    places = script("token_places")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 2000)
+    assert places.explained(np.eye(4)[labels] * 10 + rng.normal(size=(2000, 4)), labels) > 0.9
+    assert places.explained(rng.normal(size=(2000, 4)), labels) < 0.01
+    # 400 frames of 9 tokens, two shapes each: the asked colour marks its cell's token
+    n, d = 400, 16
+    tokens = (0.3 * rng.normal(size=(n, 9, d))).astype(np.float32)
+    asked = []
+    for f in range(n):
+        for colour, cell in zip(rng.choice(8, 2, replace=False), rng.choice(9, 2, replace=False)):
+            tokens[f, cell, colour] += 3
+            asked.append((f, colour, 0, cell))
+    asked = np.array(asked)
+    alone, placed = places.selection(asked, tokens, False), places.selection(asked, tokens, True)
+    assert alone < 0.3 and placed > 0.9  # the head finds the token; only the index says where it is
+    ck, out = tmp_path / "ck", tmp_path / "scaled"
+    random_checkpoint("demo", ck)
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "token_places.py"), ck, "--n", "40",
+                        "--scale", "5", "--save", out], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    shares = [float(w.rstrip(",")) for w in r.stdout.splitlines()[0].split()[-5::2]]
+    rates = [float(w.rstrip(";")) for w in r.stdout.splitlines()[1].split() if w[0].isdigit()]
+    assert len(shares) == 3 and len(rates) == 2 and all(0 <= v <= 1 for v in shares + rates)
+    def positions(path):  # the vision tower's position embeddings, whatever prefix the layout gives them
+        return next(v for k, v in load_file(path / "model.safetensors").items() if k.endswith("position_embedding.weight"))
+    assert torch.allclose(positions(out), 5 * positions(ck))
+    assert m4.load(str(out)).ask("Where is the red circle?", images=[np.zeros((96, 96, 3), np.uint8)],
+                                 max_new_tokens=2) is not None  # tokenizer and template came along
+
+
 def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_path):
     def refine(out, patch):
         return subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, out,
