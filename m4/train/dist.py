@@ -68,6 +68,7 @@ def setup() -> Dist:
 
 def close(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()  # no rank tears down gloo's connections while a peer still uses them
         dist.destroy_process_group()
 
 
