@@ -32,6 +32,7 @@ from PIL import Image
 import m4
 from m4.atomic import atomic_directory
 from m4.media.demo import COLOURS, KINDS
+from m4.resolve import resolve
 from m4.train.synth import CELL, place, render
 from where_frames import SIZE, frame
 
@@ -83,8 +84,8 @@ def selection(asked: np.ndarray, tokens: np.ndarray, with_index: bool, steps: in
         a = torch.softmax((x @ query(colour[i])[:, :, None]).squeeze(-1) / x.shape[-1] ** 0.5, -1)
         return readout((a[:, :, None] * x).sum(1))
 
-    fit = (frames < frames.max() * 3 // 4).nonzero().squeeze(1)  # whole frames held out
-    held = (frames >= frames.max() * 3 // 4).nonzero().squeeze(1)
+    cut = frames.max() * 3 // 4  # whole frames held out
+    fit, held = (frames < cut).nonzero().squeeze(1), (frames >= cut).nonzero().squeeze(1)
     for _ in range(steps):
         i = fit[torch.randint(len(fit), (256,))]
         loss = torch.nn.functional.cross_entropy(logits(i), cell[i])
@@ -107,7 +108,7 @@ def main() -> None:
         path = a.model
         if a.scale != 1.0 or a.save:
             path = a.save or Path(tmp) / "scaled"
-            scaled(m4.load(a.model).path, path, a.scale)
+            scaled(resolve(a.model), path, a.scale)
         model = m4.load(str(path), device="cpu")
         if model.arch.tokens_per_image != 9:
             raise SystemExit(f"{a.model}: {model.arch.tokens_per_image} tokens per image; this probe reads one per cell of 3 x 3")
