@@ -11,10 +11,12 @@ with 2-4 shapes (as scripts/where_frames.py draws them), on the model's image to
   tokens carry their place.
 
 --scale K first multiplies the vision tower's position embeddings by K (their norm is ~1
-beside an occupied patch's ~22 in the shipped model), and --save OUT writes that checkpoint,
-for `m4 train --init OUT` (docs/training.md, "The tokens do not say where they are").
+beside an occupied patch's ~22 in the shipped model); --add K instead adds to each a vector of
+norm K along one of the 9 directions the patch embedding uses least, so the place is written
+where the content is not. --save OUT writes that checkpoint, for `m4 train --init OUT`
+(docs/training.md, "The tokens do not say where they are").
 
-    python scripts/token_places.py CKPT [--n 3000] [--scale K] [--save OUT]
+    python scripts/token_places.py CKPT [--n 3000] [--scale K | --add K] [--save OUT]
 """
 
 from __future__ import annotations
@@ -32,16 +34,30 @@ from PIL import Image
 import m4
 from m4.atomic import atomic_directory
 from m4.media.demo import COLOURS, KINDS
+from m4.media.image import preprocess
 from m4.resolve import resolve
 from m4.train.synth import CELL, place, render
 from where_frames import SIZE, frame
 
 
-def scaled(src: Path, out: Path, k: float) -> None:
-    """The checkpoint at src with its vision position embeddings times k, written to out."""
-    llava = transformers.LlavaForConditionalGeneration.from_pretrained(src)
+def least_used(embeddings, n: int = 400, seed: int = 99) -> torch.Tensor:
+    """(positions, hidden): unit directions of least variance of the patch embedding on n
+    demo frames, one per position."""
+    conv = embeddings.patch_embedding
+    pixels = torch.from_numpy(preprocess([render(frame(seed, 0, i, 4), SIZE, SIZE) for i in range(n)], embeddings.image_size))
     with torch.no_grad():
-        llava.model.vision_tower.embeddings.position_embedding.weight.mul_(k)
+        patches = conv(pixels).flatten(2).transpose(1, 2).reshape(-1, conv.out_channels)
+    _, vectors = torch.linalg.eigh(torch.cov(patches.T))  # eigenvalues ascending
+    return vectors[:, :embeddings.num_positions].T
+
+
+def placed(src: Path, out: Path, scale: float, add: float) -> None:
+    """The checkpoint at src with its vision position embeddings times scale, plus add times
+    the least-used directions, written to out."""
+    llava = transformers.LlavaForConditionalGeneration.from_pretrained(src)
+    embeddings = llava.model.vision_tower.embeddings
+    with torch.no_grad():
+        embeddings.position_embedding.weight.mul_(scale).add_(add * least_used(embeddings))
     with atomic_directory(out) as tmp:
         llava.save_pretrained(tmp)
         for f in Path(src).iterdir():  # tokenizer and template, as the trainer saves them
@@ -102,13 +118,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=3000, help="frames")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--scale", type=float, default=1.0, help="times the vision position embeddings")
-    ap.add_argument("--save", type=Path, help="write the scaled checkpoint here")
+    ap.add_argument("--add", type=float, default=0.0, help="norm added along the least-used directions")
+    ap.add_argument("--save", type=Path, help="write the changed checkpoint here")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = a.model
-        if a.scale != 1.0 or a.save:
-            path = a.save or Path(tmp) / "scaled"
-            scaled(resolve(a.model), path, a.scale)
+        if a.scale != 1.0 or a.add or a.save:
+            path = a.save or Path(tmp) / "placed"
+            placed(resolve(a.model), path, a.scale, a.add)
         model = m4.load(str(path), device="cpu")
         if model.arch.tokens_per_image != 9:
             raise SystemExit(f"{a.model}: {model.arch.tokens_per_image} tokens per image; this probe reads one per cell of 3 x 3")

@@ -1,9 +1,11 @@
 """Single frames of demo scenes, every shape asked where it is ("Where is the cyan circle?",
 answered with a place of the 3 x 3 grid): a motion answer needs that step for one shape among
 several, and the shipped model does not take it (docs/training.md, "One answer for every
-shape of a clip"). Writes OUT/train.json (one frame a record, its shapes asked in turns, in
-random order) and OUT/bench.json (one question a record, LLaVA-Interleave Bench format, task
-`where`), frames as motion clips have them (384 px; the model resizes them).
+shape of a clip"). Writes OUT/train.json and OUT/bench.json (LLaVA-Interleave Bench format,
+task `where`), one question a record, frames as motion clips have them (384 px; the model
+resizes them). Not a frame's shapes asked in turns: the shapes fill distinct cells, so a later
+turn's answer is one of the cells not yet named, and with two shapes the second answer needs no
+look at its colour at all (docs/training.md, "Where the place goes").
 
     python scripts/where_frames.py OUT [--n 12000] [--bench 200] [--seed 31] [--shapes K]
 """
@@ -40,7 +42,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=31)
     ap.add_argument("--shapes", type=int, default=4, help="at most this many shapes a frame")
     a = ap.parse_args()
-    rng = np.random.default_rng(a.seed)
     train, bench = [], []
     with atomic_directory(a.out) as root:
         (root / "media").mkdir()
@@ -49,18 +50,15 @@ def main() -> None:
             objs = frame(a.seed, split, k, a.shapes)
             stem = f"where-{'bench-' * split}{k:06d}"
             image = save_images(root, stem, [render(objs, SIZE, SIZE)])
-            turns = asked(objs)
+            records = [{"image": image, "conversations": conversation(f"{IMAGE}\n{q}", ans)} for q, ans in asked(objs)]
             if split == 0:
-                rng.shuffle(turns)
-                conv = [t for j, (q, ans) in enumerate(turns) for t in conversation(f"{IMAGE}\n" * (j == 0) + q, ans)]
-                train.append({"id": stem, "image": image, "conversations": conv})
+                train += [{"id": f"{stem}-{j}", **r} for j, r in enumerate(records)]
             else:
                 meta = {"question_type": "open-ended", "dataset": "where", "scenario": "single-image"}
-                bench += [{"sample_id": f"{stem}-{j}", "image": image, "conversations": conversation(f"{IMAGE}\n{q}", ans),
-                           "metadata": meta} for j, (q, ans) in enumerate(turns)]
-        for name, records in (("train", train), ("bench", bench)):
-            (root / f"{name}.json").write_text(json.dumps(records, indent=1))
-    print(f"{a.out}: {len(train)} training frames, {len(bench)} bench questions")
+                bench += [{"sample_id": f"{stem}-{j}", **r, "metadata": meta} for j, r in enumerate(records)]
+        for name, rows in (("train", train), ("bench", bench)):
+            (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
+    print(f"{a.out}: {len(train)} training questions on {a.n} frames, {len(bench)} bench questions")
 
 
 if __name__ == "__main__":

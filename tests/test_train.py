@@ -404,25 +404,25 @@ def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
                         "--bench", "3", "--seed", "3"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr
     train, bench = (json.loads((out / f"{n}.json").read_text()) for n in ("train", "bench"))
-    assert len(train) == 6 and all(problem(rec, out) is None for rec in train)  # the trainer takes them
-    assert all(b["metadata"]["dataset"] == "where" and len(b["conversations"]) == 2 for b in bench)
-    asked = [(rec["image"][0], turns(rec["conversations"])) for rec in train + bench]
-    assert all(ts[0][0].startswith("<image>\n") and not any("<image>" in q for q, _ in ts[1:]) for _, ts in asked)
-    shown = {path: np.asarray(Image.open(out / path).convert("RGB")) for path, _ in asked}
-    for path, img in shown.items():  # every shape of a training frame asked, once
+    assert all(problem(rec, out) is None for rec in train)  # the trainer takes them
+    assert all(b["metadata"]["dataset"] == "where" for b in bench)
+    # one question a record: in turns a later answer could be told from the cells already named
+    assert all(len(rec["conversations"]) == 2 for rec in train + bench)
+    asked = [(rec["image"][0], *turns(rec["conversations"])[0]) for rec in train + bench]
+    assert all(q.startswith("<image>\n") for _, q, _ in asked)
+    shown = {path: np.asarray(Image.open(out / path).convert("RGB")) for path, _, _ in asked}
+    assert len([path for path in shown if "bench" not in path]) == 6
+    for path, img in shown.items():  # every shape of a frame asked, once
         colours = [c for c, rgb in COLOURS.items() if (img == rgb).all(-1).any()]
-        if "bench" not in path:
-            ts = next(ts for p, ts in asked if p == path)
-            assert sorted(q.split("the ")[1].split()[0] for q, _ in ts) == sorted(colours)
+        assert sorted(q.split("the ")[1].split()[0] for p, q, _ in asked if p == path) == sorted(colours)
     places = set()
-    for path, ts in asked:  # each answer against the pixels of the colour it asks about
-        for q, a in ts:
-            colour = q.split("the ")[1].split()[0]
-            (y0, x0), (y1, x1) = (f((shown[path] == COLOURS[colour]).all(-1).nonzero(), axis=1) for f in (np.min, np.max))
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            if min(abs(v - k * 128) for v in (cx, cy) for k in (1, 2)) > 2:  # not on a cell line
-                assert a == place(cx, cy, 384, 384), (path, q)
-            places.add(a)
+    for path, q, a in asked:  # each answer against the pixels of the colour it asks about
+        colour = q.split("the ")[1].split()[0]
+        (y0, x0), (y1, x1) = (f((shown[path] == COLOURS[colour]).all(-1).nonzero(), axis=1) for f in (np.min, np.max))
+        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+        if min(abs(v - k * 128) for v in (cx, cy) for k in (1, 2)) > 2:  # not on a cell line
+            assert a == place(cx, cy, 384, 384), (path, q)
+        places.add(a)
     assert len(places) >= 3
 
 
@@ -483,17 +483,32 @@ def test_token_places_selects_by_colour_only_where_tokens_say_their_place(tmp_pa
     asked = np.array(asked)
     alone, placed = places.selection(asked, tokens, False), places.selection(asked, tokens, True)
     assert alone < 0.3 and placed > 0.9  # the head finds the token; only the index says where it is
-    ck, out = tmp_path / "ck", tmp_path / "scaled"
+    ck, out, added = tmp_path / "ck", tmp_path / "scaled", tmp_path / "added"
     random_checkpoint("demo", ck)
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "token_places.py"), ck, "--n", "40",
-                        "--scale", "5", "--save", out], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+
+    def run(*flags):
+        r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "token_places.py"), ck, "--n", "40", *flags],
+                           capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+        return r
+
+    r = run("--scale", "5", "--save", out)
     shares = [float(w.rstrip(",")) for w in r.stdout.splitlines()[0].split()[-5::2]]
     rates = [float(w.rstrip(";")) for w in r.stdout.splitlines()[1].split() if w[0].isdigit()]
     assert len(shares) == 3 and len(rates) == 2 and all(0 <= v <= 1 for v in shares + rates)
     def positions(path):  # the vision tower's position embeddings, whatever prefix the layout gives them
         return next(v for k, v in load_file(path / "model.safetensors").items() if k.endswith("position_embedding.weight"))
     assert torch.allclose(positions(out), 5 * positions(ck))
+    run("--add", "3", "--save", added)
+    extra = positions(added) - positions(ck)  # one direction of norm 3 for each position, all orthogonal
+    assert torch.allclose(extra @ extra.T, 9 * torch.eye(9), atol=1e-3)
+    # along them the patch embedding hardly varies on demo frames it was not fitted on
+    tower = transformers.LlavaForConditionalGeneration.from_pretrained(ck).model.vision_tower.embeddings
+    frames = [places.render(places.frame(5, 0, i, 4), places.SIZE, places.SIZE) for i in range(40)]
+    with torch.no_grad():
+        patches = tower.patch_embedding(torch.from_numpy(preprocess(frames, 96))).flatten(2).transpose(1, 2).flatten(0, 1)
+    spread = lambda directions: (patches @ directions.T).var(0).mean()  # noqa: E731
+    assert spread(extra / 3) < 0.1 * spread(torch.nn.functional.normalize(torch.randn(9, patches.shape[1]), dim=-1))
     assert m4.load(str(out)).ask("Where is the red circle?", images=[np.zeros((96, 96, 3), np.uint8)],
                                  max_new_tokens=2) is not None  # tokenizer and template came along
 
