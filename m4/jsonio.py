@@ -1,6 +1,7 @@
-"""Reading the JSON record files that the tools exchange (M4-Instruct data, benches)."""
+"""Reading and writing the JSON record files that the tools exchange (M4-Instruct data, benches)."""
 
 import json
+import os
 from pathlib import Path
 
 from m4.errors import M4Error
@@ -17,3 +18,11 @@ def read_json_list(path: Path, what: str) -> list:
     if not isinstance(data, list):
         raise M4Error(f"{path}: expected a JSON list of records")
     return data
+
+
+def write_json_list(path: Path, records: list) -> None:
+    """Written beside `path`, then moved into place: a file a run is reading is never half written."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(records, f)
+    os.replace(tmp, path)

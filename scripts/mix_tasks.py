@@ -19,12 +19,11 @@ clip the same answer (docs/training.md, "One answer for every shape of a clip").
 """
 
 import argparse
-import json
 import os
 import random
 import re
 
-from m4.jsonio import read_json_list
+from m4.jsonio import read_json_list, write_json_list
 from m4.train.synth import TASKS, VIEW_COLOURS, conversation, direction, read_description
 
 VIEW_TASKS = tuple(t for t, (scenario, *_) in TASKS.items() if scenario == "multi-view")
@@ -32,6 +31,12 @@ VIEW_TASKS = tuple(t for t, (scenario, *_) in TASKS.items() if scenario == "mult
 
 def task_of(record: dict) -> str:
     return record["id"].rsplit("-", 1)[0]
+
+
+def records_for(src: str, out: str, what: str) -> list[dict]:
+    """The records of `src`, their media paths rewritten relative to `out`'s folder."""
+    rel = os.path.relpath(os.path.dirname(os.path.abspath(src)), os.path.dirname(os.path.abspath(out)))
+    return [rebase(r, rel) for r in read_json_list(src, what)]
 
 
 def rebase(record: dict, rel: str) -> dict:
@@ -104,9 +109,8 @@ def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[
     rng = random.Random(seed)
     questions, caption_records = [], []
     for src in sources:
-        rel = os.path.relpath(os.path.dirname(os.path.abspath(src)), os.path.dirname(os.path.abspath(out)))
-        for r in read_json_list(src, "M4-Synth train.json"):
-            (caption_records if r["id"].endswith("-caption") else questions).append(rebase(r, rel))
+        for r in records_for(src, out, "M4-Synth train.json"):
+            (caption_records if r["id"].endswith("-caption") else questions).append(r)
     records = []
     for r in questions:
         w = weights.get(task_of(r), 1.0)
@@ -147,10 +151,7 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown task(s): {', '.join(sorted(unknown))}; M4-Synth has {', '.join(TASKS)}")
     records = mix(a.out, a.sources, a.captions, a.seed, weights, a.per_view, a.per_frame, a.every_shape)
-    tmp = f"{a.out}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(records, f)
-    os.replace(tmp, a.out)  # a mix a run is reading is never half written
+    write_json_list(a.out, records)
     print(f"{a.out}: {len(records)} records")
 
 

@@ -5,6 +5,7 @@ two CPU ranks equal to one process; the dry run of a 7B preset."""
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -424,6 +425,38 @@ def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
             assert a == place(cx, cy, 384, 384), (path, q)
         places.add(a)
     assert len(places) >= 3
+
+
+def test_shuffled_captions_name_the_same_shapes_in_another_order(synth, tmp_path):
+    out = tmp_path / "mix" / "shuffled.json"
+    out.parent.mkdir()
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "shuffle_captions.py"), synth / "scenes.json",
+                        out, "--seed", "1"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    before, after = json.loads((synth / "scenes.json").read_text()), json.loads(out.read_text())
+    assert [b["id"] for b in before] == [a["id"] for a in after]
+    assert all(problem(a, out.parent) is None for a in after)  # paths rebased: the trainer finds the images
+    reordered = 0
+    for b, a in zip(before, after):
+        assert a["conversations"][0] == b["conversations"][0]
+        was, now = (read_description(x["conversations"][1]["value"]) for x in (b, a))
+        assert sorted(now) == sorted(was) and now and a["conversations"][1]["value"].endswith(".")
+        reordered += now != was
+    assert reordered >= 3  # 40 scenes of 1-3 shapes: many have a shape out of reading order
+
+
+def test_binding_probe_scores_forced_and_free_captions(tmp_path):
+    binding = script("binding")
+    objs = next(binding.scenes(1, 777, 96))
+    assert 2 <= len(objs) <= 3 and len({place(o.x, o.y, 96, 96) for o in objs}) == len(objs)  # one shape a cell
+    ck = tmp_path / "ck"
+    random_checkpoint("tiny", ck)
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "binding.py"), ck, "--n", "3"],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    shapes = int(r.stdout.split(": ")[1].split()[0])
+    forced, chance, free = (float(x) for x in re.findall(r"\d\.\d{3}", r.stdout))
+    assert 6 <= shapes <= 9 and chance == round(3 / shapes, 3) and 0 <= forced <= 1 and 0 <= free <= 1
 
 
 def test_motion_probe_reads_directions_and_runs(tmp_path):

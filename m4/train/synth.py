@@ -116,8 +116,11 @@ def describe(objs: list[Obj], w: int, h: int, sizes: bool = False) -> str:
     """'a red square at top left, a blue circle at centre and ...' ('nothing' when empty)."""
     words = [a_or_an(f"{'small ' if sizes and o.r < w / 20 else 'large ' if sizes else ''}{o.name}")
              + f" at {place(o.x, o.y, w, h)}" for o in sorted(objs, key=lambda o: (int(3 * o.y / h), o.x))]
-    if not words:
-        return "nothing"
+    return joined(words) if words else "nothing"
+
+
+def joined(words: list[str]) -> str:
+    """'a, b and c'."""
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
