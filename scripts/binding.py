@@ -2,8 +2,8 @@
 per grid cell, as the scene stage draws them, at the model's image size), for each shape the
 caption is forced to begin "a <colour> <kind> at" and the model names a place, greedy: right
 only if it is that shape's place (the place of a shape of the scene at random: scenes / shapes,
-~0.4, printed). Then the model
-captions the scenes freely and we count the shapes it names right (colour, kind and place).
+~0.4, printed). Then the model captions the scenes freely and we count the shapes it names
+right (colour, kind and place).
 A model that captions in reading order can be right on the second and near chance on the
 first (docs/training.md, "Reading order needs no place").
 
@@ -30,14 +30,11 @@ def scenes(n: int, seed: int, size: int):
         yield grid_objects(rng, int(rng.integers(2, 4)), size)
 
 
-def forced_place(model, image, shape_name: str) -> str:
-    """The place the model names after a caption forced to begin 'a <shape_name> at'."""
-    prefix = model.tokenizer.encode(a_or_an(shape_name) + " at")
-    p = model.prompt(QUESTION, images=[image])
-    ctx = Context(model.backend, len(p.ids) + len(prefix) + 4)
-    logits = ctx.append("prompt", model.embed_parts(p.parts + [prefix], model.encode([load_image(image)])))
-    said = model.tokenizer.decode(ctx.generate(logits, 4, model.stop_ids))
-    return re.split(r",| and|\.", said)[0].strip()
+def continuation(model, p, images, prefix: list[int], max_new_tokens: int) -> str:
+    """What the model writes after the prompt `p` (its images already encoded) and `prefix`."""
+    ctx = Context(model.backend, len(p.ids) + len(prefix) + max_new_tokens)
+    logits = ctx.append("prompt", model.embed_parts(p.parts + ([prefix] if prefix else []), images))
+    return model.tokenizer.decode(ctx.generate(logits, max_new_tokens, model.stop_ids))
 
 
 def main() -> None:
@@ -51,10 +48,12 @@ def main() -> None:
     forced = free = total = 0
     for objs in scenes(a.n, a.seed, size):
         image = render(objs, size, size)
+        p, images = model.prompt(QUESTION, images=[image]), model.encode([load_image(image)])
         truth = {(o.colour, o.kind, place(o.x, o.y, size, size)) for o in objs}
-        forced += sum(forced_place(model, image, o.name) == place(o.x, o.y, size, size) for o in objs)
-        said = read_description(model.ask(QUESTION, images=[image], max_new_tokens=48))
-        free += sum(t in truth for t in set(said))
+        for colour, kind, where in truth:  # the caption forced to begin with this shape
+            said = continuation(model, p, images, model.tokenizer.encode(a_or_an(f"{colour} {kind}") + " at"), 4)
+            forced += re.split(r",| and|\.", said)[0].strip() == where
+        free += sum(t in truth for t in set(read_description(continuation(model, p, images, [], 48))))
         total += len(objs)
     print(f"{a.model}: {total} shapes in {a.n} scenes")
     print(f"  place after 'a <its colour> <its kind> at'  {forced / total:.3f} (a shape at random: {a.n / total:.3f})")
