@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in seven stages:
+# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in eight stages:
 #   scenes     one image of 1-3 shapes and what is where, the vision tower frozen at its random
 #              init: there the model learns to read its image tokens;
 #   questions  train.json (questions and their dense captions) mixed with the scenes, the tower
@@ -17,15 +17,17 @@
 #              cyan circle in frame 1?"), meant as the step that motion (the move from the
 #              first frame to the last) builds on; the model did not learn them, but the stage
 #              lifted motion and the rest (docs/training.md);
+#   lone       the first seed's questions with motion clips of one shape added
+#              (scripts/lone_motion.py): the scene `m4 run --video demo` plays;
 # then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
 # how the shipped model was made.
 # Usage: scripts/train_demo.sh RUN_DIR
-# Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6,
+# Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6, NL one-shape clips,
 # HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
-# runs), STEPS0 ... STEPS6 the stages' steps (all 0: only the data), BATCH, LR the question
-# stages' learning rate (the focused, views, per-view and per-frame stages: LR3 ... LR6), WORKERS
+# runs), STEPS0 ... STEPS7 the stages' steps (all 0: only the data), BATCH, LR the question
+# stages' learning rate (the focused, views, per-view, per-frame and lone stages: LR3 ... LR7), WORKERS
 # the data-loader processes (default 1); INIT a checkpoint to start from (with STEPS0=0 ...
-# STEPS5=0: the per-frame stage alone, e.g. from m4/assets/demo to train the shipped model further).
+# STEPS6=0: the lone stage alone, e.g. from m4/assets/demo to train the shipped model further).
 set -euo pipefail
 run=${1:?usage: scripts/train_demo.sh RUN_DIR}
 m4=${M4:-python -m m4}
@@ -38,6 +40,7 @@ steps3=${STEPS3:-30000}
 steps4=${STEPS4:-20000}
 steps5=${STEPS5:-20000}
 steps6=${STEPS6:-14000}
+steps7=${STEPS7:-4000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
 # one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
@@ -46,6 +49,7 @@ SECONDS=0
 [ -f "$data/A/train.json" ] || $m4 data synth "$data/A" --n "${N:-30000}" --bench 0 --seed 0
 [ -f "$data/B/train.json" ] || $m4 data synth "$data/B" --n "${N2:-60000}" --bench 0 --seed 4
 [ -f "$data/C/train.json" ] || $m4 data synth "$data/C" --n "${N3:-30000}" --bench 0 --seed 6
+[ -f "$data/lone/train.json" ] || $py "$here/lone_motion.py" "$data/lone" --n "${NL:-4000}" --bench 200 --seed 21
 [ -f "$data/held/bench.json" ] || $m4 data synth "$data/held" --n 10 --bench "${HELDOUT:-600}" --seed 5
 [ -f "$data/A/mix.json" ] || $py -c "import json, sys; \
 json.dump(json.load(open(sys.argv[1])) + json.load(open(sys.argv[2])), open(sys.argv[3], 'w'))" \
@@ -66,6 +70,8 @@ late=("$data/A/train.json" "$data/B/train.json" "$data/C/train.json" --captions 
       --weight order=0.5 --weight diff-describe=0.5 --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2)
 [ -f "$data/per-view.json" ] || $py "$here/mix_tasks.py" "$data/per-view.json" "${late[@]}" --seed 6
 [ -f "$data/per-frame.json" ] || $py "$here/mix_tasks.py" "$data/per-frame.json" "${late[@]}" --seed 7 --per-frame 3
+[ -f "$data/lone.json" ] || $py "$here/mix_tasks.py" "$data/lone.json" "$data/A/train.json" "$data/lone/train.json" \
+    "${late[@]:3}" --seed 9 --per-frame 3
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
@@ -84,5 +90,6 @@ stage focused "$data/focused.json" "$steps3" --lr "${LR3:-4e-4}" --tune projecto
 stage views "$data/views.json" "$steps4" --lr "${LR4:-3e-4}" --tune projector,decoder,vision --seed 4
 stage per-view "$data/per-view.json" "$steps5" --lr "${LR5:-3e-4}" --tune projector,decoder,vision --seed 6
 stage per-frame "$data/per-frame.json" "$steps6" --lr "${LR6:-2e-4}" --tune projector,decoder,vision --seed 7
+stage lone "$data/lone.json" "$steps7" --lr "${LR7:-2e-4}" --tune projector,decoder,vision --seed 9
 [ -z "$prev" ] || $m4 eval --model "$prev" --bench "$data/held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"

@@ -173,6 +173,16 @@ def test_demo_scene_is_deterministic_and_described():
             assert d["direction"] in ("left", "right", "up", "down")
 
 
+def test_demo_scene_keeps_its_first_shapes():
+    for seed in range(5):
+        full = DemoScene(seed=seed)
+        for k in (1, 2):
+            assert DemoScene(seed=seed, shapes=k).shapes == full.shapes[:k]
+    lone = DemoScene(seed=0, shapes=1)
+    drawn = np.nonzero((lone.frame(30) != lone.frame(30)[0, 0]).any(axis=2))
+    assert (lone.frame(30)[drawn] == COLOURS[lone.shapes[0].colour]).all()  # nothing else drawn
+
+
 def colour_box_centre(frame: np.ndarray, colour: str) -> np.ndarray:
     # bounding-box centre: "start" is the centre of the shape's box (a triangle's centroid is lower)
     ys, xs = np.nonzero((frame == COLOURS[colour]).all(axis=2))
@@ -250,11 +260,12 @@ def test_demo_source():
     with open_source("demo") as src:
         assert src.is_live is False
         first = next(src.frames())
-    np.testing.assert_array_equal(first.image, DemoScene().frame(0))
+    scene = DemoScene(shapes=1)  # the first shape of seed 0 alone
+    np.testing.assert_array_equal(first.image, scene.frame(0))
     frames = sample_uniform("demo", 4)
     assert [f.index for f in frames] == [0, 33, 66, 99]
     assert [f.t for f in frames] == pytest.approx([0.0, 3.3, 6.6, 9.9])
-    np.testing.assert_array_equal(frames[2].image, DemoScene().frame(66))
+    np.testing.assert_array_equal(frames[2].image, scene.frame(66))
 
 
 def test_video_errors(tmp_path):

@@ -80,3 +80,18 @@ def test_shipped_demo_answers_as_transformers_does(oracle, held_out_bench):
         ours = list(model.tokens(question, images=images, patches=patches, max_new_tokens=16))
         assert ours, rec["sample_id"]
         assert ours == oracle_tokens(oracle(DEMO_DIR), model, p, pictures, 16), rec["sample_id"]
+
+
+def test_shipped_demo_tells_which_way_the_demo_scene_moves(oracle):
+    """`make run`'s question about `m4 run --video demo` (8 frames of the demo scene): the way
+    the scene's shape moves, and the same greedy answer as transformers."""
+    from m4.media.demo import DemoScene
+    from m4.resolve import DEMO_DIR
+
+    model = m4.load("demo", backend="torch")
+    shape = DemoScene(shapes=1).describe()[0]  # the scene `demo` plays
+    question = f"Which way does the {shape['colour']} {shape['kind']} move?"
+    p, pictures = model._prepare(question, None, "demo", None, False)
+    ours = list(model.tokens(question, video="demo", max_new_tokens=8))
+    assert ours == oracle_tokens(oracle(DEMO_DIR), model, p, pictures, 8)
+    assert model.ask(question, video="demo", max_new_tokens=8).strip() == shape["direction"]

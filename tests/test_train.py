@@ -427,6 +427,28 @@ def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
     assert len(places) >= 3
 
 
+def test_lone_motion_clips_show_one_shape_moving_the_way_answered(tmp_path):
+    out = tmp_path / "lone"
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "lone_motion.py"), out, "--n", "3",
+                        "--bench", "6", "--seed", "3"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    train, bench = (json.loads((out / f"{n}.json").read_text()) for n in ("train", "bench"))
+    assert len(train) == 6 and all(problem(rec, out) is None for rec in train)  # a question and a caption a clip
+    assert [rec["id"] for rec in train[:2]] == ["lone-motion-000000", "lone-motion-000000-caption"]
+    step = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    answers = set()
+    for rec in bench:  # the way answered against the pixels of the one shape drawn
+        assert rec["metadata"]["dataset"] == "lone-motion"
+        (question, answer), = turns(rec["conversations"])
+        colour = question.split("the ")[1].split()[0]
+        frames = [np.asarray(Image.open(out / f).convert("RGB")) for f in rec["image"]]
+        assert all(((f != f[0, 0]).any(-1) == (f == COLOURS[colour]).all(-1)).all() for f in frames)  # it alone
+        (first, last) = (np.argwhere((f == COLOURS[colour]).all(-1)).mean(0)[::-1] for f in (frames[0], frames[-1]))
+        assert np.dot(last - first, step[answer]) > 10, rec["sample_id"]
+        answers.add(answer)
+    assert len(answers) >= 2
+
+
 def test_shuffled_captions_name_the_same_shapes_in_another_order(synth, tmp_path):
     out = tmp_path / "mix" / "shuffled.json"
     out.parent.mkdir()

@@ -5,7 +5,8 @@ edges. Positions are closed-form in time, so any frame can be rendered on its ow
 seed always gives the same pixels. Each shape starts on the side it moves away from and
 covers at most half the free span in `duration`, and no two shapes' paths touch within the
 clip, so it never bounces or hides and "which way does the red square move?" has one answer;
-describe() gives it.
+describe() gives it. `shapes` keeps the first few of a seed's shapes (the others are drawn
+after them, so they are the same shapes as in the full scene).
 """
 
 from dataclasses import dataclass
@@ -46,14 +47,15 @@ class Shape:
 
 
 class DemoScene:
-    def __init__(self, seed: int = 0, width: int = 256, height: int = 256, fps: float = 10.0, duration: float = 10.0):
+    def __init__(self, seed: int = 0, width: int = 256, height: int = 256, fps: float = 10.0, duration: float = 10.0,
+                 shapes: int | None = None):
         self.width, self.height, self.fps, self.duration = width, height, fps, duration
         self.num_frames = round(duration * fps)
         rng = np.random.default_rng(seed)
         n = int(rng.integers(2, 5))
         colours = rng.choice(list(COLOURS), size=n, replace=False)
         self.shapes: list[Shape] = []
-        for c in colours:
+        for c in colours[:shapes]:
             # redraw a shape whose path would cross another's: occluded shapes make wrong answers
             for _ in range(100):
                 shape = self._make_shape(rng, str(c))

@@ -3,7 +3,7 @@
 A source spec is one string, as given to `m4 run --video`:
   camN              V4L2 camera /dev/videoN (live)
   rtsp(s)://, http(s)://   a network stream (live)
-  demo              the generated DemoScene
+  demo              the generated DemoScene, seed 0, its first shape alone
   anything else     a local video file
 """
 
@@ -108,7 +108,9 @@ def is_live(spec: str) -> bool:
 
 def open_source(spec: str) -> Source:
     if spec == "demo":
-        return DemoSource(DemoScene())
+        # one shape: the demo model tells which way a lone shape moves, not which way the asked
+        # one of several does (docs/training.md, "A demo scene of one shape")
+        return DemoSource(DemoScene(shapes=1))
     if m := CAMERA.fullmatch(spec):
         device = f"/dev/video{m.group(1)}"
         label = f"camera {spec} ({device})"

@@ -228,14 +228,14 @@ def scene_objects(scene: DemoScene) -> list[list[Obj]]:
             for i in range(scene.num_frames)]
 
 
-def clip_scene(rng, w: int) -> DemoScene:
+def clip_scene(rng, w: int, shapes: int | None = None) -> DemoScene:
     """A demo scene as a motion clip has it: w px square, FRAMES frames over its 10 seconds."""
-    return DemoScene(seed=int(rng.integers(2**31)), width=w, height=w, fps=FRAMES / 10, duration=10.0)
+    return DemoScene(seed=int(rng.integers(2**31)), width=w, height=w, fps=FRAMES / 10, duration=10.0, shapes=shapes)
 
 
-def motion(rng, size: int) -> Item:
-    """The demo scene itself (`m4 run --video demo`), FRAMES frames over its 10 seconds."""
-    scene = clip_scene(rng, 4 * size)
+def motion(rng, size: int, shapes: int | None = None) -> Item:
+    """A demo scene (`m4 run --video demo` is one of one shape), FRAMES frames over its 10 seconds."""
+    scene = clip_scene(rng, 4 * size, shapes)
     frames = scene_objects(scene)
     s = scene.shapes[int(rng.integers(len(scene.shapes)))]
     item = clip_item("motion", frames, 4 * size, f"Which way does the {s.colour} {s.kind} move?", s.direction,
