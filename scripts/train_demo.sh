@@ -17,7 +17,7 @@
 #              cyan circle in frame 1?"), meant as the step that motion (the move from the
 #              first frame to the last) builds on; the model did not learn them, but the stage
 #              lifted motion and the rest (docs/training.md);
-#   lone       the first seed's questions with motion clips of one shape added
+#   lone       the per-frame mix with motion clips of one shape added
 #              (scripts/lone_motion.py): the scene `m4 run --video demo` plays;
 # then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
 # how the shipped model was made.
@@ -40,7 +40,7 @@ steps3=${STEPS3:-30000}
 steps4=${STEPS4:-20000}
 steps5=${STEPS5:-20000}
 steps6=${STEPS6:-14000}
-steps7=${STEPS7:-4000}
+steps7=${STEPS7:-6000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
 # one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
@@ -70,8 +70,8 @@ late=("$data/A/train.json" "$data/B/train.json" "$data/C/train.json" --captions 
       --weight order=0.5 --weight diff-describe=0.5 --weight patch-shape=0.3 --weight patch-colour=0.25 --per-view 2)
 [ -f "$data/per-view.json" ] || $py "$here/mix_tasks.py" "$data/per-view.json" "${late[@]}" --seed 6
 [ -f "$data/per-frame.json" ] || $py "$here/mix_tasks.py" "$data/per-frame.json" "${late[@]}" --seed 7 --per-frame 3
-[ -f "$data/lone.json" ] || $py "$here/mix_tasks.py" "$data/lone.json" "$data/A/train.json" "$data/lone/train.json" \
-    "${late[@]:3}" --seed 9 --per-frame 3
+[ -f "$data/lone.json" ] || $py "$here/mix_tasks.py" "$data/lone.json" "${late[@]:0:3}" "$data/lone/train.json" \
+    "${late[@]:3}" --seed 10 --per-frame 3
 echo "data: ${SECONDS}s"
 prev=${INIT:-}
 stage() {  # NAME DATA STEPS TRAIN-OPTIONS...: a stage of 0 steps is skipped
@@ -90,6 +90,6 @@ stage focused "$data/focused.json" "$steps3" --lr "${LR3:-4e-4}" --tune projecto
 stage views "$data/views.json" "$steps4" --lr "${LR4:-3e-4}" --tune projector,decoder,vision --seed 4
 stage per-view "$data/per-view.json" "$steps5" --lr "${LR5:-3e-4}" --tune projector,decoder,vision --seed 6
 stage per-frame "$data/per-frame.json" "$steps6" --lr "${LR6:-2e-4}" --tune projector,decoder,vision --seed 7
-stage lone "$data/lone.json" "$steps7" --lr "${LR7:-2e-4}" --tune projector,decoder,vision --seed 9
+stage lone "$data/lone.json" "$steps7" --lr "${LR7:-2e-4}" --tune projector,decoder,vision --seed 10
 [ -z "$prev" ] || $m4 eval --model "$prev" --bench "$data/held/bench.json" --json "$run/eval.json"
 echo "total: ${SECONDS}s"
