@@ -37,14 +37,11 @@ def main() -> None:
         for i in track(range(a.n + a.bench), description="clips"):
             split, k = (0, i) if i < a.n else (1, i - a.n)
             item = motion(np.random.default_rng([a.seed, split, k]), size, shapes=1)
+            item.task = TASK
             if split == 0:
-                item.task = TASK
                 train += train_records(root, k, item)
             else:
-                record = bench_record(root, k, item)  # a motion record, then named for its task
-                record["sample_id"] = f"{TASK}-bench-{k:06d}"
-                record["metadata"]["dataset"] = TASK
-                bench.append(record)
+                bench.append(bench_record(root, k, item, like="motion"))
         for name, rows in (("train", train), ("bench", bench)):
             (root / f"{name}.json").write_text(json.dumps(rows, indent=1))
     print(f"{a.out}: {a.n} training clips ({len(train)} records), {len(bench)} bench clips")

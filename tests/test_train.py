@@ -294,13 +294,19 @@ def test_frozen_tower_tuned_parts_and_gradient_checkpointing(synth, tmp_path):
 def test_looking_scores_own_against_another_records_images(synth, tmp_path):
     ck = tmp_path / "ck"
     random_checkpoint("tiny", ck)
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "looking.py"), ck, synth / "captions.json",
-                        "--n", "40"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    r = run_script("looking", ck, synth / "captions.json", "--n", "40")
     rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[1:]}
     assert set(rows) == set(TASKS)  # 40 records: every task has a partner of its shape
     for n, own, other, gap in rows.values():
         assert int(n) >= 1 and float(gap) == pytest.approx(float(other) - float(own), abs=2e-3)
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    """Run scripts/NAME.py on one thread, as a user would; it must succeed."""
+    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / f"{name}.py"), *map(str, args)],
+                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    return r
 
 
 def script(name: str):
@@ -325,9 +331,7 @@ def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
     assert probe.probe(x[:100], list(y[:100]), x[100:], list(y[100:])) == 1.0
     ck = tmp_path / "ck"
     random_checkpoint("tiny", ck)
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "probe.py"), ck, synth, synth,
-                        "--n", "30", "--held-n", "10"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    r = run_script("probe", ck, synth, synth, "--n", "30", "--held-n", "10")
     rows = {line[:16].strip(): line[16:].split() for line in r.stdout.splitlines()[1:5]}
     assert set(rows) == {"patch embedding", "feature layer", "projector", "chance"}
     assert all(0 <= float(v) <= 1 for row in rows.values() for v in row)
@@ -401,9 +405,7 @@ def test_every_shape_asks_each_clip_about_its_shapes_with_their_ways(synth, tmp_
 
 def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
     out = tmp_path / "where"
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "where_frames.py"), out, "--n", "6",
-                        "--bench", "3", "--seed", "3"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    run_script("where_frames", out, "--n", "6", "--bench", "3", "--seed", "3")
     train, bench = (json.loads((out / f"{n}.json").read_text()) for n in ("train", "bench"))
     assert all(problem(rec, out) is None for rec in train)  # the trainer takes them
     assert all(b["metadata"]["dataset"] == "where" for b in bench)
@@ -429,9 +431,7 @@ def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
 
 def test_lone_motion_clips_show_one_shape_moving_the_way_answered(tmp_path):
     out = tmp_path / "lone"
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "lone_motion.py"), out, "--n", "3",
-                        "--bench", "6", "--seed", "3"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    run_script("lone_motion", out, "--n", "3", "--bench", "6", "--seed", "3")
     train, bench = (json.loads((out / f"{n}.json").read_text()) for n in ("train", "bench"))
     assert len(train) == 6 and all(problem(rec, out) is None for rec in train)  # a question and a caption a clip
     assert [rec["id"] for rec in train[:2]] == ["lone-motion-000000", "lone-motion-000000-caption"]
@@ -452,9 +452,7 @@ def test_lone_motion_clips_show_one_shape_moving_the_way_answered(tmp_path):
 def test_shuffled_captions_name_the_same_shapes_in_another_order(synth, tmp_path):
     out = tmp_path / "mix" / "shuffled.json"
     out.parent.mkdir()
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "shuffle_captions.py"), synth / "scenes.json",
-                        out, "--seed", "1"], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    run_script("shuffle_captions", synth / "scenes.json", out, "--seed", "1")
     before, after = json.loads((synth / "scenes.json").read_text()), json.loads(out.read_text())
     assert [b["id"] for b in before] == [a["id"] for a in after]
     assert all(problem(a, out.parent) is None for a in after)  # paths rebased: the trainer finds the images
@@ -473,9 +471,7 @@ def test_binding_probe_scores_forced_and_free_captions(tmp_path):
     assert 2 <= len(objs) <= 3 and len({place(o.x, o.y, 96, 96) for o in objs}) == len(objs)  # one shape a cell
     ck = tmp_path / "ck"
     random_checkpoint("tiny", ck)
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "binding.py"), ck, "--n", "3"],
-                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    r = run_script("binding", ck, "--n", "3")
     shapes = int(r.stdout.split(": ")[1].split()[0])
     forced, chance, free = (float(x) for x in re.findall(r"\d\.\d{3}", r.stdout))
     assert 6 <= shapes <= 9 and chance == round(3 / shapes, 3) and 0 <= forced <= 1 and 0 <= free <= 1
@@ -490,9 +486,7 @@ def test_motion_probe_reads_directions_and_runs(tmp_path):
     assert (snapped.x, snapped.y) == (48.0, 80.0)
     ck = tmp_path / "ck"
     random_checkpoint("tiny", ck)
-    r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "motion_probe.py"), ck, "--n", "1"],
-                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    r = run_script("motion_probe", ck, "--n", "1")
     *rates, rmse, reach = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
     assert len(rates) == 9 and all(0 <= v <= 1 for v in rates)
     assert 0 < rmse < 32 and reach > 1e-5  # a random checkpoint's answer does depend on the colour (~1e-3;
@@ -542,9 +536,7 @@ def test_token_places_selects_by_colour_only_where_tokens_say_their_place(tmp_pa
     random_checkpoint("demo", ck)
 
     def run(*flags):
-        r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "token_places.py"), ck, "--n", "40", *flags],
-                           capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-        assert r.returncode == 0, r.stderr
+        r = run_script("token_places", ck, "--n", "40", *flags)
         return r
 
     r = run("--scale", "5", "--save", out)

@@ -442,9 +442,10 @@ def scene_record(root: Path, i: int, seed: int, size: int) -> dict:
             "conversations": conversation(f"{IMAGE}\nDescribe the image.", describe(objs, size, size) + ".")}
 
 
-def bench_record(root: Path, i: int, item: Item) -> dict:
+def bench_record(root: Path, i: int, item: Item, like: str | None = None) -> dict:
+    """`like`: the task whose scenario and question type an item of another task has."""
     rid = f"{item.task}-bench-{i:06d}"
-    scenario, qtype, _ = TASKS[item.task]
+    scenario, qtype, _ = TASKS[like or item.task]
     meta = {"question_type": qtype, "dataset": item.task, "scenario": scenario}
     if item.patches:
         meta["patches"] = True
