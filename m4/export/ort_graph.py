@@ -27,7 +27,8 @@ from m4.errors import M4Error
 from m4.export.manifest import past_names, present_names
 from m4.model.config import TextArch
 from m4.model.llava import LLaVA
-from m4.model.qwen2 import Qwen2, rope_table
+from m4.model.decoder import Decoder
+from m4.model.rope import rope_table
 
 MS = "com.microsoft"
 OPSET = 18
@@ -64,7 +65,7 @@ class Builder:
         return y
 
 
-def decoder_graph(text: Qwen2, arch: TextArch, dtype: torch.dtype) -> onnx.ModelProto:
+def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.ModelProto:
     a = text.layers[0].self_attn
     if arch.act not in ACT:
         raise M4Error(f"activation {arch.act!r} has no ONNX Runtime contrib op here")
@@ -76,7 +77,7 @@ def decoder_graph(text: Qwen2, arch: TextArch, dtype: torch.dtype) -> onnx.Model
     (seqlens,) = g.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
     (total32,) = g.op("Cast", [total], "total32", to=TensorProto.INT32)
     (total_len,) = g.op("Squeeze", [total32], "total_sequence_length")
-    cos, sin = (g.weight(n, t[:, :d // 2]) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
+    cos, sin = (g.weight(n, torch.from_numpy(t[:, :d // 2])) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
 
     x, residual = "inputs_embeds", None
     for i, layer in enumerate(text.layers):

@@ -1,11 +1,11 @@
-"""LLaVA: SigLIP features -> MLP projector -> Qwen2, the one model runtime and export use."""
+"""LLaVA: vision tower features -> MLP projector -> decoder, the one model runtime and export use."""
 
 import torch
 from torch import nn
 
 from m4.model.activations import ACTIVATIONS
 from m4.model.config import Arch
-from m4.model.qwen2 import KVCache, Qwen2
+from m4.model.decoder import Decoder
 from m4.model.siglip import SiglipVision
 
 
@@ -26,7 +26,7 @@ class LLaVA(nn.Module):
         self.arch = arch
         self.vision = SiglipVision(arch.vision, arch.vision_layers_run)
         self.projector = Projector(arch)
-        self.text = Qwen2(arch.text)
+        self.text = Decoder(arch.text)
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Pixels (n, 3, S, S) -> image embeddings (n, tokens_per_image, H)."""
@@ -38,6 +38,3 @@ class LLaVA(nn.Module):
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.text.embed_tokens(ids)
-
-    def forward(self, embeds: torch.Tensor, pos: int | torch.Tensor, cache: KVCache, last_only: bool = True) -> torch.Tensor:
-        return self.text(embeds, pos, cache, last_only)

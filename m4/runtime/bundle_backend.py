@@ -30,6 +30,13 @@ class BundleBackend:
     def concat(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts)
 
+    def forward(self, embeds: np.ndarray, pos: int, cache, last_only: bool = True,
+                greedy: bool = False) -> np.ndarray | int:
+        """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab), or
+        with `greedy` the last position's most likely token (its logits are on the host)."""
+        logits = self.logits(embeds, pos, cache, last_only or greedy)
+        return int(np.argmax(logits[-1])) if greedy else logits
+
     def check_positions(self, max_len: int) -> None:
         if max_len > self.arch.text.max_positions:
             raise M4Error(f"a context of {max_len} tokens exceeds the model's {self.arch.text.max_positions} positions")

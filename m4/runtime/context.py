@@ -29,16 +29,17 @@ class Context:
         self.segments: list[Segment] = []
         self.length = 0
 
-    def append(self, kind: str, embeds, lengths: list[int] | None = None) -> np.ndarray:
-        """Prefill `embeds` (T, H) after what the cache holds; the last position's logits.
+    def append(self, kind: str, embeds, lengths: list[int] | None = None, greedy: bool = False) -> np.ndarray | int:
+        """Prefill `embeds` (T, H) after what the cache holds; the last position's logits, or
+        with `greedy` its most likely token (picked where the backend's logits are).
         `lengths` records one prefill as several segments (frames refilled together)."""
         n = embeds.shape[0]
         if self.length + n > self.max_len:
             raise M4Error(f"context full: {self.length} + {n} tokens exceed its {self.max_len}")
-        logits = self.backend.forward(embeds, self.length, self.cache)[-1]
+        out = self.backend.forward(embeds, self.length, self.cache, greedy=greedy)
         self.segments += [Segment(kind, k) for k in (lengths or [n])]
         self.length += n
-        return logits
+        return out if greedy else out[-1]
 
     def shift_out(self, index: int) -> None:
         """Approximate eviction: drop segment `index` by moving the later ones down in the
@@ -65,9 +66,9 @@ class Context:
         stats = {} if stats is None else stats
         started = time.perf_counter() if started is None else started
         rng = np.random.default_rng(sampling.seed)
-        count = 0
+        greedy, count = sampling.temperature <= 0, 0
         for i in range(max_new_tokens):
-            token = sample(logits, sampling, rng)
+            token = logits if isinstance(logits, int) else sample(logits, sampling, rng)
             if token in stop_ids:
                 break
             if count == 0:
@@ -76,7 +77,7 @@ class Context:
             count += 1
             yield token
             if i + 1 < max_new_tokens:  # the last token needs no forward pass
-                logits = self.append("answer", self.backend.embed_tokens([token]))
+                logits = self.append("answer", self.backend.embed_tokens([token]), greedy=greedy)
         stats["new_tokens"] = count
         if count > 1:
             stats["decode_tok_s"] = (count - 1) / (time.perf_counter() - first)

@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from m4.errors import M4Error
 from m4.export.manifest import ORT_DECODER, past_names, present_names
-from m4.model.config import TextArch
+from m4.model.rope import rope_table, rotate
 from m4.runtime.bundle_backend import BundleBackend
 
 PROVIDERS = {
@@ -63,14 +63,6 @@ def session(f: Path, chosen: list[str], threads: int | None) -> ort.InferenceSes
     except Exception as e:  # ORT raises its own types for unparsable or invalid graphs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise M4Error(f"cannot load {f}: {first}") from None
-
-
-def rope(a: TextArch, position: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of one position's RoPE angles, (head_dim,) float32, as
-    m4.model.qwen2.rope_table computes them (which needs torch)."""
-    inv_freq = 1.0 / np.float32(a.rope_theta) ** (np.arange(0, a.head_dim, 2, dtype=np.float32) / a.head_dim)
-    angles = np.tile(np.float32(position) * inv_freq.astype(np.float32), 2)
-    return np.cos(angles), np.sin(angles)
 
 
 def bind(b: ort.IOBinding, name: str, a: np.ndarray, output: bool = False) -> None:
@@ -168,7 +160,7 @@ class OnnxBackend(BundleBackend):
         keys = shape if self.fused else (a.layers, a.kv_heads, a.head_dim, max_len)
         return OrtCache(np.zeros(keys, self.dtype), np.zeros(shape, self.dtype), transposed=not self.fused)
 
-    def forward(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool = True) -> np.ndarray:
+    def logits(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool = True) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         t = embeds.shape[0]
         if pos + t > cache.max_len:
@@ -211,10 +203,8 @@ class OnnxBackend(BundleBackend):
     def shift(self, cache: OrtCache, start: int, end: int, by: int) -> None:
         """Move cached positions [start, end) to [start - by, end - by), keys rotated by -by
         (RoPE composes), as TorchBackend.shift does: approximate eviction for live contexts."""
-        cos, sin = rope(self.arch.text, by)
+        cos, sin = rope_table(self.arch.text, [-by])
         keys = cache.keys
-        k = keys[:, :, start:end].astype(np.float32)  # a copy: source and target overlap
-        half = len(cos) // 2
-        rotated = np.concatenate([-k[..., half:], k[..., :half]], axis=-1)
-        keys[:, :, start - by:end - by] = k * cos - rotated * sin
+        # a float32 copy: source and target overlap
+        keys[:, :, start - by:end - by] = rotate(keys[:, :, start:end].astype(np.float32), cos[0], sin[0])
         cache.v[:, :, start - by:end - by] = cache.v[:, :, start:end].copy()

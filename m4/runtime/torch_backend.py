@@ -29,7 +29,7 @@ from m4.errors import M4Error
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
 from m4.model.int8 import quantise_decoder
-from m4.model.qwen2 import KVCache, rotate
+from m4.model.decoder import KVCache, rotate
 from m4.runtime.cuda_graph import Graphed
 
 PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
@@ -112,16 +112,29 @@ class TorchBackend:
             self.seen = {k for k in self.seen if k[0] != ptr}
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> np.ndarray:
-        """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
+    def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True,
+                greedy: bool = False) -> np.ndarray | int:
+        """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab) on
+        the host; or, `greedy`, the id of the last position's most likely token, chosen on
+        the device: the host then receives one number, not the vocabulary's logits."""
         t = embeds.shape[0]
+        last_only = last_only or greedy
         if self.decode != "eager" and last_only and self.repeated(cache, t):
             logits = self.step(embeds[None], pos, cache)
         else:
-            chunks = [self.model(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
+            chunks = [self.run(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
                       for i in range(0, t, PREFILL_CHUNK)]
             logits = chunks[-1] if last_only else torch.cat(chunks, dim=1)
+        if greedy:
+            return int(logits[0, -1].argmax())
         return logits[0].float().cpu().numpy()
+
+    def run(self, x: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
+        """T tokens eagerly; attention reads only the cache's filled part, [0, pos + T)."""
+        t = x.shape[1]
+        input_pos = torch.arange(pos, pos + t, device=self.device)
+        last = torch.tensor([t - 1], device=self.device) if last_only else None
+        return self.model.text(x, input_pos, cache.prefix(pos + t), last)
 
     def compile(self) -> None:
         """Static decode steps through torch.compile (Inductor fuses the norms, RoPE and the
@@ -141,18 +154,23 @@ class TorchBackend:
         return seen
 
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
-        """T tokens with static shapes: the graph captured for this cache and T replayed, or
-        run eagerly. compile() serves the decode step; chunks run the plain model."""
+        """T tokens with static shapes over the whole cache (the mask hides what is not
+        filled): the graph captured for this cache and T replayed, or run eagerly. compile()
+        serves the decode step; chunks run the plain model."""
         decoder = self.decoder if x.shape[1] == 1 else self.model.text
+        steps = torch.arange(x.shape[1], device=self.device)
+
+        def run(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:  # positions from a 0-d start
+            return decoder(x, start + steps, cache, steps[-1:])
+
         if self.decode == "static":
-            return decoder(x, torch.tensor(pos, device=self.device), cache)
+            return run(x, torch.tensor(pos, device=self.device))
         key = (cache.k.data_ptr(), x.shape[1])
         if key not in self.step_graphs:  # captured on the first such step
             chunks = [k for k in self.step_graphs if k[0] == key[0] and k[1] > 1]
             if key[1] > 1 and len(chunks) >= CHUNK_GRAPHS:  # each holds its activations: the oldest goes
                 del self.step_graphs[chunks[0]]
-            self.step_graphs[key] = Graphed(lambda x, p: decoder(x, p, cache), x,
-                                              torch.tensor(pos, device=self.device))
+            self.step_graphs[key] = Graphed(run, x, torch.tensor(pos, device=self.device))
         return self.step_graphs[key](x, pos)
 
     @torch.inference_mode()
