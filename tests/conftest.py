@@ -25,15 +25,16 @@ VARIANTS = {
 }
 
 
-def tiny_arch(kv_heads: int, tied: bool, layer: int, strategy: str, image_token_id: int):
+def tiny_arch(kv_heads: int, tied: bool, layer: int, strategy: str, image_token_id: int, **text):
+    """The tiny preset in a variant's shape; `text` overrides decoder fields (hidden, heads, ...)."""
     base = PRESETS["tiny"]
-    return base.replace(text=dataclasses.replace(base.text, kv_heads=kv_heads, tied=tied),
+    return base.replace(text=dataclasses.replace(base.text, kv_heads=kv_heads, tied=tied, **text),
                         feature_layers=(layer,), strategy=strategy, image_token_id=image_token_id)
 
 
-def save_tiny_checkpoint(path, variant: str, seed: int = 0):
+def save_tiny_checkpoint(path, variant: str, seed: int = 0, **text):
     tokenizer = build_tokenizer(TOKENIZER_CORPUS, PRESETS["tiny"].text.vocab)
-    arch = tiny_arch(*VARIANTS[variant], tokenizer.token_id("<image>"))
+    arch = tiny_arch(*VARIANTS[variant], tokenizer.token_id("<image>"), **text)
     config = transformers.LlavaConfig(**arch.to_hf())
     # a wider init than transformers' 0.02 keeps random logits apart, so greedy choices
     # are decided by the model and not by rounding

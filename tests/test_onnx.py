@@ -268,3 +268,21 @@ def test_export_replaces_only_bundles(checkpoints, tmp_path):
     with pytest.raises(M4Error, match="not a bundle"):
         export_bundle(str(checkpoints["gqa-tied-last-full"]), tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("head_dim", [8, 12, 64])
+def test_bundles_of_any_head_size_answer_as_transformers(oracle, tmp_path, head_dim):
+    """ONNX Runtime's fused attention refuses head sizes that are not multiples of 16: such
+    bundles carry decoder.onnx alone, and both kinds answer as the oracle does."""
+    from conftest import save_tiny_checkpoint
+
+    ck = save_tiny_checkpoint(tmp_path / "ck", "gqa-untied-penult-full", seed=3, hidden=4 * head_dim, heads=4)
+    export_bundle(str(ck), tmp_path / "b")
+    model = m4.load(tmp_path / "b")
+    assert model.arch.text.head_dim == head_dim
+    assert model.backend.fused == (head_dim % 16 == 0) == (tmp_path / "b" / ORT_DECODER).is_file()
+    images = random_images(2, seed=head_dim)
+    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    ours = list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=10))
+    assert ours == oracle_tokens(oracle(ck), model, p, pictures, 10)
+    assert ours == list(m4.load(ck, backend="torch").tokens(QUESTIONS[2], images=images, max_new_tokens=10))

@@ -25,7 +25,7 @@ from m4 import __version__
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.export.graphs import DecoderGraph, VisionGraph
-from m4.export.ort_graph import export_ort_decoder
+from m4.export.ort_graph import export_ort_decoder, runs_on_ort
 from m4.export.manifest import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
@@ -79,8 +79,8 @@ def manifest(source: str, arch: Arch, template: str, dtype: str, files: dict) ->
         "tokens_per_image": arch.tokens_per_image,
         "template": template,
         "dtype": dtype,
-        "dtypes": {"vision.onnx": dtype, "decoder.onnx": dtype, ORT_DECODER: dtype, "embed_tokens.npy": dtype,
-                   "kv_cache": dtype},
+        "dtypes": {**{f: dtype for f in ("vision.onnx", "decoder.onnx", ORT_DECODER) if f in files},
+                   "embed_tokens.npy": dtype, "kv_cache": dtype},
         "quantisation": None,
         "calibration": None,
         "files": files,
@@ -110,7 +110,8 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
         model = step(f"load {path.name} ({dtype})", load_model, path, arch, tdtype)
         step("export vision.onnx", export_vision, model, tmp / "vision.onnx", tdtype)
         step("export decoder.onnx", export_decoder, model, tmp / "decoder.onnx", tdtype)
-        step(f"write {ORT_DECODER}", export_ort_decoder, model, tmp / ORT_DECODER, tdtype)
+        if runs_on_ort(arch.text):
+            step(f"write {ORT_DECODER}", export_ort_decoder, model, tmp / ORT_DECODER, tdtype)
         step("write embed_tokens.npy", np.save, tmp / "embed_tokens.npy",
              model.text.embed_tokens.weight.detach().numpy())
         for name in TOKENIZER_FILES:

@@ -38,6 +38,13 @@ ACT = {"silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alph
 ELEM = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 
 
+def runs_on_ort(arch: TextArch) -> bool:
+    """Whether ONNX Runtime's CPU GroupQueryAttention takes this decoder: its rotary kernel
+    wants head sizes that are multiples of 16 (it refuses 8, 12, 24, 40 at the first run).
+    Bundles of other decoders carry decoder.onnx alone, which the CPU runs as well."""
+    return arch.head_dim % 16 == 0
+
+
 class Builder:
     """Nodes and initializers, named in order."""
 
