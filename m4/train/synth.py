@@ -13,7 +13,7 @@ trained on one-word answers alone learns the answer prior and ignores the images
 captions give it a signal per object to learn to look with (DESIGN, "The demo model"). Even
 those are too hard for a model that has never looked: from scratch the demo preset stays
 blind on them, so each sample also yields a scene, one image of 1-3 shapes and its caption,
-the first stage of the demo recipe (scripts/looking.py measured both; docs/training.md).
+the first stage of the demo recipe (docs/demo-model.md).
 
 Output (paths relative to OUT):
   train.json     M4-Instruct records: questions and captions; videos as MP4 (`video`)
@@ -99,17 +99,6 @@ def render(objs: list[Obj], w: int, h: int, horizon: float | None = None) -> np.
 
 def place(x: float, y: float, w: int, h: int) -> str:
     return PLACES[min(int(3 * y / h), 2)][min(int(3 * x / w), 2)]
-
-
-CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
-
-
-def direction(a: str | None, b: str | None) -> str | None:
-    """The way from place a to place b, by the larger of the two moves; None if no move."""
-    if a not in CELL or b not in CELL or a == b:
-        return None
-    dx, dy = CELL[b][0] - CELL[a][0], CELL[b][1] - CELL[a][1]
-    return ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
 
 
 def describe(objs: list[Obj], w: int, h: int, sizes: bool = False) -> str:
