@@ -6,7 +6,7 @@ usage: python scripts/mix_tasks.py OUT.json SRC/train.json [SRC2/train.json ...]
            [--captions 0.2] [--seed 0] [--weight TASK=W ...] [--per-view W] [--per-frame W]
 
 A weight of 1.3 keeps every question of the task and repeats 30% of them (drawn at random);
-0.6 keeps 60%. The tasks the ten-task mix learns last (docs/training.md) are weighted up.
+0.6 keeps 60%. The tasks the ten-task mix learns last (docs/demo-model.md) are weighted up.
 --per-view W adds W questions per multi-view sample about one of its views ("How many red
 objects does view 2 show?"), answered from the sample's caption: the step view-count builds
 on (the count in a scene is the most that one view shows, for 96% of them), as a curriculum.

@@ -122,7 +122,7 @@ def test_shipped_demo_reads_its_images(tmp_path):
     """The demo model as shipped, on 200 M4-Synth samples of a seed it never trained on, and
     on the same questions asked of another sample's images of the same task: it scores above
     the best single answer per task, and above itself when its images do not go with the
-    question. README gives its full scores (600 samples)."""
+    question. docs/demo-model.md gives its full scores (600 samples)."""
     from m4.eval import evaluate
 
     synth(tmp_path / "m4synth", n=0, bench=200, seed=7, workers=1)
