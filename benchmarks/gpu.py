@@ -308,7 +308,7 @@ def main() -> None:
               "backends": b, "errors": {}}
 
     def section(name: str, fn):
-        """One part of the run. This script is one call on a lent GPU: a part that fails is
+        """One part of the run, so that one run gives every part it can: a part that fails is
         recorded with its error and the run goes on; the JSON is rewritten after each part."""
         console.print(name)
         try:

@@ -1,4 +1,4 @@
-"""The memory each preset needs at fp16 / int8 / int4 (README's Jetson table), and decode's
+"""The memory each preset needs at fp16 / int8 / int4 (docs/deploy.md's memory table), and decode's
 bandwidth bound on Jetson Orin boards (weight bytes read per token ÷ the spec sheet's memory
 bandwidth), computed from the presets' shapes by m4.info.memory_needs; no weights are loaded.
 

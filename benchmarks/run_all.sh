@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce README's performance numbers on this machine. Run it on a quiet machine:
+# Reproduce docs/performance.md's CPU tables on this machine. Run it on a quiet machine:
 # on 2 cores another busy process halves every figure.
 #   bash benchmarks/run_all.sh            (from the repository root, after `make setup`)
 set -euo pipefail

@@ -1,4 +1,4 @@
-"""README's performance table from an `m4 bench --json` result: each m4 backend beside the
+"""docs/performance.md's CPU table from an `m4 bench --json` result: each m4 backend beside the
 transformers baseline of the same run, with ratios for ttft and decode.
 
     python benchmarks/table.py results/bench-demo.json

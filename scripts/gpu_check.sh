@@ -1,23 +1,30 @@
 #!/usr/bin/env bash
-# The one device call that verifies and times the GPU fast path on a lent CUDA machine
-# (issue #8, and #7's CUDA bench), from the repository root (4 minutes on an H200, 2026-11-26):
+# Verify and time the CUDA fast path on any machine with an NVIDIA GPU and m4 installed
+# (`make setup` or `pip install -e '.[dev]'` with a CUDA build of torch). From the
+# repository root:
 #
-#     OUT=DIR scripts/gpu_check.sh
+#     scripts/gpu_check.sh                 # results in gpu-check/ (in the repository)
+#     OUT=DIR scripts/gpu_check.sh         # results in DIR
 #
 # Steps, each under its own time limit, each writing its log (and results) into $OUT as it
 # goes, so a step that runs out leaves the earlier steps' results:
 #   env            nvidia-smi, torch, CUDA and transformers versions
-#   test_gpu       tests/test_gpu.py: fp32 tokens = transformers, fp16 agreement, graphs, int8,
-#                  torch.compile
+#   test_gpu       tests/test_gpu.py: fp32 tokens = transformers, fp16 agreement, CUDA graphs,
+#                  int8, torch.compile
 #   gpu_bench      benchmarks/gpu.py -> gpu-0.5b.json (m4 fp16 / int8 vs transformers, roofline)
 #   m4_bench_cuda  m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda
-# ONLY="NAME ..." runs those steps alone. The machine has no network: wheels in .whl/
-# (transformers, av: scripts/device_wheels.sh) are installed first (scripts/device_env.sh).
+#                  -> bench-cuda-0.5b.json and .png
+# ONLY="NAME ..." runs those steps alone; BUDGET (default 540) caps the seconds of the whole
+# check; PYTHON picks the interpreter (default: .venv/bin/python when present, else python3).
 set -u
-: "${OUT:?set OUT to a folder for the results}"
-PY=${PYTHON:-python3}
-source scripts/device_env.sh
-export M4_CACHE=${M4_CACHE:-/tmp/m4-cache}
+mkdir -p "${OUT:=$(dirname "$0")/../gpu-check}"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+fi
+PY=$PYTHON
+export PYTHONUNBUFFERED=1
 
 BUDGET=${BUDGET:-540}  # seconds for the whole check: a step gets its limit or what is left
 step() {  # NAME LIMIT_S COMMAND...: run it, log to $OUT/NAME.log, print its exit status and tail
@@ -38,3 +45,4 @@ step test_gpu 150 $PY -m pytest -q -s -rs tests/test_gpu.py
 TAIL=40 step gpu_bench 300 $PY benchmarks/gpu.py --json "$OUT/gpu-0.5b.json"
 step m4_bench_cuda 150 $PY -m m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda \
     --json "$OUT/bench-cuda-0.5b.json" --plot "$OUT/bench-cuda-0.5b.png"
+echo "results in $OUT/"

@@ -1,7 +1,7 @@
 """Motion clips of one shape: demo scenes with only their first shape drawn, asked which way it
 moves ("Which way does the cyan circle move?"). `m4 run --video demo` plays such a scene. The
 demo model tells which way a lone shape moves once it has seen a few hundred of them, but not
-which way the asked one of several moves (docs/training.md, "A demo scene of one shape").
+which way the asked one of several moves (docs/demo-model.md, "Known limits").
 Writes OUT/train.json (each clip's question and its "Describe each frame." caption, as
 `m4 data synth` writes them; task `lone-motion`) and OUT/bench.json (LLaVA-Interleave Bench
 format, task `lone-motion`, scored by `m4 eval`).

@@ -4,18 +4,14 @@ on several synth runs (seeds).
 
 usage: python scripts/mix_tasks.py OUT.json SRC/train.json [SRC2/train.json ...]
            [--captions 0.2] [--seed 0] [--weight TASK=W ...] [--per-view W] [--per-frame W]
-           [--every-shape]
 
 A weight of 1.3 keeps every question of the task and repeats 30% of them (drawn at random);
-0.6 keeps 60%. The tasks the ten-task mix learns last (docs/training.md) are weighted up.
+0.6 keeps 60%. The tasks the ten-task mix learns last (docs/demo-model.md) are weighted up.
 --per-view W adds W questions per multi-view sample about one of its views ("How many red
 objects does view 2 show?"), answered from the sample's caption: the step view-count builds
 on (the count in a scene is the most that one view shows, for 96% of them), as a curriculum.
 --per-frame W does the same for motion clips ("Where is the cyan circle in frame 1?"): the
 place change from the first frame to the last names the direction for 90% of them.
---every-shape asks each motion clip about every shape whose way its caption shows, in turns
-of one conversation: trained on one question a clip, the shipped model gives every shape of a
-clip the same answer (docs/training.md, "One answer for every shape of a clip").
 """
 
 import argparse
@@ -24,7 +20,7 @@ import random
 import re
 
 from m4.jsonio import read_json_list, write_json_list
-from m4.train.synth import TASKS, VIEW_COLOURS, conversation, direction, read_description
+from m4.train.synth import TASKS, VIEW_COLOURS, conversation, read_description
 
 VIEW_TASKS = tuple(t for t, (scenario, *_) in TASKS.items() if scenario == "multi-view")
 
@@ -86,26 +82,8 @@ def frame_questions(caption: dict, n: int, rng: random.Random) -> list[dict]:
     return out
 
 
-def ask_every_shape(record: dict, caption: dict, rng: random.Random) -> dict:
-    """A motion question record asked, turn by turn in random order, about its own shape and
-    every other shape whose place changes between the clip's first and last frame (the change
-    names the way: a shape moves along one axis and never bounces within a clip). One clip,
-    2-4 answers: an answer that ignores which shape is asked is wrong in most turns."""
-    head, frames = parts(caption, "Frame")
-    first, last = ({(c, k): p for c, k, p in read_description(f)} for f in (frames[0], frames[-1]))
-    question, answer = (t["value"] for t in record["conversations"])
-    turns = [(question.removeprefix(head), answer)]
-    for (colour, kind), at in first.items():
-        way = direction(at, last.get((colour, kind)))
-        if way and f" {colour} {kind} " not in question:
-            turns.append((f"Which way does the {colour} {kind} move?", way))
-    rng.shuffle(turns)
-    return {**record, "conversations": [t for k, (q, a) in enumerate(turns)
-                                        for t in conversation(head * (k == 0) + q, a)]}
-
-
 def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[str, float],
-        per_view: float = 0.0, per_frame: float = 0.0, every_shape: bool = False) -> list[dict]:
+        per_view: float = 0.0, per_frame: float = 0.0) -> list[dict]:
     rng = random.Random(seed)
     questions, caption_records = [], []
     for src in sources:
@@ -115,10 +93,6 @@ def mix(out: str, sources: list[str], captions: float, seed: int, weights: dict[
     for r in questions:
         w = weights.get(task_of(r), 1.0)
         records += [r] * int(w) + ([r] if rng.random() < w - int(w) else [])
-    if every_shape:
-        # a clip's caption by its path: ids repeat across sources (seeds), paths do not
-        srng, clips = random.Random(seed), {c["video"]: c for c in caption_records if "video" in c}
-        records = [ask_every_shape(r, clips[r["video"]], srng) if task_of(r) == "motion" else r for r in records]
     n = min(int(len(records) * captions / (1 - captions)), len(caption_records))
     records += rng.sample(caption_records, n)
     # each with its own generator: the mix above stays what it was without --per-view / --per-frame
@@ -143,14 +117,12 @@ def main() -> None:
                     help="questions about single views per multi-view sample")
     ap.add_argument("--per-frame", type=float, default=0.0, metavar="W",
                     help="questions about single frames per motion clip")
-    ap.add_argument("--every-shape", action="store_true",
-                    help="ask each motion clip about every shape whose way its caption shows")
     a = ap.parse_args()
     weights = {k: float(v) for k, v in (w.split("=") for w in a.weight)}
     unknown = set(weights) - set(TASKS)
     if unknown:
         ap.error(f"unknown task(s): {', '.join(sorted(unknown))}; M4-Synth has {', '.join(TASKS)}")
-    records = mix(a.out, a.sources, a.captions, a.seed, weights, a.per_view, a.per_frame, a.every_shape)
+    records = mix(a.out, a.sources, a.captions, a.seed, weights, a.per_view, a.per_frame)
     write_json_list(a.out, records)
     print(f"{a.out}: {len(records)} records")
 

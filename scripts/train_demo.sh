@@ -1,26 +1,22 @@
 #!/usr/bin/env bash
-# Train the demo model (M4-Synth; docs/training.md, "The demo recipe"), in eight stages:
+# Train the demo model on M4-Synth (docs/demo-model.md, "Recipe"), in eight stages:
 #   scenes     one image of 1-3 shapes and what is where, the vision tower frozen at its random
 #              init: there the model learns to read its image tokens;
 #   questions  train.json (questions and their dense captions) mixed with the scenes, the tower
 #              tuned too (at lr / 5: a random tower tells colours and places apart, shapes barely);
 #   weighted   the questions of two synth seeds, the tasks the mix learns last weighted up
 #              (scripts/mix_tasks.py), a fifth of the records captions;
-#   focused    the same questions reweighted towards the tasks still at chance after that
-#              (count, view-count), fewer captions;
+#   focused    the same questions reweighted towards count and view-count, fewer captions;
 #   views      the questions of a third seed too, view-count and motion weighted up, the
-#              tasks already learned down;
+#              tasks learned early down;
 #   per-view   the same with questions about one view at a time added ("How many red objects
 #              does view 2 show?"): the step that view-count, the most any view shows, builds
 #              on; count back up, which the new "How many" questions otherwise make it forget;
 #   per-frame  the same with questions about one frame of a motion clip added ("Where is the
-#              cyan circle in frame 1?"), meant as the step that motion (the move from the
-#              first frame to the last) builds on; the model did not learn them, but the stage
-#              lifted motion and the rest (docs/training.md);
+#              cyan circle in frame 1?");
 #   lone       the per-frame mix with motion clips of one shape added
 #              (scripts/lone_motion.py): the scene `m4 run --video demo` plays;
-# then the held-out bench (another seed). docs/training.md, "The shipped demo model", records
-# how the shipped model was made.
+# then the held-out bench (another seed). Ship the result with scripts/ship_demo.py.
 # Usage: scripts/train_demo.sh RUN_DIR
 # Environment: M4 (default "python -m m4"); N / N2 / N3 training samples of seeds 0 / 4 / 6, NL one-shape clips,
 # HELDOUT bench samples (seed 5), DATA the folder for them (default RUN_DIR; shared by several
@@ -43,7 +39,7 @@ steps6=${STEPS6:-14000}
 steps7=${STEPS7:-6000}
 data=${DATA:-$run}
 lr=${LR:-5e-4}
-# one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/training.md)
+# one data-loader process beside the two torch threads: 18% faster steps on 2 cores (docs/performance.md)
 common=(--preset demo --batch-size "${BATCH:-8}" --save-every 2000 --keep 10 --log-every 50 --workers "${WORKERS:-1}")
 SECONDS=0
 [ -f "$data/A/train.json" ] || $m4 data synth "$data/A" --n "${N:-30000}" --bench 0 --seed 0

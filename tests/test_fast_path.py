@@ -132,7 +132,7 @@ def test_int8_error_against_transformers(checkpoints, oracle, variant):
 
 @pytest.mark.parametrize("preset", ["tiny", "0.5b", "7b"])
 def test_memory_needs_match_the_model_layout(preset):
-    """m4.info.memory_needs (README's Jetson table) against the bytes of the model itself,
+    """m4.info.memory_needs (docs/deploy.md's memory table) against the bytes of the model itself,
     built on the meta device in fp16 and then with int8 decoder linears (whose per-channel
     scales, norms and biases the formula leaves out)."""
     from m4.info import memory_needs

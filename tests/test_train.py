@@ -1,15 +1,14 @@
 """m4 train: M4-Synth -> training -> a checkpoint that transformers and m4 load and agree on;
 prompts equal to inference's in both placements; bad records skipped; exact resume; FSDP on
-two CPU ranks equal to one process; the dry run of a 7B preset."""
+two CPU ranks equal to one process; the dry run of a 7B preset; the demo recipe's data
+scripts (scripts/mix_tasks.py, scripts/lone_motion.py) against the pixels they describe."""
 
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -24,7 +23,7 @@ from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.media.demo import COLOURS
 from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records, problem, turns
-from m4.train.synth import TASKS, make, place, read_description, views_scene
+from m4.train.synth import make, place, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
 
 TESTS = Path(__file__).parent
@@ -291,16 +290,6 @@ def test_frozen_tower_tuned_parts_and_gradient_checkpointing(synth, tmp_path):
         run("bad", tune="projector,eyes")
 
 
-def test_looking_scores_own_against_another_records_images(synth, tmp_path):
-    ck = tmp_path / "ck"
-    random_checkpoint("tiny", ck)
-    r = run_script("looking", ck, synth / "captions.json", "--n", "40")
-    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[1:]}
-    assert set(rows) == set(TASKS)  # 40 records: every task has a partner of its shape
-    for n, own, other, gap in rows.values():
-        assert int(n) >= 1 and float(gap) == pytest.approx(float(other) - float(own), abs=2e-3)
-
-
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
     """Run scripts/NAME.py on one thread, as a user would; it must succeed."""
     r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / f"{name}.py"), *map(str, args)],
@@ -316,26 +305,6 @@ def script(name: str):
         return importlib.import_module(name)
     finally:
         sys.path.pop(0)
-
-
-def test_probe_reads_cells_and_scores_held_out_shapes(synth, tmp_path):
-    probe = script("probe")
-    assert [probe.cell_tokens(3, c) for c in range(9)] == [[c] for c in range(9)]  # one token per cell
-    cells = [probe.cell_tokens(8, c) for c in range(9)]  # the demo's 8 x 8 patches
-    assert sorted(t for c in cells for t in c) == list(range(64)) and cells[0] == [0, 1, 2, 8, 9, 10, 16, 17, 18]
-    assert read_description("a red square at top left and an orange circle at bottom.") == [
-        ("red", "square", "top left"), ("orange", "circle", "bottom")]
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=(200, 8)), rng.integers(0, 3, 200)
-    x[np.arange(200), y] += 10  # each class far out along its own axis
-    assert probe.probe(x[:100], list(y[:100]), x[100:], list(y[100:])) == 1.0
-    ck = tmp_path / "ck"
-    random_checkpoint("tiny", ck)
-    r = run_script("probe", ck, synth, synth, "--n", "30", "--held-n", "10")
-    rows = {line[:16].strip(): line[16:].split() for line in r.stdout.splitlines()[1:5]}
-    assert set(rows) == {"patch embedding", "feature layer", "projector", "chance"}
-    assert all(0 <= float(v) <= 1 for row in rows.values() for v in row)
-    assert "captions name" in r.stdout
 
 
 def added_questions(synth, kind: str, task: str, per: int, **option) -> list[dict]:
@@ -378,57 +347,6 @@ def test_per_frame_questions_place_shapes_where_the_clip_shows_them(synth):
         assert r["conversations"][1]["value"] == place(x, y, scene.width, scene.height), (r["id"], q)
 
 
-def test_every_shape_asks_each_clip_about_its_shapes_with_their_ways(synth, tmp_path):
-    other = tmp_path / "seed4"  # a second source: the same ids (motion-000003 ...), other clips
-    assert m4cli("data", "synth", other, "--n", "40", "--bench", "0", "--seed", "4").returncode == 0
-    mix_tasks = script("mix_tasks")
-    args = (str(tmp_path / "mix.json"), [str(synth / "train.json"), str(other / "train.json")], 0.2, 0, {"motion": 2.0})
-    plain, mixed = mix_tasks.mix(*args), mix_tasks.mix(*args, every_shape=True)
-    assert [r["id"] for r in mixed] == [r["id"] for r in plain]
-    changed = [(p, m) for p, m in zip(plain, mixed) if p != m]
-    assert changed and all(mix_tasks.task_of(m) == "motion" for _, m in changed)
-    ways, seeds = set(), set()
-    for p, m in changed:
-        seed = 4 if m["video"].startswith("seed4/") else 3
-        scene = make("motion", [seed, 0, int(m["id"].split("-")[1])], PRESETS["demo"].vision.image_size).info["scene"]
-        truth = {f"Which way does the {s.colour} {s.kind} move?": s.direction for s in scene.shapes}
-        ts = turns(m["conversations"])
-        assert ts[0][0].startswith("<image>\n") and not any("<image>" in q for q, _ in ts[1:])
-        asked = [(q.removeprefix("<image>\n"), a) for q, a in ts]
-        assert (p["conversations"][0]["value"].removeprefix("<image>\n"), p["conversations"][1]["value"]) in asked
-        assert len({q for q, _ in asked}) == len(asked) <= len(scene.shapes)
-        assert all(truth[q] == a for q, a in asked), m["id"]  # each way against the scene's geometry
-        ways.add(len({a for _, a in asked}))
-        seeds.add(seed)
-    assert max(ways) >= 2 and seeds == {3, 4}  # some clip's shapes go different ways: one answer for all is wrong
-
-
-def test_where_frames_ask_every_shape_its_place_as_the_pixels_show(tmp_path):
-    out = tmp_path / "where"
-    run_script("where_frames", out, "--n", "6", "--bench", "3", "--seed", "3")
-    train, bench = (json.loads((out / f"{n}.json").read_text()) for n in ("train", "bench"))
-    assert all(problem(rec, out) is None for rec in train)  # the trainer takes them
-    assert all(b["metadata"]["dataset"] == "where" for b in bench)
-    # one question a record: in turns a later answer could be told from the cells already named
-    assert all(len(rec["conversations"]) == 2 for rec in train + bench)
-    asked = [(rec["image"][0], *turns(rec["conversations"])[0]) for rec in train + bench]
-    assert all(q.startswith("<image>\n") for _, q, _ in asked)
-    shown = {path: np.asarray(Image.open(out / path).convert("RGB")) for path, _, _ in asked}
-    assert len([path for path in shown if "bench" not in path]) == 6
-    for path, img in shown.items():  # every shape of a frame asked, once
-        colours = [c for c, rgb in COLOURS.items() if (img == rgb).all(-1).any()]
-        assert sorted(q.split("the ")[1].split()[0] for p, q, _ in asked if p == path) == sorted(colours)
-    places = set()
-    for path, q, a in asked:  # each answer against the pixels of the colour it asks about
-        colour = q.split("the ")[1].split()[0]
-        (y0, x0), (y1, x1) = (f((shown[path] == COLOURS[colour]).all(-1).nonzero(), axis=1) for f in (np.min, np.max))
-        cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-        if min(abs(v - k * 128) for v in (cx, cy) for k in (1, 2)) > 2:  # not on a cell line
-            assert a == place(cx, cy, 384, 384), (path, q)
-        places.add(a)
-    assert len(places) >= 3
-
-
 def test_lone_motion_clips_show_one_shape_moving_the_way_answered(tmp_path):
     out = tmp_path / "lone"
     run_script("lone_motion", out, "--n", "3", "--bench", "6", "--seed", "3")
@@ -447,136 +365,3 @@ def test_lone_motion_clips_show_one_shape_moving_the_way_answered(tmp_path):
         assert np.dot(last - first, step[answer]) > 10, rec["sample_id"]
         answers.add(answer)
     assert len(answers) >= 2
-
-
-def test_shuffled_captions_name_the_same_shapes_in_another_order(synth, tmp_path):
-    out = tmp_path / "mix" / "shuffled.json"
-    out.parent.mkdir()
-    run_script("shuffle_captions", synth / "scenes.json", out, "--seed", "1")
-    before, after = json.loads((synth / "scenes.json").read_text()), json.loads(out.read_text())
-    assert [b["id"] for b in before] == [a["id"] for a in after]
-    assert all(problem(a, out.parent) is None for a in after)  # paths rebased: the trainer finds the images
-    reordered = 0
-    for b, a in zip(before, after):
-        assert a["conversations"][0] == b["conversations"][0]
-        was, now = (read_description(x["conversations"][1]["value"]) for x in (b, a))
-        assert sorted(now) == sorted(was) and now and a["conversations"][1]["value"].endswith(".")
-        reordered += now != was
-    assert reordered >= 3  # 40 scenes of 1-3 shapes: many have a shape out of reading order
-
-
-def test_binding_probe_scores_forced_and_free_captions(tmp_path):
-    binding = script("binding")
-    objs = next(binding.scenes(1, 777, 96))
-    assert 2 <= len(objs) <= 3 and len({place(o.x, o.y, 96, 96) for o in objs}) == len(objs)  # one shape a cell
-    ck = tmp_path / "ck"
-    random_checkpoint("tiny", ck)
-    r = run_script("binding", ck, "--n", "3")
-    shapes = int(r.stdout.split(": ")[1].split()[0])
-    forced, chance, free = (float(x) for x in re.findall(r"\d\.\d{3}", r.stdout))
-    assert 6 <= shapes <= 9 and chance == round(3 / shapes, 3) and 0 <= forced <= 1 and 0 <= free <= 1
-
-
-def test_motion_probe_reads_directions_and_runs(tmp_path):
-    probe = script("motion_probe")
-    assert probe.direction("top left", "top right") == "right" and probe.direction("centre", "top left") == "left"
-    assert probe.direction("top", "bottom right") == "down" and probe.direction("left", "left") is None
-    assert probe.direction("left", "nowhere") is None
-    snapped = probe.snap(probe.Obj("circle", "red", 40.0, 70.0, 5.0), 96)  # cell (1, 2): centre (48, 80)
-    assert (snapped.x, snapped.y) == (48.0, 80.0)
-    ck = tmp_path / "ck"
-    random_checkpoint("tiny", ck)
-    r = run_script("motion_probe", ck, "--n", "1")
-    *rates, rmse, reach = [float(line.split()[-1]) for line in r.stdout.splitlines()[1:]]
-    assert len(rates) == 9 and all(0 <= v <= 1 for v in rates)
-    assert 0 < rmse < 32 and reach > 1e-5  # a random checkpoint's answer does depend on the colour (~1e-3;
-    # the shipped model's: ~1e-6, docs/training.md)
-
-
-def test_place_readout_finds_a_place_the_tokens_hold_and_none_they_do_not():
-    probe = script("motion_probe")
-
-    class Tokens:  # stands in for a vision tower: one token per frame, given by `token`
-        arch = SimpleNamespace(vision=SimpleNamespace(image_size=96))
-
-        def __init__(self, token):
-            self.token = token
-
-        def encode(self, frames):
-            return np.stack([self.token(np.asarray(f)) for f in frames])[:, None]
-
-    def centroid(a):  # where the frame differs from the background, in 96-px units
-        ys, xs = np.nonzero((a != a[0, 0]).any(-1))
-        return np.array([xs.mean(), ys.mean()]) / 4
-
-    noise = np.random.default_rng(1)
-    held = probe.place_readout(Tokens(centroid), 384, n=400)
-    lost = probe.place_readout(Tokens(lambda a: noise.normal(size=8)), 384, n=400)
-    assert held < 1.5 and lost > 15  # a guess at the middle of 96 px misses by ~24
-
-
-def test_token_places_selects_by_colour_only_where_tokens_say_their_place(tmp_path):
-    places = script("token_places")
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 4, 2000)
-    assert places.explained(np.eye(4)[labels] * 10 + rng.normal(size=(2000, 4)), labels) > 0.9
-    assert places.explained(rng.normal(size=(2000, 4)), labels) < 0.01
-    # 400 frames of 9 tokens, two shapes each: the asked colour marks its cell's token
-    n, d = 400, 16
-    tokens = (0.3 * rng.normal(size=(n, 9, d))).astype(np.float32)
-    asked = []
-    for f in range(n):
-        for colour, cell in zip(rng.choice(8, 2, replace=False), rng.choice(9, 2, replace=False)):
-            tokens[f, cell, colour] += 3
-            asked.append((f, colour, 0, cell))
-    asked = np.array(asked)
-    alone, placed = places.selection(asked, tokens, False), places.selection(asked, tokens, True)
-    assert alone < 0.3 and placed > 0.9  # the head finds the token; only the index says where it is
-    ck, out, added = tmp_path / "ck", tmp_path / "scaled", tmp_path / "added"
-    random_checkpoint("demo", ck)
-
-    def run(*flags):
-        r = run_script("token_places", ck, "--n", "40", *flags)
-        return r
-
-    r = run("--scale", "5", "--save", out)
-    shares = [float(w.rstrip(",")) for w in r.stdout.splitlines()[0].split()[-5::2]]
-    rates = [float(w.rstrip(";")) for w in r.stdout.splitlines()[1].split() if w[0].isdigit()]
-    assert len(shares) == 3 and len(rates) == 2 and all(0 <= v <= 1 for v in shares + rates)
-    def positions(path):  # the vision tower's position embeddings, whatever prefix the layout gives them
-        return next(v for k, v in load_file(path / "model.safetensors").items() if k.endswith("position_embedding.weight"))
-    assert torch.allclose(positions(out), 5 * positions(ck))
-    run("--add", "3", "--save", added)
-    extra = positions(added) - positions(ck)  # one direction of norm 3 for each position, all orthogonal
-    assert torch.allclose(extra @ extra.T, 9 * torch.eye(9), atol=1e-3)
-    # along them the patch embedding hardly varies on demo frames it was not fitted on
-    tower = transformers.LlavaForConditionalGeneration.from_pretrained(ck).model.vision_tower.embeddings
-    frames = [places.render(places.frame(5, 0, i, 4), places.SIZE, places.SIZE) for i in range(40)]
-    with torch.no_grad():
-        patches = tower.patch_embedding(torch.from_numpy(preprocess(frames, 96))).flatten(2).transpose(1, 2).flatten(0, 1)
-    spread = lambda directions: (patches @ directions.T).var(0).mean()  # noqa: E731
-    assert spread(extra / 3) < 0.1 * spread(torch.nn.functional.normalize(torch.randn(9, patches.shape[1]), dim=-1))
-    assert m4.load(str(out)).ask("Where is the red circle?", images=[np.zeros((96, 96, 3), np.uint8)],
-                                 max_new_tokens=2) is not None  # tokenizer and template came along
-
-
-def test_refined_patches_embed_the_upscaled_image_and_load_in_both(synth, tmp_path):
-    def refine(out, patch):
-        return subprocess.run([sys.executable, str(TESTS.parent / "scripts" / "refine_patches.py"), src, out,
-                               "--patch", str(patch)], capture_output=True, text=True, timeout=120, env=ONE_THREAD)
-
-    src, out = tmp_path / "src", tmp_path / "fine"
-    random_checkpoint("tiny", src, std=0.5)  # 32-px images, 8-px patches
-    r = refine(out, 4)
-    assert r.returncode == 0, r.stderr
-    old, new = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
-    key = next(k for k in old if k.endswith("patch_embedding.weight"))
-    x = torch.rand(2, 3, 32, 32)
-    upscaled = x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    torch.testing.assert_close(torch.nn.functional.conv2d(x, new[key], stride=4),
-                               torch.nn.functional.conv2d(upscaled, old[key], stride=8))
-    assert new[key.replace("patch_embedding", "position_embedding")].shape[0] == 64  # 8 x 8 patches
-    model = both_loaders_agree(out, synth)
-    assert model.arch.tokens_per_image == 64
-    r = refine(tmp_path / "x", 3)
-    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("error:") and not (tmp_path / "x").exists()

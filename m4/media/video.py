@@ -109,7 +109,7 @@ def is_live(spec: str) -> bool:
 def open_source(spec: str) -> Source:
     if spec == "demo":
         # one shape: the demo model tells which way a lone shape moves, not which way the asked
-        # one of several does (docs/training.md, "A demo scene of one shape")
+        # one of several does (docs/demo-model.md, "Known limits")
         return DemoSource(DemoScene(shapes=1))
     if m := CAMERA.fullmatch(spec):
         device = f"/dev/video{m.group(1)}"

@@ -1,7 +1,7 @@
 """Projections of one input fused into one Linear: q, k and v; gate and up.
 
 A decode step at batch 1 on a GPU is bound by how many kernels it launches, not by the
-bytes it reads (README, GPU), and one matmul is one launch where three were.
+bytes it reads (docs/performance.md, GPU), and one matmul is one launch where three were.
 Checkpoints keep the projections apart; `parts` names them as the checkpoint does, with
 their output sizes, so loading concatenates them and saving splits them again.
 """

@@ -22,7 +22,7 @@ Approximate eviction (shifting the cache) is not implemented: a live context ove
 backend evicts exactly. Each execution context allocates TensorRT's default (static)
 activation memory, sized for the largest profile: prefill and decode hold one each.
 
-Nothing here has run on a GPU yet: no GPU was lent to this work.
+Nothing here has run on a GPU yet.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ trained on one-word answers alone learns the answer prior and ignores the images
 captions give it a signal per object to learn to look with (DESIGN, "The demo model"). Even
 those are too hard for a model that has never looked: from scratch the demo preset stays
 blind on them, so each sample also yields a scene, one image of 1-3 shapes and its caption,
-the first stage of the demo recipe (scripts/looking.py measured both; docs/training.md).
+the first stage of the demo recipe (docs/demo-model.md).
 
 Output (paths relative to OUT):
   train.json     M4-Instruct records: questions and captions; videos as MP4 (`video`)
@@ -50,7 +50,7 @@ from m4.prompt import IMAGE
 FRAMES = 8  # frames per clip: what `m4 train --frames` and `m4.load(...).ask(video=path)` sample
 # Multiple choice is answered with the option's text, not its letter: the demo decoder, trained
 # from scratch, did not learn to pick the letter of the option that names what it sees
-# (docs/training.md, "Shapes on the grid"). `m4 eval` scores the text or the letter alike, and
+# (docs/demo-model.md). `m4 eval` scores the text or the letter alike, and
 # bench records keep the letter as their reference, as LLaVA-Interleave Bench does.
 CHOICE = "Answer with the option's text from the given choices directly."
 PLACES = [["top left", "top", "top right"], ["left", "centre", "right"], ["bottom left", "bottom", "bottom right"]]
@@ -99,17 +99,6 @@ def render(objs: list[Obj], w: int, h: int, horizon: float | None = None) -> np.
 
 def place(x: float, y: float, w: int, h: int) -> str:
     return PLACES[min(int(3 * y / h), 2)][min(int(3 * x / w), 2)]
-
-
-CELL = {p: (c, r) for r, row in enumerate(PLACES) for c, p in enumerate(row)}
-
-
-def direction(a: str | None, b: str | None) -> str | None:
-    """The way from place a to place b, by the larger of the two moves; None if no move."""
-    if a not in CELL or b not in CELL or a == b:
-        return None
-    dx, dy = CELL[b][0] - CELL[a][0], CELL[b][1] - CELL[a][1]
-    return ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
 
 
 def describe(objs: list[Obj], w: int, h: int, sizes: bool = False) -> str:
@@ -184,7 +173,7 @@ def changed_pair(rng, size: int, how: str) -> tuple[list[Obj], list[Obj], int]:
 def diff_item(task: str, size: int, a: list[Obj], b: list[Obj], question: str, answer: str) -> Item:
     # One prompt form, as the views' and the patches': the trainer already varies where the
     # images go, and with a second wording ("The first image is <image> and ...") the demo
-    # preset learned diff-move more slowly (docs/training.md, "A mid-grey background")
+    # preset learned diff-move more slowly (docs/demo-model.md)
     captions = [describe(a, size, size), describe(b, size, size)]
     return Item(task, [render(a, size, size), render(b, size, size)], f"{IMAGE}\n{IMAGE}\n{question}", answer,
                 (f"{IMAGE}\n{IMAGE}\nDescribe each image.", listing("Image", captions)))
@@ -350,8 +339,8 @@ def patch_scene(rng, size: int) -> tuple[list[Obj], Obj]:
     """Two large shapes and one small one, inside one anyres tile. The small one is as large
     in its tile as a scene shape in its image (about half a 32-px patch of the demo preset),
     and sits, as they do, on a cell of its tile's 3x3 grid: the demo tower reads a shape
-    centred in a patch and barely one that straddles patches (docs/training.md, "Shapes on
-    the grid"). The downscaled base view shrinks it to a quarter of the pixels, blurred into
+    centred in a patch and barely one that straddles patches (docs/demo-model.md, "Data:
+    M4-Synth"). The downscaled base view shrinks it to a quarter of the pixels, blurred into
     the background."""
     big = 2 * size
     cells = rng.choice(9, 2, replace=False).tolist()
