@@ -2,13 +2,15 @@
 and the builder of small byte-level BPE tokenizers for checkpoints m4 makes itself.
 
 Small tokenizers mirror Qwen2's: the same pre-tokenizer regex, byte-level BPE, and the
-ChatML special tokens plus `<image>` appended after the learned vocabulary in Qwen's order.
+special tokens of a chat style (ChatML as Qwen2 has them, or Llama 3's) plus `<image>`
+appended after the learned vocabulary.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -16,7 +18,6 @@ from tokenizers.decoders import DecodeStream
 
 from m4.errors import M4Error
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 QWEN2_SPLIT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"""
                r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
@@ -26,11 +27,40 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}{{ bos_token }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class ChatStyle:
+    specials: tuple[str, ...]  # appended after the learned vocabulary, in this order
+    bos: str | None
+    eos: str
+    pad: str
+    template: str  # the chat template transformers applies
+
+
+CHAT_STYLES = {
+    "chatml": ChatStyle(("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"), None, "<|im_end|>",
+                        "<|endoftext|>", CHATML_TEMPLATE),
+    "llama3": ChatStyle(("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                         "<|eot_id|>", "<image>"), "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>",
+                        LLAMA3_TEMPLATE),
+}
 
 
 class Tokenizer:
     def __init__(self, tok: HFTokenizer):
         self.tok = tok
+
+    @property
+    def style(self) -> ChatStyle:
+        """The chat style whose special tokens this tokenizer has (ChatML if none)."""
+        return next((s for s in CHAT_STYLES.values() if self.token_id(s.eos) is not None), CHAT_STYLES["chatml"])
 
     @classmethod
     def from_dir(cls, path: Path) -> Tokenizer:
@@ -60,15 +90,18 @@ class Tokenizer:
         """tokenizer.json plus the config transformers' AutoTokenizer needs to load it."""
         path = Path(path)
         self.tok.save(str(path / "tokenizer.json"))
+        s = self.style
         (path / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
-            "model_max_length": 32768, "chat_template": CHATML_TEMPLATE,
+            "bos_token": s.bos, "eos_token": s.eos, "pad_token": s.pad,
+            "model_max_length": 32768, "chat_template": s.template,
         }, indent=2))
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on `texts` with at most `vocab_size` ids, specials last."""
+def build_tokenizer(texts: Iterable[str], vocab_size: int, style: str = "chatml") -> Tokenizer:
+    """Train a byte-level BPE on `texts` with at most `vocab_size` ids, the chat style's
+    special tokens last."""
+    specials = list(CHAT_STYLES[style].specials)
     tok = HFTokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -76,10 +109,10 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIAL_TOKENS), show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(specials), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.add_special_tokens(specials)
     return Tokenizer(tok)
 
 

@@ -16,25 +16,37 @@ transformers = pytest.importorskip("transformers")
 from m4.model.config import PRESETS  # noqa: E402
 from m4.tokenizer import TOKENIZER_CORPUS, build_tokenizer  # noqa: E402
 
-# name -> (kv heads, tied embeddings, vision_feature_layer, strategy)
+# name -> (decoder, vision tower, kv heads, tied embeddings, vision_feature_layer, strategy)
 VARIANTS = {
-    "gqa-tied-last-full": (2, True, -1, "full"),
-    "mha-untied-penult-default": (4, False, -2, "default"),
-    "gqa-untied-penult-full": (2, False, -2, "full"),
-    "mha-tied-last-default": (4, True, -1, "default"),
+    "gqa-tied-last-full": ("qwen2", "siglip", 2, True, -1, "full"),
+    "mha-untied-penult-default": ("qwen2", "siglip", 4, False, -2, "default"),
+    "gqa-untied-penult-full": ("qwen2", "siglip", 2, False, -2, "full"),
+    "mha-tied-last-default": ("qwen2", "siglip", 4, True, -1, "default"),
+    "llama-siglip-gqa-untied-penult-default": ("llama", "siglip", 2, False, -2, "default"),
+    "llama-clip-mha-tied-penult-default": ("llama", "clip", 4, True, -2, "default"),
+    # Llama 3.1's rope scaling, and biases on every attention projection
+    "llama3.1-clip-gqa-untied-last-full": ("llama", "clip", 2, False, -1, "full"),
 }
+TOWERS = {"siglip": {}, "clip": {"kind": "clip", "act": "quick_gelu", "eps": 1e-5}}
+DECODERS = {"qwen2": {}, "llama": {"kind": "llama", "qkv_bias": False, "rope_theta": 5e5, "eps": 1e-5}}
 
 
-def tiny_arch(kv_heads: int, tied: bool, layer: int, strategy: str, image_token_id: int, **text):
+def tiny_arch(variant: str, image_token_id: int, **text):
     """The tiny preset in a variant's shape; `text` overrides decoder fields (hidden, heads, ...)."""
+    decoder, tower, kv_heads, tied, layer, strategy = VARIANTS[variant]
     base = PRESETS["tiny"]
-    return base.replace(text=dataclasses.replace(base.text, kv_heads=kv_heads, tied=tied, **text),
+    text = {**DECODERS[decoder], **text}
+    if variant.startswith("llama3.1"):
+        text.update(rope_llama3=(8.0, 1.0, 4.0, 64), qkv_bias=True, o_bias=True)
+    return base.replace(vision=dataclasses.replace(base.vision, **TOWERS[tower]),
+                        text=dataclasses.replace(base.text, kv_heads=kv_heads, tied=tied, **text),
                         feature_layers=(layer,), strategy=strategy, image_token_id=image_token_id)
 
 
 def save_tiny_checkpoint(path, variant: str, seed: int = 0, **text):
-    tokenizer = build_tokenizer(TOKENIZER_CORPUS, PRESETS["tiny"].text.vocab)
-    arch = tiny_arch(*VARIANTS[variant], tokenizer.token_id("<image>"), **text)
+    style = "llama3" if VARIANTS[variant][0] == "llama" else "chatml"
+    tokenizer = build_tokenizer(TOKENIZER_CORPUS, PRESETS["tiny"].text.vocab, style)
+    arch = tiny_arch(variant, tokenizer.token_id("<image>"), **text)
     config = transformers.LlavaConfig(**arch.to_hf())
     # a wider init than transformers' 0.02 keeps random logits apart, so greedy choices
     # are decided by the model and not by rounding

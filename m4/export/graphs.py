@@ -72,7 +72,8 @@ def fold_query_scale(text: Decoder) -> Decoder:
             scale = torch.ones(p.out_features, dtype=p.weight.dtype, device=p.weight.device)
             scale[:module.heads * module.head_dim] = module.head_dim ** -0.5
             state[f"{name}.qkv_proj.weight"] = p.weight * scale[:, None]
-            state[f"{name}.qkv_proj.bias"] = p.bias * scale
+            if p.bias is not None:
+                state[f"{name}.qkv_proj.bias"] = p.bias * scale
     with torch.device("meta"):
         folded = type(text)(text.arch)
     folded.load_state_dict(state, assign=True)

@@ -1,5 +1,5 @@
-"""The decoder (Qwen2 architecture), defined once: the torch runtime, decoder.onnx and
-decoder_ort.onnx are all made from these modules.
+"""The decoder (Qwen2 and Llama, which differ in biases and RoPE scaling: TextArch), defined
+once: the torch runtime, decoder.onnx and decoder_ort.onnx are all made from these modules.
 
 Positions are always a tensor, `input_pos` (T,), as in gpt-fast: one attention path for a
 prompt, a chunk and a token, with no shape that depends on a position's value, so the same
@@ -91,8 +91,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, a.heads, a.kv_heads, a.head_dim
         q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-        self.qkv_proj = FusedLinear(a.hidden, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=True)
-        self.o_proj = nn.Linear(a.heads * a.head_dim, a.hidden, bias=False)
+        self.qkv_proj = FusedLinear(a.hidden, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(q, a.hidden, bias=a.o_bias)
 
     def forward(self, x, cos, sin, cache, input_pos, mask) -> torch.Tensor:
         b, t, _ = x.shape
@@ -106,8 +106,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, a: TextArch):
         super().__init__()
-        self.gate_up_proj = FusedLinear(a.hidden, {"gate_proj": a.mlp, "up_proj": a.mlp}, bias=False)
-        self.down_proj = nn.Linear(a.mlp, a.hidden, bias=False)
+        self.gate_up_proj = FusedLinear(a.hidden, {"gate_proj": a.mlp, "up_proj": a.mlp}, bias=a.mlp_bias)
+        self.down_proj = nn.Linear(a.mlp, a.hidden, bias=a.mlp_bias)
         self.act = ACTIVATIONS[a.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

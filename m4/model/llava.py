@@ -6,7 +6,7 @@ from torch import nn
 from m4.model.activations import ACTIVATIONS
 from m4.model.config import Arch
 from m4.model.decoder import Decoder
-from m4.model.siglip import SiglipVision
+from m4.model.vision import VisionTower
 
 
 class Projector(nn.Module):
@@ -24,7 +24,7 @@ class LLaVA(nn.Module):
     def __init__(self, arch: Arch):
         super().__init__()
         self.arch = arch
-        self.vision = SiglipVision(arch.vision, arch.vision_layers_run)
+        self.vision = VisionTower(arch.vision, arch.vision_layers_run)
         self.projector = Projector(arch)
         self.text = Decoder(arch.text)
 
@@ -32,7 +32,7 @@ class LLaVA(nn.Module):
         """Pixels (n, 3, S, S) -> image embeddings (n, tokens_per_image, H)."""
         states = self.vision(pixels)
         features = torch.cat([states[k] for k in self.arch.feature_states], dim=-1)
-        if self.arch.strategy == "default":  # CLIP-style: drop the first token
+        if self.arch.strategy == "default":  # drop the first token (CLIP's class token)
             features = features[:, 1:]
         return self.projector(features)
 

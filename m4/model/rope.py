@@ -11,9 +11,22 @@ from m4.model.config import TextArch
 
 
 def inverse_frequencies(a: TextArch) -> np.ndarray:
-    """theta^(-2i/D) for i < D/2, float32."""
+    """theta^(-2i/D) for i < D/2, float32, with Llama 3.1's scaling where the config has it."""
     exponents = np.arange(0, a.head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(a.head_dim)
-    return (np.float32(1.0) / np.float32(a.rope_theta) ** exponents).astype(np.float32)
+    inv = (np.float32(1.0) / np.float32(a.rope_theta) ** exponents).astype(np.float32)
+    return inv if a.rope_llama3 is None else llama3_scaled(inv, *a.rope_llama3)
+
+
+def llama3_scaled(inv: np.ndarray, factor: float, low: float, high: float, original: int) -> np.ndarray:
+    """Llama 3.1: long wavelengths (beyond original / low) slowed by `factor`, short ones
+    (below original / high) kept, and those between blended smoothly."""
+    f32 = np.float32
+    wavelen = f32(2 * np.pi) / inv
+    scaled = np.where(wavelen > f32(original / low), inv / f32(factor), inv)
+    smooth = (f32(original) / wavelen - f32(low)) / f32(high - low)
+    blended = (1 - smooth) * scaled / f32(factor) + smooth * scaled
+    medium = (wavelen >= f32(original / high)) & (wavelen <= f32(original / low))
+    return np.where(medium, blended, scaled).astype(np.float32)
 
 
 def rope_table(a: TextArch, positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

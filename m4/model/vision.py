@@ -1,8 +1,10 @@
-"""SigLIP vision tower: patch embedding, then pre-norm transformer layers.
+"""The vision tower, SigLIP or CLIP: patch embedding, then pre-norm transformer layers.
 
-LLaVA reads hidden states from inside the tower (`vision_feature_layer`), never the
-pooled head or the post-layernorm, so neither exists here, and only the layers up to the
-deepest one read are built.
+CLIP puts a learnt class token in front of the patches and a layer norm before the first
+layer (transformers' `pre_layrnorm`, spelled as its checkpoints spell it); SigLIP has
+neither. LLaVA reads hidden states from inside the tower (`vision_feature_layer`), never
+the pooled head or the post-layernorm, so neither exists here, and only the layers up to
+the deepest one read are built.
 """
 
 import torch
@@ -17,11 +19,15 @@ from m4.model.fused import FusedLinear
 class Embeddings(nn.Module):
     def __init__(self, a: VisionArch):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(3, a.hidden, a.patch_size, stride=a.patch_size)
-        self.position_embedding = nn.Embedding(a.patches, a.hidden)
+        clip = a.kind == "clip"
+        self.patch_embedding = nn.Conv2d(3, a.hidden, a.patch_size, stride=a.patch_size, bias=not clip)
+        self.class_embedding = nn.Parameter(torch.zeros(a.hidden)) if clip else None
+        self.position_embedding = nn.Embedding(a.positions, a.hidden)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, P, C)
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (n, 3, S, S) -> (n, positions, C)
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
         return x + self.position_embedding.weight
 
 
@@ -62,15 +68,16 @@ class Layer(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
-class SiglipVision(nn.Module):
+class VisionTower(nn.Module):
     def __init__(self, a: VisionArch, layers: int):
         super().__init__()
         self.embeddings = Embeddings(a)
+        self.pre_layrnorm = nn.LayerNorm(a.hidden, eps=a.eps) if a.kind == "clip" else nn.Identity()
         self.layers = nn.ModuleList(Layer(a) for _ in range(layers))
 
     def forward(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        """All hidden states, transformers' order: [embeddings, after layer 1, ...]."""
-        states = [self.embeddings(pixels)]
+        """All hidden states, transformers' order: [embeddings (CLIP: normed), after layer 1, ...]."""
+        states = [self.pre_layrnorm(self.embeddings(pixels))]
         for layer in self.layers:
             states.append(layer(states[-1]))
         return states
