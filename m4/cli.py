@@ -160,12 +160,13 @@ def train_cmd(
     seed: int = typer.Option(0, "--seed"),
     dry_run: bool = typer.Option(False, "--dry-run", help="build on the meta device; print parameters and memory"),
     gpus: int = typer.Option(8, "--gpus", help="GPUs the dry run plans for"),
+    gpu_memory: float = typer.Option(40.0, "--gpu-memory", help="GB per GPU the dry run checks against"),
 ):
     """Instruction-tune a LLaVA checkpoint on M4-Instruct data (under torchrun: FSDP)."""
     from m4.train.trainer import TrainConfig, dry_run as plan, print_plan, train
 
     if dry_run:
-        print_plan(plan(preset, gpus, tune, batch_size, max_len, grad_ckpt))
+        print_plan(plan(preset, gpus, tune, batch_size, max_len, grad_ckpt, gpu_memory))
         return
     train(TrainConfig(preset, data, out, image_root, init, steps, batch_size, grad_accum, lr, vision_lr, warmup,
                       weight_decay, tune=tune, in_front_prob=in_front_prob, frames=frames, max_len=max_len,

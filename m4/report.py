@@ -3,6 +3,8 @@
 from rich.console import Console
 from rich.table import Table
 
+NAMES = {"siglip": "SigLIP", "clip": "CLIP", "qwen2": "Qwen2", "llama": "Llama"}
+
 
 def human(n: float, unit: str = "") -> str:
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -21,12 +23,13 @@ def print_info(d: dict) -> None:
     v, t = d["vision"], d["decoder"]
     shape = Table("", "", title="architecture", show_header=False)
     shape.add_row("tokens per image", str(d["tokens_per_image"]))
-    shape.add_row("vision", f"SigLIP {v['image_size']}px/{v['patch_size']}, hidden {v['hidden']}, "
+    shape.add_row("vision", f"{NAMES[v['kind']]} {v['image_size']}px/{v['patch_size']}, hidden {v['hidden']}, "
                   f"{v['layers_run']} of {v['layers']} layers run, {v['heads']} heads, mlp {v['mlp']}, "
                   f"feature layer {v['feature_layer']}, strategy {v['strategy']}")
-    shape.add_row("decoder", f"Qwen2 hidden {t['hidden']}, {t['layers']} layers, {t['heads']} heads / "
+    shape.add_row("decoder", f"{NAMES[t['kind']]} hidden {t['hidden']}, {t['layers']} layers, {t['heads']} heads / "
                   f"{t['kv_heads']} kv heads of {t['head_dim']}, mlp {t['mlp']}, vocab {t['vocab']}, "
-                  f"{'tied' if t['tied'] else 'untied'} embeddings, rope θ {t['rope_theta']:g}")
+                  f"{'tied' if t['tied'] else 'untied'} embeddings, rope θ {t['rope_theta']:g}"
+                  + (f", {t['rope_scaling']} scaling" if t["rope_scaling"] else ""))
     shape.add_row("image token id", str(d["image_token_id"]))
     shape.add_row("weights", ", ".join(f"{k} {human(b, 'B')}" for k, b in d["weights_bytes"].items()))
     shape.add_row("KV cache", f"{human(d['kv_bytes_per_token_fp16'], 'B')} per token (fp16)")

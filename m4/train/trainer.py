@@ -50,6 +50,8 @@ PRESET_DEFAULTS = {
     "0.5b": (1, 1e-5, 8192, True),
     "7b": (1, 1e-5, 8192, True),
     "14b": (1, 1e-5, 8192, True),
+    "mantis-8b": (1, 1e-5, 8192, True),  # Mantis's recipe: 8,192 tokens, lr 1e-5
+    "mantis-8b-clip": (1, 1e-5, 8192, True),
 }
 FRESH = ("tiny", "demo")  # presets that can start from scratch with a tokenizer built from the data
 PARTS = ("projector", "decoder", "vision")
@@ -397,9 +399,11 @@ class Stepper:
 # -- the dry run ----------------------------------------------------------------------------
 
 def dry_run(preset: str, gpus: int, tune: str, batch: int | None, max_len: int | None,
-            grad_ckpt: bool | None) -> dict:
-    """The preset built on the meta device (no memory): parameters, trainable parameters
-    and an estimate of the memory per GPU under FSDP."""
+            grad_ckpt: bool | None, gpu_memory_gb: float = 40.0) -> dict:
+    """The preset built on the meta device (no memory): parameters, trainable parameters,
+    an estimate of the memory per GPU under FSDP, whether it fits GPUs of `gpu_memory_gb`
+    and, where it does not, the fewest such GPUs it fits (None: no count of them does, as
+    what each GPU holds whole, gathered layers and activations, is already too much)."""
     c = TrainConfig(preset, batch_size=batch, max_len=max_len, grad_ckpt=grad_ckpt, tune=tune).resolved()
     if gpus < 1:
         raise M4Error(f"--gpus must be >= 1, got {gpus}")
@@ -409,8 +413,12 @@ def dry_run(preset: str, gpus: int, tune: str, batch: int | None, max_len: int |
         llava = fresh_model(arch)
     set_trainable(llava, tune)
     params, trainable, memory = D.memory_plan(llava, gpus, c.batch_size, c.max_len, c.grad_ckpt)
+    limit = gpu_memory_gb * 1e9
+    needed = next((g for g in range(gpus, 4097)
+                   if D.memory_plan(llava, g, c.batch_size, c.max_len, c.grad_ckpt)[2]["total"] <= limit), None)
     return {"preset": preset, "gpus": gpus, "params": params, "trainable": trainable, "tune": tune,
-            "memory_per_gpu_bytes": memory}
+            "memory_per_gpu_bytes": memory, "gpu_memory_bytes": limit, "fits": memory["total"] <= limit,
+            "gpus_needed": needed, "batch_size": c.batch_size, "max_len": c.max_len, "grad_ckpt": c.grad_ckpt}
 
 
 def print_plan(plan: dict) -> None:
@@ -422,4 +430,14 @@ def print_plan(plan: dict) -> None:
     t.add_section()
     for k, v in plan["memory_per_gpu_bytes"].items():
         t.add_row(f"memory per GPU: {k}", f"{v / 2**30:.2f} GiB")
+    t.add_section()
+    limit = f"{plan['gpu_memory_bytes'] / 1e9:g} GB GPUs"
+    if plan["fits"]:
+        verdict = f"fits {plan['gpus']} x {limit}"
+    elif plan["gpus_needed"]:
+        verdict = f"does not fit {plan['gpus']} x {limit}: it takes {plan['gpus_needed']} of them"
+    else:
+        verdict = (f"does not fit {limit} at any count: lower --max-len ({plan['max_len']}) or --batch-size "
+                   f"({plan['batch_size']})" + ("" if plan["grad_ckpt"] else ", or add --grad-ckpt"))
+    t.add_row("plan", verdict)
     Console().print(t)
