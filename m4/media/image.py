@@ -110,7 +110,8 @@ class ImageProcessing:
             return M4Error(f"{where}: {field} {cfg.get(field)!r}: {why}")
 
         kind = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
-        family = kind.removesuffix("Fast").removesuffix("Pil").removesuffix("ImageProcessor").removesuffix("FeatureExtractor")
+        family = kind.removesuffix("Fast").removesuffix("Pil")
+        family = family.removesuffix("ImageProcessor").removesuffix("FeatureExtractor")
         if family not in ("CLIP", "Siglip"):
             field = "image_processor_type" if "image_processor_type" in cfg else "feature_extractor_type"
             raise bad(field, "m4 reads CLIPImageProcessor and SiglipImageProcessor configs only")
@@ -146,7 +147,8 @@ class ImageProcessing:
 
         resample = cfg.get("resample", 3)
         if not isinstance(resample, int) or resample not in RESAMPLE:
-            raise bad("resample", "expected a PIL resampling code " + ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items()))
+            codes = ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items())
+            raise bad("resample", f"expected a PIL resampling code: {codes}")
         mean, std = (0.0,) * 3, (1.0,) * 3  # (x - 0) / 1 is x exactly
         if cfg.get("do_normalize", True):
             mean = _triple(cfg, "image_mean", CLIP_MEAN if clip else (0.5,) * 3, where)
@@ -154,7 +156,8 @@ class ImageProcessing:
         rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
         p = cls(resize, n, crop, mean, std, rescale, int(resample))
         if image_size is not None and p.image_size != image_size:
-            raise bad("crop_size" if crop else "size", f"gives {p.image_size}x{p.image_size} pixels, the tower takes {image_size}")
+            raise bad("crop_size" if crop else "size",
+                      f"gives {p.image_size}x{p.image_size} pixels, the tower takes {image_size}")
         return p
 
     def resized(self, img: Image.Image) -> Image.Image:
