@@ -194,7 +194,7 @@ def data_synth(out: Path = typer.Argument(..., help="output folder (replaced)"),
 
 @app.command("eval")
 def eval_cmd(model: str = typer.Option("demo", "--model", "-m", help="demo, a checkpoint or bundle directory, or a hub id"),
-             bench: Path = typer.Option(..., "--bench", help="LLaVA-Interleave Bench JSON"),
+             bench: Path = typer.Option(..., "--bench", help="LLaVA-Interleave Bench or Mantis-Eval JSON"),
              json_out: Optional[Path] = typer.Option(None, "--json", help="write the scores here"),
              image_root: Optional[Path] = typer.Option(None, "--image-root", help="default: the bench's folder"),
              limit: Optional[int] = typer.Option(None, "--limit", help="first N samples"),

@@ -1,9 +1,22 @@
-"""`m4 eval`: accuracy of a model or bundle on a bench in LLaVA-Interleave Bench format.
+"""`m4 eval`: accuracy of a model or bundle on a bench in LLaVA-Interleave Bench format or
+Mantis-Eval's, told apart per file.
 
-A record: {"sample_id", "image": [paths relative to the bench's folder], "conversations":
-[{"from": "human", "value": question}, {"from": "gpt", "value": answer}], "metadata":
-{"question_type": "multi-choice" | "open-ended", "dataset": task, "scenario": ...}}.
+A LLaVA-Interleave Bench record: {"sample_id", "image": [paths relative to the bench's folder],
+"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}],
+"metadata": {"question_type": "multi-choice" | "open-ended", "dataset": task, "scenario": ...}}.
 `metadata.patches` (M4-Synth's multi-patch samples) feeds each image as anyres tiles.
+
+A Mantis-Eval record (its local JSON layout): {"id", "question_type": "multi-choice" |
+"short-answer", "question" with `<image>` placeholders, "images": [paths relative to the
+bench's folder], "options": [texts], "answer": "B" or a short answer, "category",
+"data_source"}. It is asked and scored as Mantis's evaluation does (mantis/benchmark/eval.py
+and templates/): the options are listed under the question with the instruction to answer with
+a letter, a short-answer question asks for a "Final Answer:", images missing a placeholder go
+in front. The answer is what follows "Final Answer:", "the answer is" or "Answer:" when
+present; multiple choice is right when its first letter (or the letter after "Answer: ") is
+the reference's, or, where that letter names no option, when the answer is the right option's
+text; a short answer is right when it equals the reference ignoring case and surrounding
+spaces. Its accuracy is reported per question type (`by_task`), under scenario "multi-image".
 
 Scores, after normalising case, punctuation and articles: multiple choice is an exact match
 on the right option, given as its letter or its text; open-ended is an exact match where the
@@ -23,10 +36,12 @@ from __future__ import annotations
 import re
 import string
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 from m4.errors import M4Error
 from m4.jsonio import read_json_list
+from m4.prompt import IMAGE
 
 SHORT = 3  # words: a reference this short is matched exactly
 OPTION = re.compile(r"^\(?([A-H])[.):]\s*(.+)$", re.MULTILINE)
@@ -82,6 +97,7 @@ def score_open(reference: str, prediction: str) -> float:
 
 
 def score(question_type: str, question: str, reference: str, prediction: str) -> float:
+    """A LLaVA-Interleave Bench answer's score."""
     if question_type == "multi-choice":
         return score_choice(question, reference, prediction)
     if question_type == "open-ended":
@@ -89,12 +105,107 @@ def score(question_type: str, question: str, reference: str, prediction: str) ->
     raise M4Error(f"unknown question_type {question_type!r}: use multi-choice or open-ended")
 
 
-def load_bench(path: Path) -> list[dict]:
-    records = read_json_list(path, "bench")
-    if not all(isinstance(r, dict) and len(r.get("conversations", [])) >= 2
-                                                for r in records):
-        raise M4Error(f"{path}: expected a list of LLaVA-Interleave Bench records with conversations")
-    return records
+def mantis_answer(prediction: str) -> str:
+    """The part of an answer after Mantis-Eval's first answer marker, or all of it."""
+    low = prediction.lower()
+    for marker in ("final answer:", "the answer is", "answer:"):
+        if marker in low:
+            return prediction[low.index(marker) + len(marker):].strip()
+    return prediction.strip()
+
+
+def score_mantis(question_type: str, options: list[str], reference: str, prediction: str) -> float:
+    """A Mantis-Eval answer's score, as Mantis's evaluation scores it."""
+    answer = mantis_answer(prediction)
+    if question_type == "short-answer":
+        return float(answer.lower() == reference.strip("()\n ").lower())
+    if question_type != "multi-choice":
+        raise M4Error(f"unknown question_type {question_type!r}: use multi-choice or short-answer")
+    right = next((c.upper() for c in reference.strip("()\n ") if c.isalpha()), None)
+    if right is None:
+        raise M4Error(f"multi-choice reference {reference!r} does not name an option letter")
+    m = re.match(r"Answer: ([A-Z])", answer)
+    picked = m.group(1) if m else next((c.upper() for c in answer if c.isalpha()), None)
+    if picked is not None and 0 <= ord(picked) - ord("A") < len(options):
+        return float(picked == right)
+    k = ord(right) - ord("A")  # no option picked by letter: the right option's text, written out
+    if k >= len(options):
+        return 0.0
+    text = re.sub(rf"^(\({right}\)|{right}[.:])", "", options[k].strip()).strip()
+    return float(prediction.strip() == text)
+
+
+@dataclass
+class Sample:
+    """One bench question in either layout, as asked and as scored."""
+    id: object
+    task: str
+    scenario: str
+    kind: str  # question type
+    question: str  # as asked of the model
+    reference: str
+    images: list[str]
+    patches: bool = False
+    options: list[str] | None = None  # a Mantis-Eval record's; None for LLaVA-Interleave Bench
+
+    def score(self, prediction: str) -> float:
+        if self.options is None:
+            return score(self.kind, self.question, self.reference, prediction)
+        return score_mantis(self.kind, self.options, self.reference, prediction)
+
+
+MANTIS_CHOICE = "{question}\nAnswer with the option's letter from the given choices directly."
+MANTIS_SHORT = ("Given the images, answer the following short answer vqa question:\nQ: {question}\n"
+                'You can first give your analysis, and then give your final answer as "Final Answer:"')
+
+
+def llava_sample(rec: dict, i: int) -> Sample:
+    meta = rec.get("metadata") or {}
+    images = rec.get("image") or []
+    return Sample(rec.get("sample_id", i), meta.get("dataset", "unknown"), meta.get("scenario", "unknown"),
+                  meta.get("question_type", "open-ended"), rec["conversations"][0]["value"],
+                  rec["conversations"][1]["value"], [images] if isinstance(images, str) else list(images),
+                  bool(meta.get("patches")))
+
+
+def mantis_sample(rec: dict, i: int) -> Sample:
+    kind, question, options = rec["question_type"], rec["question"], list(rec.get("options") or [])
+    images = rec.get("images") or []
+    images = [images] if isinstance(images, str) else list(images)
+    if kind == "multi-choice":
+        for k, option in enumerate(options):
+            letter = chr(ord("A") + k)
+            # options that carry their own letter are listed as they are
+            labelled = any(letter + c in option.upper() for c in ").:")
+            question += f"\n {option}" if labelled else f"\n ({letter}) {option}"
+        question = MANTIS_CHOICE.format(question=question)
+    elif kind == "short-answer":
+        question = MANTIS_SHORT.format(question=question)
+    missing = len(images) - question.count(IMAGE)
+    if 0 < missing < len(images):  # some placeholders given: the rest go in front, as Mantis does
+        question = IMAGE * missing + question
+    return Sample(rec.get("id", i), kind, "multi-image", kind, question, str(rec["answer"]), images,
+                  options=options)
+
+
+MANTIS_FIELDS = {"question_type", "question", "answer"}
+
+
+def to_samples(records: list, where: str = "bench") -> list[Sample]:
+    """Records of one layout, told by their fields, as samples."""
+    def all_have(test) -> bool:
+        return all(isinstance(r, dict) and test(r) for r in records)
+
+    if all_have(lambda r: len(r.get("conversations", [])) >= 2):
+        return [llava_sample(r, i) for i, r in enumerate(records)]
+    if all_have(lambda r: MANTIS_FIELDS <= r.keys()):
+        return [mantis_sample(r, i) for i, r in enumerate(records)]
+    raise M4Error(f"{where}: expected a list of LLaVA-Interleave Bench records (with conversations) or of "
+                  "Mantis-Eval records (with question_type, question, images, answer)")
+
+
+def load_bench(path: Path) -> list[Sample]:
+    return to_samples(read_json_list(path, "bench"), str(path))
 
 
 def summarise(rows: list[tuple[str, str, float]]) -> dict:
@@ -110,23 +221,16 @@ def summarise(rows: list[tuple[str, str, float]]) -> dict:
             **{k: {name: mean(v) for name, v in sorted(g.items())} for k, g in groups.items()}, "n": len(rows)}
 
 
-def fields(rec: dict) -> tuple[str, str, str, str, str]:
-    """A bench record's task, scenario, question type, question and reference answer."""
-    meta = rec.get("metadata") or {}
-    return (meta.get("dataset", "unknown"), meta.get("scenario", "unknown"), meta.get("question_type", "open-ended"),
-            rec["conversations"][0]["value"], rec["conversations"][1]["value"])
-
-
-def chance(records: list[dict]) -> dict:
+def chance(samples: list[Sample]) -> dict:
     """Per sample, the score its task's best constant answer gets; summarised like accuracy."""
     by_task = defaultdict(list)
-    for f in map(fields, records):
-        by_task[f[0]].append(f)
+    for s in samples:
+        by_task[s.task].append(s)
     rows = []
-    for samples in by_task.values():
-        answers = sorted({ref for *_, ref in samples})
-        best = max(([score(kind, q, ref, a) for _, _, kind, q, ref in samples] for a in answers), key=sum)
-        rows += [(task, scenario, s) for (task, scenario, *_), s in zip(samples, best)]
+    for group in by_task.values():
+        answers = sorted({s.reference for s in group})
+        best = max(([s.score(a) for s in group] for a in answers), key=sum)
+        rows += [(s.task, s.scenario, x) for s, x in zip(group, best)]
     return summarise(rows)
 
 
@@ -135,26 +239,22 @@ def evaluate(model: str, bench: Path, image_root: Path | None = None, limit: int
     """Ask every question of the bench and score the answers; `on_sample(i, n)` follows progress."""
     import m4
 
-    records = load_bench(bench)[:limit]
+    todo = load_bench(bench)[:limit]
     root = Path(image_root or Path(bench).parent)
     m = m4.load(model, backend=backend, device=device)
     rows, failed, samples, scored = [], [], [], []
-    for i, rec in enumerate(records):
-        task, scenario, kind, question, reference = fields(rec)
-        images = rec.get("image") or []
-        images = [root / p for p in ([images] if isinstance(images, str) else images)]
+    for i, x in enumerate(todo):
         try:
-            answer = m.ask(question, images=images or None, patches=bool((rec.get("metadata") or {}).get("patches")),
+            answer = m.ask(x.question, images=[root / p for p in x.images] or None, patches=x.patches,
                            max_new_tokens=max_new_tokens)
-            s = score(kind, question, reference, answer)
-            rows.append((task, scenario, s))
-            samples.append({"sample_id": rec.get("sample_id", i), "answer": answer, "reference": reference,
-                            "score": s})
-            scored.append(rec)
+            s = x.score(answer)
+            rows.append((x.task, x.scenario, s))
+            samples.append({"sample_id": x.id, "answer": answer, "reference": x.reference, "score": s})
+            scored.append(x)
         except M4Error as e:  # a broken sample is reported, not scored
-            failed.append(f"{rec.get('sample_id', i)}: {e}")
+            failed.append(f"{x.id}: {e}")
         if on_sample:
-            on_sample(i + 1, len(records))
+            on_sample(i + 1, len(todo))
     return {**summarise(rows), "chance": {k: v for k, v in chance(scored).items() if k != "n"},
             "failed": len(failed), "failed_first": failed[:5], "model": str(model), "bench": str(bench),
             "samples": samples}

@@ -1,13 +1,21 @@
 """Interleaved prompts: where images go in the text, and the exact ids the decoder sees.
 
-A prompt is a list of parts: runs of text and image slots. Each text run is tokenized on
-its own, and each image slot becomes `tokens_per_image` copies of the image token. The
-live video context appends the same parts one frame at a time, so the ids it builds are
-the ids `build` gives for the same frames and question.
+A prompt is a list of parts: runs of text and image slots. The text between two image
+slots is tokenized as one run, as a tokenizer given the whole prompt string splits it only at
+its special tokens, and each image slot becomes `tokens_per_image` copies of the image token.
+The live video context appends the same parts one frame at a time.
 
 Placement (as LLaVA-Interleave was trained): where the text has `<image>` placeholders the
 images go there, one each (interleaved); where it has none, they go in front of the text,
-each followed by a newline. Video frames and views of a scene always go in front.
+each followed by the template's separator (a newline for LLaVA-Interleave, nothing for Mantis).
+Video frames and views of a scene always go in front.
+
+Mantis writes every image as "(image N: <Image><image></Image>)", N counting from 1 over the
+whole conversation, inside the Llama-3 chat format with the system turn its code trains and
+answers with (TIGER-AI-Lab/Mantis: mantis/models/conversation.py conv_llama_3, used by
+mantis/train/data.py and mantis/models/mllava/utils.py chat_mllava); images without
+placeholders are prepended to the user's text with no separator, as its training data
+loader does (mantis/train/data.py) before MLlavaProcessor numbers them.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ from m4.tokenizer import Tokenizer
 
 IMAGE = "<image>"
 SYSTEM = "You are a helpful assistant."
+# Mantis-8B-*-llama3's system turn, verbatim: its fine-tuning put it before every sample
+MANTIS_SYSTEM = "You are a pirate chatbot who always responds in pirate speak!"
 
 
 @dataclass(frozen=True)
@@ -29,10 +39,11 @@ class Template:
     inline: str  # how an image is written where the text has a placeholder; {i} counts from 1
     stop: tuple[str, ...]  # tokens that end the answer
     turn: str  # after an answer's stop token: the start of the next user turn (multi-turn training data)
+    sep: str = "\n"  # after each image placed in front of the text
 
     @property
     def front(self) -> str:
-        return self.inline + "\n"
+        return self.inline + self.sep
 
 
 TEMPLATES = {
@@ -44,14 +55,17 @@ TEMPLATES = {
         inline=IMAGE,
         stop=("<|im_end|>", "<|endoftext|>"),
         turn="\n<|im_start|>user\n"),
-    # Mantis (Llama-3): images are denoted "(image N: <Image><image></Image>)"
+    # Mantis (Llama-3): images are denoted "(image N: <Image><image></Image>)"; the tokenizer's
+    # own BOS, which Mantis's processor adds, is written out here
     "llama3": Template(
         name="llama3",
-        header="<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n",
+        header=("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + MANTIS_SYSTEM
+                + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"),
         footer="<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
         inline="(image {i}: <Image><image></Image>)",
         stop=("<|eot_id|>", "<|end_of_text|>"),
-        turn="<|start_header_id|>user<|end_header_id|>\n\n"),
+        turn="<|start_header_id|>user<|end_header_id|>\n\n",
+        sep=""),
 }
 
 
@@ -123,8 +137,15 @@ def build(t: Template, tokenizer: Tokenizer, image_token_id: int, tokens_per_ima
 
 
 def tokenize(parts: list[Part], tokenizer: Tokenizer, image_token_id: int, tokens_per_image: int) -> Prompt:
-    text, ids, out = [], [], []
+    # adjacent text runs join first: "</Image>)" + "(image 2: ..." tokenizes as one string does
+    joined: list[Part] = []
     for p in parts:
+        if isinstance(p, str) and joined and isinstance(joined[-1], str):
+            joined[-1] += p
+        else:
+            joined.append(p)
+    text, ids, out = [], [], []
+    for p in joined:
         if isinstance(p, int):
             text.append(IMAGE)
             ids += [image_token_id] * tokens_per_image

@@ -2,10 +2,11 @@
 
 from m4.media.anyres import tile
 from m4.media.demo import DemoScene
-from m4.media.image import load_image, preprocess
+from m4.media.image import ImageProcessing, load_image, preprocess
 from m4.media.video import Frame, Source, is_live, open_source, sample_rate, sample_uniform, write_video
 
 __all__ = [
+    "ImageProcessing",
     "load_image",
     "preprocess",
     "tile",

@@ -1,5 +1,13 @@
-"""Images in: paths, PIL images or arrays -> RGB PIL images -> SigLIP pixel arrays."""
+"""Images in: paths, PIL images or arrays -> RGB PIL images -> the vision tower's pixel arrays.
 
+How pixels are made is read from the checkpoint's preprocessor_config.json (transformers'
+SigLIP or CLIP image processor) and reproduces the PIL path of those processors exactly:
+PIL resize of the uint8 image, centre crop, x * rescale_factor in float64 cast to float32,
+then (x - mean) / std in float32.
+"""
+
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence, Union
 
@@ -56,15 +64,138 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def preprocess(images: Sequence[ImageLike] | ImageLike, size: int) -> np.ndarray:
-    """SigLIP preprocessing: (n, 3, size, size) float32, bicubic square resize, (x/255-0.5)/0.5."""
+# transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD: CLIPImageProcessor's defaults
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}  # PIL's codes
+
+
+@dataclass(frozen=True)
+class ImageProcessing:
+    """How an image becomes the tower's pixels: resize, optional centre crop, rescale, normalise."""
+    resize: str  # "square": to size x size; "shortest_edge": the short side to size, aspect kept
+    size: int
+    crop: int | None  # centre crop to crop x crop after the resize
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale: float = 1 / 255
+    resample: int = 3  # a PIL resampling code; 3 is bicubic
+
+    @property
+    def image_size(self) -> int:
+        return self.crop or self.size
+
+    @classmethod
+    def siglip(cls, image_size: int) -> "ImageProcessing":
+        """A checkpoint without a preprocessor_config.json: SigLIP's square bicubic resize, 0.5/0.5."""
+        return cls("square", image_size, None)
+
+    @classmethod
+    def from_dir(cls, path: Path, image_size: int) -> "ImageProcessing":
+        f = Path(path) / "preprocessor_config.json"
+        if not f.is_file():
+            return cls.siglip(image_size)
+        try:
+            cfg = json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise M4Error(f"cannot read {f}: {_one_line(e)}") from None
+        return cls.from_config(cfg, image_size, where=str(f))
+
+    @classmethod
+    def from_config(cls, cfg: dict, image_size: int | None = None, where: str = "preprocessor_config.json"
+                    ) -> "ImageProcessing":
+        """transformers' CLIPImageProcessor or SiglipImageProcessor config, with the class
+        defaults for missing fields as transformers fills them; anything else is refused."""
+        def bad(field: str, why: str):
+            return M4Error(f"{where}: {field} {cfg.get(field)!r}: {why}")
+
+        kind = str(cfg.get("image_processor_type") or cfg.get("feature_extractor_type") or "")
+        family = kind.removesuffix("Fast").removesuffix("Pil")
+        family = family.removesuffix("ImageProcessor").removesuffix("FeatureExtractor")
+        if family not in ("CLIP", "Siglip"):
+            field = "image_processor_type" if "image_processor_type" in cfg else "feature_extractor_type"
+            raise bad(field, "m4 reads CLIPImageProcessor and SiglipImageProcessor configs only")
+        clip = family == "CLIP"
+        # do_convert_rgb is not read: m4 always converts, as the tower takes three channels
+        for field in ("do_pad", "use_square_size"):  # the options of these classes m4 does not implement
+            if cfg.get(field):
+                raise bad(field, "m4 does not implement it")
+        if not cfg.get("do_resize", True):
+            raise bad("do_resize", "the tower takes a fixed size, so m4 always resizes")
+
+        size = cfg.get("size", {"shortest_edge": 224} if clip else {"height": 224, "width": 224})
+        if isinstance(size, int):  # old configs: an int is the shortest edge for both classes
+            size = {"shortest_edge": size}
+        if isinstance(size, dict) and set(size) == {"shortest_edge"}:
+            resize, n = "shortest_edge", size["shortest_edge"]
+        elif isinstance(size, dict) and set(size) == {"height", "width"} and size["height"] == size["width"]:
+            resize, n = "square", size["height"]
+        else:
+            raise bad("size", 'expected {"shortest_edge": N} or {"height": N, "width": N}')
+
+        crop = None
+        if cfg.get("do_center_crop", clip):
+            c = cfg.get("crop_size", {"height": 224, "width": 224})
+            c = {"height": c, "width": c} if isinstance(c, int) else c
+            if not (isinstance(c, dict) and set(c) == {"height", "width"} and c["height"] == c["width"]):
+                raise bad("crop_size", 'expected a square {"height": N, "width": N}')
+            crop = c["height"]
+            if crop > n:  # transformers would pad with black; no real checkpoint does
+                raise bad("crop_size", f"is larger than the resized image ({n})")
+        elif resize == "shortest_edge":
+            raise bad("do_center_crop", "without a crop, a shortest-edge resize does not give square pixels")
+
+        resample = cfg.get("resample", 3)
+        if not isinstance(resample, int) or resample not in RESAMPLE:
+            codes = ", ".join(f"{k} ({v})" for k, v in RESAMPLE.items())
+            raise bad("resample", f"expected a PIL resampling code: {codes}")
+        mean, std = (0.0,) * 3, (1.0,) * 3  # (x - 0) / 1 is x exactly
+        if cfg.get("do_normalize", True):
+            mean = _triple(cfg, "image_mean", CLIP_MEAN if clip else (0.5,) * 3, where)
+            std = _triple(cfg, "image_std", CLIP_STD if clip else (0.5,) * 3, where)
+        rescale = float(cfg.get("rescale_factor", 1 / 255)) if cfg.get("do_rescale", True) else 1.0
+        p = cls(resize, n, crop, mean, std, rescale, int(resample))
+        if image_size is not None and p.image_size != image_size:
+            raise bad("crop_size" if crop else "size",
+                      f"gives {p.image_size}x{p.image_size} pixels, the tower takes {image_size}")
+        return p
+
+    def resized(self, img: Image.Image) -> Image.Image:
+        """The resized and cropped RGB image, as transformers' PIL backend makes it."""
+        w, h = img.size
+        if self.resize == "square":
+            img = img.resize((self.size, self.size), self.resample)
+        else:  # transformers' get_resize_output_image_size: the long side truncated, not rounded
+            short, long = (w, h) if w <= h else (h, w)
+            other = int(self.size * long / short)
+            img = img.resize((self.size, other) if w <= h else (other, self.size), self.resample)
+        if self.crop:
+            left, top = (img.width - self.crop) // 2, (img.height - self.crop) // 2
+            img = img.crop((left, top, left + self.crop, top + self.crop))
+        return img
+
+
+def _triple(cfg: dict, field: str, default, where: str) -> tuple[float, float, float]:
+    v = cfg.get(field, default)
+    v = [v] * 3 if isinstance(v, (int, float)) else v
+    if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
+        raise M4Error(f"{where}: {field} {v!r}: expected one number or three")
+    return tuple(float(x) for x in v)
+
+
+def preprocess(images: Sequence[ImageLike] | ImageLike, processing: "ImageProcessing | int") -> np.ndarray:
+    """(n, 3, S, S) float32 pixels; an int `processing` is SigLIP's square resize to that size."""
+    p = processing if isinstance(processing, ImageProcessing) else ImageProcessing.siglip(processing)
     if isinstance(images, (str, Path, Image.Image, np.ndarray)):
         images = [images]  # a lone array would otherwise iterate over its rows
-    out = np.empty((len(images), 3, size, size), dtype=np.float32)
+    s = p.image_size
+    raw = np.empty((len(images), 3, s, s), dtype=np.uint8)
     for i, x in enumerate(images):
-        img = load_image(x).resize((size, size), Image.Resampling.BICUBIC)
-        out[i] = np.asarray(img, dtype=np.float32).transpose(2, 0, 1)
-    return (out / 255.0 - 0.5) / 0.5
+        raw[i] = np.asarray(p.resized(load_image(x))).transpose(2, 0, 1)
+    # the reference rescales in float64 and normalises in float32; the same steps give the same bits
+    out = (raw.astype(np.float64) * p.rescale).astype(np.float32)
+    mean, std = (np.array(v, np.float32)[:, None, None] for v in (p.mean, p.std))
+    return (out - mean) / std
 
 
 def _one_line(e: BaseException) -> str:
