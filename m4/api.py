@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from m4.bundle_format import is_bundle
 from m4.errors import M4Error
-from m4.export.manifest import is_bundle
 from m4.media import load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
 from m4.prompt import IMAGE, TEMPLATES, Prompt, build, detect_template, expand_placeholders

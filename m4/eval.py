@@ -27,6 +27,7 @@ from pathlib import Path
 
 from m4.errors import M4Error
 from m4.jsonio import read_json_list
+from m4.records import as_list
 
 SHORT = 3  # words: a reference this short is matched exactly
 OPTION = re.compile(r"^\(?([A-H])[.):]\s*(.+)$", re.MULTILINE)
@@ -141,8 +142,7 @@ def evaluate(model: str, bench: Path, image_root: Path | None = None, limit: int
     rows, failed, samples, scored = [], [], [], []
     for i, rec in enumerate(records):
         task, scenario, kind, question, reference = fields(rec)
-        images = rec.get("image") or []
-        images = [root / p for p in ([images] if isinstance(images, str) else images)]
+        images = [root / p for p in as_list(rec.get("image"))]
         try:
             answer = m.ask(question, images=images or None, patches=bool((rec.get("metadata") or {}).get("patches")),
                            max_new_tokens=max_new_tokens)

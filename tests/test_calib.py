@@ -15,14 +15,14 @@ from onnx import numpy_helper
 from PIL import Image
 
 import m4
+from m4.bundle_format import ORT_DECODER
 from m4.calib.bundle import calibrate
 from m4.calib.data import load_samples
-from m4.calib.measure import teacher_forced
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
+from m4.calib.measure import teacher_forced
 from m4.errors import M4Error
 from m4.eval import evaluate
 from m4.export.bundle import export_bundle
-from m4.export.manifest import ORT_DECODER
 from m4.media import DemoScene, preprocess, write_video
 from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import synth

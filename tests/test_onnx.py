@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import m4
+from m4.bundle_format import ORT_DECODER
 from m4.errors import M4Error
 from m4.export.bundle import OPSET, export_bundle
-from m4.export.manifest import ORT_DECODER
 from m4.info import describe
 from m4.media import preprocess
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import m4
+from m4.bundle_format import MANIFEST, file_record
 from m4.errors import M4Error
 from m4.export.bundle import export_bundle
-from m4.export.engines import gpu_name, profiles
-from m4.export.manifest import MANIFEST, file_record
+from m4.export.engines import profiles
+from m4.machine import gpu_name
 from m4.media import preprocess
 
 from conftest import random_images

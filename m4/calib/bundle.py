@@ -25,16 +25,15 @@ from rich.table import Table
 import m4
 from m4 import __version__
 from m4.atomic import atomic_directory
-from m4.bench import machine
+from m4.bundle_format import MANIFEST, ORT_DECODER, PREFILL_CHUNK, file_record, is_bundle
 from m4.calib import decoder as dec
 from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
 from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
 from m4.eval import evaluate, load_bench
-from m4.export.manifest import MANIFEST, ORT_DECODER, file_record, is_bundle
+from m4.machine import machine
 from m4.media import preprocess
-from m4.runtime.bundle_backend import PREFILL_CHUNK
 
 VISION = ("int8", "none")
 DECODER = ("int8", "int4", "w8a8", "none")

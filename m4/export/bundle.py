@@ -1,4 +1,4 @@
-"""`m4 export`: a checkpoint -> an ONNX bundle (see manifest.py for what the runtime reads).
+"""`m4 export`: a checkpoint -> an ONNX bundle (m4/bundle_format.py says what the runtime reads).
 
 The graphs are traced from the compact model (m4.model) with torch.onnx's dynamo exporter
 at opset 18: standard ops only, which ONNX Runtime runs and TensorRT builds. Beside them,
@@ -23,10 +23,10 @@ from torch.export import Dim
 
 from m4 import __version__
 from m4.atomic import atomic_directory
+from m4.bundle_format import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.errors import M4Error
 from m4.export.graphs import DecoderGraph, VisionGraph
 from m4.export.ort_graph import export_ort_decoder
-from m4.export.manifest import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
 from m4.model.llava import LLaVA

@@ -1,6 +1,7 @@
-"""The bundle manifest, `m4.json`: what a bundle holds and how to read it.
+"""The bundle format: what `m4 export` writes and the runtime, `m4 calibrate`, `m4 build` and
+`m4 info` read. `m4.json` (the manifest) names every file with its size and sha256.
 
-Plain JSON and the standard library only: the ONNX runtime and `m4 info` read it on
+Plain JSON and the standard library only: the ONNX and TensorRT runtimes read bundles on
 machines without torch.
 """
 
@@ -18,10 +19,14 @@ FORMAT_VERSION = 1
 # ONNX element types of the graphs' floating inputs, by the manifest's dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
-
 # decoder.onnx's twin for ONNX Runtime on the CPU (m4/export/ort_graph.py), when the manifest
 # lists it; a quantised bundle runs its own decoder.onnx
 ORT_DECODER = "decoder_ort.onnx"
+
+# The bundle runtimes prefill in pieces of at most this many tokens (it bounds the attention
+# scores one decoder call materialises); `m4 build` sizes the engines' prefill profile to it
+# and `m4 calibrate` its calibration prompts.
+PREFILL_CHUNK = 512
 
 
 def past_names(layers: int) -> list[str]:
@@ -39,17 +44,20 @@ def is_bundle(path: Path) -> bool:
     return (path / MANIFEST).is_file() or any(path.glob("*.onnx"))
 
 
-def file_record(path: Path) -> dict:
+def sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             h.update(block)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return h.hexdigest()
 
 
-def read_manifest(path: Path) -> dict:
-    """m4.json, checked: known version, and every file it lists present at its size
-    (a cheap check that catches truncated copies; sha256 is there for `m4 info` and tools)."""
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "sha256": sha256(path)}
+
+
+def load_manifest(path: Path) -> dict:
+    """m4.json parsed, its format version checked; its files not looked at."""
     f = path / MANIFEST
     if not f.is_file():
         raise M4Error(f"{path} has ONNX files but no {MANIFEST}: not a complete bundle (re-run m4 export)")
@@ -61,10 +69,23 @@ def read_manifest(path: Path) -> dict:
     if version != FORMAT_VERSION:
         raise M4Error(f"{f}: bundle format version {version!r} is not one this m4 reads ({FORMAT_VERSION}); "
                       "re-export the bundle with this version of m4")
+    return m
+
+
+def size_problem(path: Path, name: str, rec: dict) -> str | None:
+    size = (path / name).stat().st_size if (path / name).is_file() else None
+    if size == rec["bytes"]:
+        return None
+    return "missing" if size is None else f"{size} bytes, the manifest says {rec['bytes']}"
+
+
+def read_manifest(path: Path) -> dict:
+    """m4.json, checked: known version, and every file it lists present at its size (a cheap
+    check that catches truncated copies; sha256 is there for `m4 info` and tools)."""
+    m = load_manifest(path)
     for name, rec in m["files"].items():
-        size = (path / name).stat().st_size if (path / name).is_file() else None
-        if size != rec["bytes"]:
-            what = "missing" if size is None else f"{size} bytes, the manifest says {rec['bytes']}"
+        what = size_problem(path, name, rec)
+        if what:
             raise M4Error(f"bundle file {path / name} is {what}: the bundle is incomplete or truncated")
     return m
 
