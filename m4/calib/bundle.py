@@ -23,7 +23,6 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import m4
-from m4 import __version__
 from m4.atomic import atomic_directory
 from m4.bundle_format import MANIFEST, ORT_DECODER, PREFILL_CHUNK, file_record, is_bundle
 from m4.calib import decoder as dec
@@ -34,6 +33,7 @@ from m4.errors import M4Error
 from m4.eval import evaluate, load_bench
 from m4.machine import machine
 from m4.media import preprocess
+from m4.version import __version__
 
 VISION = ("int8", "none")
 DECODER = ("int8", "int4", "w8a8", "none")

@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch.export import Dim
 
-from m4 import __version__
 from m4.atomic import atomic_directory
 from m4.bundle_format import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.errors import M4Error
@@ -33,6 +32,7 @@ from m4.model.llava import LLaVA
 from m4.prompt import detect_template
 from m4.resolve import resolve
 from m4.tokenizer import Tokenizer
+from m4.version import __version__
 
 OPSET = 18  # TensorRT 10 parses it whole; 23's Attention and RMSNormalization it may not
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
