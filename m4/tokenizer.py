@@ -8,7 +8,7 @@ ChatML special tokens plus `<image>` appended after the learned vocabulary in Qw
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -52,6 +52,16 @@ class Tokenizer:
     def stream(self) -> DecodeStream:
         """Incremental detokenizer: `.step(tok, id)` returns text once it is whole UTF-8."""
         return DecodeStream(skip_special_tokens=False)
+
+    def detokenize(self, ids: Iterable[int]) -> Iterator[str]:
+        """Text pieces of ids as they come (an answer streamed token by token)."""
+        decoder, known = self.stream(), len(self)
+        for token in ids:
+            if token >= known:  # embedding rows past the tokenizer (padding) have no text
+                continue
+            piece = decoder.step(self.tok, token)
+            if piece:
+                yield piece
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)

@@ -67,7 +67,7 @@ def test_greedy_tokens_equal_transformers(checkpoints, oracle, models, variant, 
     assert model.backend.name == "onnx" and model.backend.fused == (graph == ORT_DECODER)
     images = random_images(n_images, seed=n_images)
     question = QUESTIONS[n_images]
-    p, pictures = model._prepare(question, images, None, None, False)
+    p, pictures = model.prepare(question, images, None, None, False)
     ours = list(model.tokens(question, images=images, max_new_tokens=12))
     assert len(ours) == 12
     assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)
@@ -78,7 +78,7 @@ def test_video_frames_equal_transformers(checkpoints, oracle, models, variant):
     model = models[variant, ORT_DECODER]
     frames = random_images(8, seed=11)
     question = "Which way does the ball move?"
-    p, pictures = model._prepare(question, None, frames, None, False)
+    p, pictures = model.prepare(question, None, frames, None, False)
     assert p.n_images == 8
     ours = list(model.tokens(question, video=frames, max_new_tokens=10))
     assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 10)
@@ -254,7 +254,7 @@ def test_fp16_bundle_is_close_to_fp32(checkpoints, models, tmp_path):
     m = export_bundle(str(checkpoints["gqa-tied-last-full"]), tmp_path / "half", dtype="fp16")
     assert m["dtype"] == "fp16" and m["dtypes"]["decoder.onnx"] == "fp16"
     half, full = m4.load(tmp_path / "half"), models["gqa-tied-last-full", ORT_DECODER]
-    p, pictures = full._prepare(QUESTIONS[2], random_images(2, seed=3), None, None, False)
+    p, pictures = full.prepare(QUESTIONS[2], random_images(2, seed=3), None, None, False)
     embeds = half.embed(p, pictures)
     assert embeds.dtype == np.float16 and half.backend.fused
     ours = half.backend.forward(embeds, 0, half.backend.new_cache(len(p.ids)), last_only=False)

@@ -165,7 +165,7 @@ def test_greedy_tokens_equal_transformers(built, checkpoints, oracle, variant, n
     assert model.backend.name == "trt"
     model.backend.cuda_graph = cuda_graph
     images = random_images(n_images, seed=n_images)
-    p, pictures = model._prepare(QUESTIONS[n_images], images, None, None, False)
+    p, pictures = model.prepare(QUESTIONS[n_images], images, None, None, False)
     ours = list(model.tokens(QUESTIONS[n_images], images=images, max_new_tokens=12))
     assert len(ours) == 12
     assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)

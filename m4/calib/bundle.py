@@ -170,7 +170,7 @@ def embed_samples(model, samples: list) -> tuple[list[np.ndarray], np.ndarray]:
     """Each sample's decoder input embeddings (through the float bundle), and all pictures preprocessed."""
     prompts, pictures = [], []
     for s in samples:
-        p, pics = model._prepare(s.text, None if s.video else s.images, s.images if s.video else None, None,
+        p, pics = model.prepare(s.text, None if s.video else s.images, s.images if s.video else None, None,
                                  s.patches)
         prompts.append(model.embed(p, pics))
         pictures += pics

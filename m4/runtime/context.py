@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from m4.errors import M4Error
+from m4.runtime.backend import Backend, Embeddings
 from m4.runtime.sampling import Sampling, sample
 
 
@@ -22,14 +23,14 @@ class Segment:
 
 
 class Context:
-    def __init__(self, backend, max_len: int):
+    def __init__(self, backend: Backend, max_len: int):
         self.backend = backend
         self.cache = backend.new_cache(max_len)
         self.max_len = max_len
         self.segments: list[Segment] = []
         self.length = 0
 
-    def append(self, kind: str, embeds, lengths: list[int] | None = None) -> np.ndarray:
+    def append(self, kind: str, embeds: Embeddings, lengths: list[int] | None = None) -> np.ndarray:
         """Prefill `embeds` (T, H) after what the cache holds; the last position's logits.
         `lengths` records one prefill as several segments (frames refilled together)."""
         n = embeds.shape[0]
