@@ -6,11 +6,12 @@ slots) -> one prefill over a fresh context -> decode -> text.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from m4.bundle_format import is_bundle
+from m4.bundle_format import is_bundle, verify as verify_bundle
 from m4.errors import M4Error
 from m4.media import load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
@@ -25,13 +26,22 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
-         template: str | None = None, threads: int | None = None) -> Model:
+         template: str | None = None, threads: int | None = None, verify: bool | None = None) -> Model:
     """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs its
     TensorRT engines where `m4 build` made them for this machine (backend auto or trt; they
     run on the GPU whatever `device` says), else ONNX Runtime (`device`; `threads`: its
-    intra-op threads, default all cores); a checkpoint runs on torch."""
+    intra-op threads, default all cores); a checkpoint runs on torch.
+
+    A bundle's files are checked against the sha256 its m4.json records before it loads
+    (an M4Error names a file that changed). `verify=False`, or M4_VERIFY=0 in the
+    environment (which every m4 command honours), skips the hashing for fast restarts of a
+    bundle already verified; sizes are checked either way."""
     path = resolve(str(model))
+    if verify is None:
+        verify = os.environ.get("M4_VERIFY", "1") != "0"
     if is_bundle(path):
+        if verify:
+            verify_bundle(path)
         b = bundle_backend(str(model), path, backend, device, threads)
         return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path)
     if backend in ("onnx", "trt"):

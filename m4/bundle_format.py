@@ -81,12 +81,37 @@ def size_problem(path: Path, name: str, rec: dict) -> str | None:
 
 def read_manifest(path: Path) -> dict:
     """m4.json, checked: known version, and every file it lists present at its size (a cheap
-    check that catches truncated copies; sha256 is there for `m4 info` and tools)."""
+    check that catches truncated copies; `verify` compares the contents)."""
     m = load_manifest(path)
     for name, rec in m["files"].items():
         what = size_problem(path, name, rec)
         if what:
             raise M4Error(f"bundle file {path / name} is {what}: the bundle is incomplete or truncated")
+    return m
+
+
+def check_files(path: Path, m: dict) -> dict[str, str | None]:
+    """Each file the manifest lists: None where its size and sha256 match, else what is wrong."""
+    out = {}
+    for name, rec in m["files"].items():
+        what = size_problem(path, name, rec)
+        if what is None and sha256(path / name) != rec["sha256"]:
+            what = "its contents changed (sha256 differs)"
+        out[name] = what
+    return out
+
+
+def verify(path: Path) -> dict:
+    """The manifest, once every file it lists matches its sha256: a bundle whose files changed
+    after it was written (a flipped byte, a file from another export) would otherwise load and
+    answer, wrongly."""
+    m = read_manifest(path)
+    bad = {name: what for name, what in check_files(path, m).items() if what}
+    if bad:
+        name, what = next(iter(bad.items()))
+        more = f" (and {len(bad) - 1} more file{'s' * (len(bad) > 2)})" if len(bad) > 1 else ""
+        raise M4Error(f"bundle file {path / name} does not match {MANIFEST}: {what}{more}; re-export or re-copy "
+                      f"the bundle (m4 verify {path} checks every file; M4_VERIFY=0 skips this check)")
     return m
 
 
