@@ -129,8 +129,10 @@ class Model:
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
                patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
-        """The answer's token ids, yielded as they are decoded; timings land in `stats`."""
+        """The answer's token ids, yielded as they are decoded; timings land in `stats`. The
+        answer ends where the model's positions do, if max_new_tokens would pass them."""
         p, pictures = self.prepare(text, images, video, views, patches)
+        max_new_tokens = self.room(len(p.ids), max_new_tokens)
         t0 = time.perf_counter()
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
@@ -142,6 +144,15 @@ class Model:
                           prefill_ms=(t2 - t1) * 1e3)
         yield from ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed),
                                 self.stats, t0)
+
+    def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long
+        prompt with the default one still answers. A prompt that leaves none is an error."""
+        limit = self.arch.text.max_positions
+        if prompt_tokens >= limit:
+            raise M4Error(f"the prompt is {prompt_tokens} tokens and this model's context holds {limit} positions, "
+                          "answer included: shorten the text or pass fewer images")
+        return min(max_new_tokens, limit - prompt_tokens)
 
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
             patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,

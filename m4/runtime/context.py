@@ -24,6 +24,9 @@ class Segment:
 
 class Context:
     def __init__(self, backend: Backend, max_len: int):
+        limit = backend.arch.text.max_positions
+        if max_len > limit:  # past it, RoPE has no angles for the positions
+            raise M4Error(f"a context of {max_len} tokens exceeds this model's {limit} positions")
         self.backend = backend
         self.cache = backend.new_cache(max_len)
         self.max_len = max_len

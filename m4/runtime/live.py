@@ -40,7 +40,12 @@ class LiveContext:
         self.prefix = self._tokenize([template.header])
         # frame i's parts (its image slot and separator text), by its place in the window
         self.slots = [self._tokenize(image_parts(template, i, front=True)) for i in range(window)]
-        size = len(self.prefix.ids) + sum(len(s.ids) for s in self.slots) + QUESTION_TOKENS + max_new_tokens
+        frames = sum(len(s.ids) for s in self.slots)
+        size = len(self.prefix.ids) + frames + QUESTION_TOKENS + max_new_tokens
+        if size > self.arch.text.max_positions:
+            raise M4Error(f"a live window of {window} frames needs {size} positions ({frames} for the frames, "
+                          f"{QUESTION_TOKENS} for a question, {max_new_tokens} for an answer) and this model's "
+                          f"context holds {self.arch.text.max_positions}: use a smaller window")
         self.ctx = Context(backend, size)
         self.ctx.append("prefix", embed_parts(backend, self.prefix.parts, None))
         self.frames: list = []  # embeddings of the frames in the window, oldest first
