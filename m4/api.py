@@ -117,8 +117,13 @@ class Model:
         """Images -> (n, tokens_per_image, H) embeddings in the backend's arrays."""
         return self.backend.encode_images(preprocess(pictures, self.arch.vision.image_size))
 
+    def embed_parts(self, parts: list[list[int] | int], images):
+        """Prompt parts -> the decoder's input embeddings (m4.runtime.backend.embed_parts), for
+        callers that assemble their own parts."""
+        return embed_parts(self.backend, parts, images)
+
     def embed(self, p: Prompt, pictures: list):
-        return embed_parts(self.backend, p.parts, self.encode(pictures) if pictures else None)
+        return self.embed_parts(p.parts, self.encode(pictures) if pictures else None)
 
     def stream(self, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
         """A live video context over this model (several may share it)."""
