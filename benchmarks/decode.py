@@ -35,7 +35,8 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from m4.bench import cached_bundle, machine
+from m4.bench import cached_bundle
+from m4.machine import machine
 from m4.model.checkpoint import random_checkpoint, read_weights
 from m4.model.config import Arch
 from m4.resolve import cache_dir

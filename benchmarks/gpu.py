@@ -38,8 +38,9 @@ from rich.console import Console
 from rich.table import Table
 
 import m4
-from m4.bench import HF, QUESTION, BenchConfig, demo_frames, hf_decode, m4_decode, machine, p, prepare_model, \
-    text_ids, timed
+from m4.bench import HF, QUESTION, BenchConfig, demo_frames, hf_decode, m4_decode, p, prepare_model, text_ids, \
+    timed
+from m4.machine import machine
 from m4.media import preprocess
 from m4.model.config import PRESETS
 from m4.model.int8 import Int8Linear

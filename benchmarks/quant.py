@@ -30,14 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 import m4
-from m4.bench import machine
+from m4.bundle_format import manifest_arch, read_manifest
 from m4.calib.bundle import attention_matmuls, calibrate, carried, embed_samples, graph_bytes, write_manifest
 from m4.calib.data import demo_samples
 from m4.calib.decoder import weight_only
 from m4.calib.measure import decode_seconds, measure_decoder
 from m4.calib.vision import OPS, quantize_vision
 from m4.export.bundle import export_bundle
-from m4.export.manifest import manifest_arch, read_manifest
+from m4.machine import machine
 from m4.media import DemoScene, preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.resolve import cache_dir

@@ -12,7 +12,8 @@ import torch
 import transformers
 
 import m4
-from m4.bench import machine, p, timed
+from m4.bench import p, timed
+from m4.machine import machine
 from m4.media import DemoScene
 
 QUESTION = "What is moving in the scene?"

@@ -8,7 +8,8 @@ import argparse
 import gc
 
 import m4
-from m4.bench import machine, rss_bytes
+from m4.bench import rss_bytes
+from m4.machine import machine
 from m4.media import DemoScene
 
 

@@ -2,6 +2,6 @@
 
 from m4.api import Model, load
 from m4.errors import M4Error
+from m4.version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["load", "Model", "M4Error", "__version__"]

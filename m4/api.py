@@ -6,16 +6,18 @@ slots) -> one prefill over a fresh context -> decode -> text.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from m4.bundle_format import is_bundle, verify as verify_bundle
 from m4.errors import M4Error
-from m4.export.manifest import is_bundle
 from m4.media import load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
-from m4.prompt import IMAGE, TEMPLATES, Prompt, build, detect_template, expand_placeholders
+from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
 from m4.resolve import resolve
+from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
 from m4.tokenizer import Tokenizer
@@ -24,13 +26,22 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
-         template: str | None = None, threads: int | None = None) -> Model:
+         template: str | None = None, threads: int | None = None, verify: bool | None = None) -> Model:
     """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs its
     TensorRT engines where `m4 build` made them for this machine (backend auto or trt; they
     run on the GPU whatever `device` says), else ONNX Runtime (`device`; `threads`: its
-    intra-op threads, default all cores); a checkpoint runs on torch."""
+    intra-op threads, default all cores); a checkpoint runs on torch.
+
+    A bundle's files are checked against the sha256 its m4.json records before it loads
+    (an M4Error names a file that changed). `verify=False`, or M4_VERIFY=0 in the
+    environment (which every m4 command honours), skips the hashing for fast restarts of a
+    bundle already verified; sizes are checked either way."""
     path = resolve(str(model))
+    if verify is None:
+        verify = os.environ.get("M4_VERIFY", "1") != "0"
     if is_bundle(path):
+        if verify:
+            verify_bundle(path)
         b = bundle_backend(str(model), path, backend, device, threads)
         return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path)
     if backend in ("onnx", "trt"):
@@ -74,17 +85,20 @@ def as_images(x) -> list:
 
 
 class Model:
-    def __init__(self, backend, tokenizer: Tokenizer, arch: Arch, template, path: Path):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, arch: Arch, template: Template, path: Path):
         self.backend, self.tokenizer, self.arch, self.template, self.path = backend, tokenizer, arch, template, path
-        self.stop_ids = {tokenizer.token_id(s) for s in template.stop} - {None}
+        self.stop_ids = template.stop_ids(tokenizer)
         self.stats: dict[str, float] = {}
 
     def prompt(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
                patches: bool = False) -> Prompt:
         """Exactly what the decoder will see: `.text` and `.ids`."""
-        return self._prepare(text, images, video, views, patches)[0]
+        return self.prepare(text, images, video, views, patches)[0]
 
-    def _prepare(self, text, images, video, views, patches) -> tuple[Prompt, list]:
+    def prepare(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
+                patches: bool = False) -> tuple[Prompt, list]:
+        """The prompt and its pictures (decoded, and tiled with `patches`), not yet encoded:
+        `embed(*model.prepare(...))` is the decoder's input."""
         given = [x for x in (images, video, views) if x is not None and len(x)]
         if len(given) > 1:
             raise M4Error("pass images, video or views, not several at once")
@@ -103,26 +117,22 @@ class Model:
         """Images -> (n, tokens_per_image, H) embeddings in the backend's arrays."""
         return self.backend.encode_images(preprocess(pictures, self.arch.vision.image_size))
 
-    def embed_parts(self, parts: list[list[int] | int], images) -> object:
-        """Prompt parts -> the decoder's input embeddings: text runs looked up, image slots
-        filled from `images` (encoded embeddings, indexed by the slot's image index)."""
-        b = self.backend
-        return b.concat([b.embed_tokens(x) if isinstance(x, list) else images[x] for x in parts])
-
     def embed(self, p: Prompt, pictures: list):
-        return self.embed_parts(p.parts, self.encode(pictures) if pictures else None)
+        return embed_parts(self.backend, p.parts, self.encode(pictures) if pictures else None)
 
     def stream(self, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
         """A live video context over this model (several may share it)."""
         from m4.runtime.live import LiveContext
 
-        return LiveContext(self, window, exact, max_new_tokens)
+        return LiveContext(self.backend, self.tokenizer, self.template, window, exact, max_new_tokens)
 
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
                patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
-        """The answer's token ids, yielded as they are decoded; timings land in `stats`."""
-        p, pictures = self._prepare(text, images, video, views, patches)
+        """The answer's token ids, yielded as they are decoded; timings land in `stats`. The
+        answer ends where the model's positions do, if max_new_tokens would pass them."""
+        p, pictures = self.prepare(text, images, video, views, patches)
+        max_new_tokens = self.room(len(p.ids), max_new_tokens)
         t0 = time.perf_counter()
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
@@ -135,19 +145,19 @@ class Model:
         yield from ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed),
                                 self.stats, t0)
 
+    def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
+        """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long
+        prompt with the default one still answers. A prompt that leaves none is an error."""
+        limit = self.arch.text.max_positions
+        if prompt_tokens >= limit:
+            raise M4Error(f"the prompt is {prompt_tokens} tokens and this model's context holds {limit} positions, "
+                          "answer included: shorten the text or pass fewer images")
+        return min(max_new_tokens, limit - prompt_tokens)
+
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
             patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
             seed: int | None = None, stream: bool = False):
         """The answer as a string, or with stream=True an iterator of text pieces."""
         ids = self.tokens(text, images, video, views, patches, max_new_tokens, temperature, top_p, seed)
-        pieces = self.detokenize(ids)
+        pieces = self.tokenizer.detokenize(ids)
         return pieces if stream else "".join(pieces)
-
-    def detokenize(self, ids: Iterator[int]) -> Iterator[str]:
-        decoder, known = self.tokenizer.stream(), len(self.tokenizer)
-        for token in ids:
-            if token >= known:  # embedding rows past the tokenizer (padding) have no text
-                continue
-            piece = decoder.step(self.tokenizer.tok, token)
-            if piece:
-                yield piece

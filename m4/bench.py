@@ -18,7 +18,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from m4.errors import M4Error
+from m4.machine import machine
 
 BACKENDS = ("torch", "onnx", "trt", "hf")
 WORKLOADS = ("stream", "images", "decode")
@@ -54,25 +54,6 @@ class BenchConfig:
 
 
 # -- measuring ------------------------------------------------------------------------------
-
-def machine() -> dict:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "os": platform.platform()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"], info["cuda"] = torch.cuda.get_device_name(), torch.version.cuda
-    except ImportError:
-        pass
-    return info
-
 
 def rss_bytes() -> int:
     """Resident memory of this process now (Linux), not its peak."""

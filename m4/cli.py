@@ -118,6 +118,23 @@ def build_cmd(bundle: Path = typer.Argument(..., help="a bundle (float, or calib
     r = build(bundle, fp16, workspace, max_images, max_context)
     print(f"{bundle}/engines: TensorRT {r['tensorrt']} on {r['gpu']}")
 
+@app.command("verify")
+def verify_cmd(bundle: Path = typer.Argument(..., help="a bundle directory (m4 export, calibrate or build)")):
+    """Check each file of a bundle against the size and sha256 its m4.json records.
+
+    Loading a bundle checks the hashes too; M4_VERIFY=0 skips that, for fast restarts."""
+    from m4.bundle_format import MANIFEST, check_files, is_bundle, load_manifest
+
+    if not bundle.is_dir() or not is_bundle(bundle):
+        raise M4Error(f"{bundle} is not a bundle directory (make one with m4 export)")
+    results = check_files(bundle, load_manifest(bundle))
+    for name, what in results.items():
+        print(f"OK        {name}" if what is None else f"MISMATCH  {name}: {what}")
+    bad = [name for name, what in results.items() if what]
+    if bad:
+        raise M4Error(f"{len(bad)} of {len(results)} files of {bundle} do not match its {MANIFEST}: {', '.join(bad)}")
+
+
 @app.command()
 def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), demo, a checkpoint or a bundle"),
          as_json: bool = typer.Option(False, "--json")):

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from m4.export.manifest import is_bundle, manifest_arch, read_manifest
+from m4.bundle_format import is_bundle, manifest_arch, read_manifest
 from m4.model.config import PRESETS, Arch
 from m4.resolve import DEMO_DIR, resolve
 

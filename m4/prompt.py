@@ -45,6 +45,10 @@ class Template:
     def front(self) -> str:
         return self.inline + self.sep
 
+    def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
+        """The ids of the stop tokens that this tokenizer has."""
+        return {tokenizer.token_id(s) for s in self.stop} - {None}
+
 
 TEMPLATES = {
     # LLaVA-NeXT's conv_qwen_1_5 (ChatML), which llava-interleave-qwen uses

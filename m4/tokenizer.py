@@ -9,7 +9,7 @@ appended after the learned vocabulary.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +82,16 @@ class Tokenizer:
     def stream(self) -> DecodeStream:
         """Incremental detokenizer: `.step(tok, id)` returns text once it is whole UTF-8."""
         return DecodeStream(skip_special_tokens=False)
+
+    def detokenize(self, ids: Iterable[int]) -> Iterator[str]:
+        """Text pieces of ids as they come (an answer streamed token by token)."""
+        decoder, known = self.stream(), len(self)
+        for token in ids:
+            if token >= known:  # embedding rows past the tokenizer (padding) have no text
+                continue
+            piece = decoder.step(self.tok, token)
+            if piece:
+                yield piece
 
     def __len__(self) -> int:
         return self.tok.get_vocab_size(with_added_tokens=True)

@@ -9,7 +9,7 @@ from PIL import Image
 
 import m4 as m4_api
 from m4.bench import bundle_for
-from m4.export.manifest import ORT_DECODER
+from m4.bundle_format import ORT_DECODER
 from test_cli import m4
 
 

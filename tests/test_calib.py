@@ -15,14 +15,14 @@ from onnx import numpy_helper
 from PIL import Image
 
 import m4
+from m4.bundle_format import ORT_DECODER
 from m4.calib.bundle import calibrate
 from m4.calib.data import load_samples
-from m4.calib.measure import teacher_forced
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
+from m4.calib.measure import teacher_forced
 from m4.errors import M4Error
 from m4.eval import evaluate
 from m4.export.bundle import export_bundle
-from m4.export.manifest import ORT_DECODER
 from m4.media import DemoScene, preprocess, write_video
 from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import synth
@@ -145,7 +145,7 @@ def test_greedy_agreement_is_measured_and_bounded(checkpoints, oracle, quantised
     # reads the oracle's prompt and answer, and predicts each answer token
     model = m4.load(quantised(decoder))
     images = random_images(2, seed=21)
-    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    p, pictures = model.prepare(QUESTIONS[2], images, None, None, False)
     ref = oracle_tokens(oracle(checkpoints[VARIANT]), model, p, pictures, 12)
     logits = teacher_forced(model.backend, model.embed(p, pictures), ref)
     assert (logits.argmax(-1) == ref).mean() >= agreement
@@ -156,7 +156,7 @@ def test_smoothing_alone_keeps_the_decoder_function(float_bundle, tmp_path):
     the smoothed graph computes what the float graph computes."""
     ref = m4.load(float_bundle)
     a = ref.arch.text
-    prompts = [ref.embed(*ref._prepare(QUESTIONS[2], random_images(2, seed=s), None, None, False)) for s in (1, 2)]
+    prompts = [ref.embed(*ref.prepare(QUESTIONS[2], random_images(2, seed=s), None, None, False)) for s in (1, 2)]
     feeds = prefill_feeds(prompts, a.layers, a.kv_heads, a.head_dim)
     model = onnx.load(float_bundle / "decoder.onnx")
     names = sorted({n.input[0] for n in weight_matmuls(model)})

@@ -28,7 +28,7 @@ def test_static_decode_equals_transformers(checkpoints, oracle, variant):
     model = with_backend(checkpoints[variant], decode="static")
     for n in (1, 2):
         images = random_images(n, seed=10 + n)
-        p, pictures = model._prepare(QUESTIONS[n], images, None, None, False)
+        p, pictures = model.prepare(QUESTIONS[n], images, None, None, False)
         ours = list(model.tokens(QUESTIONS[n], images=images, max_new_tokens=12))
         assert len(ours) == 12
         assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)
@@ -75,7 +75,7 @@ def test_static_decode_in_a_live_window(checkpoints, oracle, variant):
 
 def test_chunked_prefill_equals_one_pass(checkpoints, monkeypatch):
     model = m4.load(checkpoints["mha-untied-penult-default"], backend="torch")
-    p, pictures = model._prepare(QUESTIONS[2], random_images(2, seed=1), None, None, False)
+    p, pictures = model.prepare(QUESTIONS[2], random_images(2, seed=1), None, None, False)
     b, embeds = model.backend, model.embed(p, pictures)
     whole = b.forward(embeds, 0, b.new_cache(len(p.ids)), last_only=False)
     monkeypatch.setattr(torch_backend, "PREFILL_CHUNK", 7)
@@ -113,7 +113,7 @@ def test_int8_error_against_transformers(checkpoints, oracle, variant):
     path = checkpoints[variant]
     model = with_backend(path, dtype="int8")
     hf = oracle(path)
-    p, pictures = model._prepare(QUESTIONS[2], random_images(2, seed=7), None, None, False)
+    p, pictures = model.prepare(QUESTIONS[2], random_images(2, seed=7), None, None, False)
     answer = oracle_tokens(hf, model, p, pictures, 16)
     ids = p.ids + answer
     with torch.no_grad():

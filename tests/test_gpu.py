@@ -49,7 +49,7 @@ def test_fp32_graphs_equal_transformers(checkpoints, cuda_oracle, variant):
     assert model.backend.decode == "graph"
     for n, question in QUESTIONS.items():
         images = random_images(n, seed=n)
-        p, pictures = model._prepare(question, images, None, None, False)
+        p, pictures = model.prepare(question, images, None, None, False)
         ours = list(model.tokens(question, images=images, max_new_tokens=12))
         assert ours == oracle_tokens(cuda_oracle(path, torch.float32), model, p, pictures, 12), f"{n} images"
 
@@ -61,7 +61,7 @@ def test_fp16_agrees_with_transformers_fp16(checkpoints, cuda_oracle):
         path, question, n = checkpoints[variant], PROMPTS[i % len(PROMPTS)], 1 + i % 3
         model = cuda_model(path, "float16")
         images = random_images(n, seed=100 + i)
-        p, pictures = model._prepare(question, images, None, None, False)
+        p, pictures = model.prepare(question, images, None, None, False)
         ours = list(model.tokens(question, images=images, max_new_tokens=12))
         ref = oracle_tokens(cuda_oracle(path, torch.float16), model, p, pictures, 12)
         results.append((i, variant, n, ours, ref))
@@ -117,7 +117,7 @@ def test_int8_on_cuda_close_to_fp16(checkpoints):
 
     path = checkpoints["gqa-tied-last-full"]
     fp16, int8 = cuda_model(path, "float16"), cuda_model(path, "int8")
-    p, pictures = fp16._prepare(QUESTIONS[2], random_images(2, seed=7), None, None, False)
+    p, pictures = fp16.prepare(QUESTIONS[2], random_images(2, seed=7), None, None, False)
     a, b = (m.backend.forward(m.embed(p, pictures), 0, m.backend.new_cache(len(p.ids)), last_only=False)
             for m in (fp16, int8))
     cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
@@ -131,6 +131,6 @@ def test_compiled_step_equals_transformers(checkpoints, cuda_oracle):
     model = cuda_model(path, "float32")
     model.backend.compile()
     images = random_images(2, seed=5)
-    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    p, pictures = model.prepare(QUESTIONS[2], images, None, None, False)
     ours = list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=12))
     assert ours == oracle_tokens(cuda_oracle(path, torch.float32), model, p, pictures, 12)

@@ -13,7 +13,7 @@ Q = "What is happening?"
 
 
 def oracle_answer(oracle, path, model, frames, n):
-    p, pictures = model._prepare(Q, None, frames, None, False)
+    p, pictures = model.prepare(Q, None, frames, None, False)
     return oracle_tokens(oracle(path), model, p, pictures, n)
 
 

@@ -2,6 +2,7 @@
 checkpoint), the torch-free runtime path, and one clear line for broken bundles."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 
 import m4
+from m4.bundle_format import ORT_DECODER
 from m4.errors import M4Error
 from m4.export.bundle import OPSET, export_bundle
-from m4.export.manifest import ORT_DECODER
 from m4.info import describe
 from m4.media import preprocess
 
@@ -67,7 +68,7 @@ def test_greedy_tokens_equal_transformers(checkpoints, oracle, models, variant, 
     assert model.backend.name == "onnx" and model.backend.fused == (graph == ORT_DECODER)
     images = random_images(n_images, seed=n_images)
     question = QUESTIONS[n_images]
-    p, pictures = model._prepare(question, images, None, None, False)
+    p, pictures = model.prepare(question, images, None, None, False)
     ours = list(model.tokens(question, images=images, max_new_tokens=12))
     assert len(ours) == 12
     assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)
@@ -78,7 +79,7 @@ def test_video_frames_equal_transformers(checkpoints, oracle, models, variant):
     model = models[variant, ORT_DECODER]
     frames = random_images(8, seed=11)
     question = "Which way does the ball move?"
-    p, pictures = model._prepare(question, None, frames, None, False)
+    p, pictures = model.prepare(question, None, frames, None, False)
     assert p.n_images == 8
     ours = list(model.tokens(question, video=frames, max_new_tokens=10))
     assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 10)
@@ -226,6 +227,10 @@ def broken_bundle(src, dst, case):
         data = bytearray((dst / ORT_DECODER).read_bytes())
         data[: len(data) // 2] = b"\x07" * (len(data) // 2)
         (dst / ORT_DECODER).write_bytes(bytes(data))
+    elif case == "changed decoder.onnx":  # one byte flipped
+        data = bytearray((dst / "decoder.onnx").read_bytes())
+        data[len(data) // 2] ^= 1
+        (dst / "decoder.onnx").write_bytes(bytes(data))
     elif case == "truncated onnx":
         (dst / "vision.onnx").write_bytes((dst / "vision.onnx").read_bytes()[:1000])
     elif case == "no manifest":
@@ -237,24 +242,49 @@ def broken_bundle(src, dst, case):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("corrupt onnx", "cannot load"), ("truncated onnx", "truncated"), ("no manifest", "no m4.json"),
-    ("unknown version", "format version 99")])
+    ("corrupt onnx", f"{ORT_DECODER} does not match m4.json"), ("truncated onnx", "truncated"),
+    ("no manifest", "no m4.json"), ("unknown version", "format version 99")])
 def test_broken_bundle_is_one_clear_error(bundles, tmp_path, case, message):
     bad = broken_bundle(bundles["gqa-tied-last-full"], tmp_path / "bad", case)
     with pytest.raises(M4Error, match=message) as e:
         m4.load(bad)
     assert "\n" not in str(e.value)
-    if case == "corrupt onnx":  # and the CLI says it in one line, exit 2
+    if case == "corrupt onnx":  # unverified, ONNX Runtime cannot parse it: the CLI says so in one line, exit 2
         r = subprocess.run([sys.executable, "-m", "m4", "run", "--model", bad, "--prompt", "q"],
-                           capture_output=True, text=True, timeout=120)
+                           capture_output=True, text=True, timeout=120, env={**os.environ, "M4_VERIFY": "0"})
         assert r.returncode == 2 and r.stderr.startswith("m4: error: cannot load") and r.stderr.count("\n") == 1
+
+
+def test_a_changed_file_is_caught_before_any_answer(bundles, tmp_path):
+    """One byte flipped in decoder.onnx, which the CPU does not even run (it runs the fused
+    twin): the bundle would load and answer. Loading checks every file's sha256."""
+    bad = broken_bundle(bundles["gqa-tied-last-full"], tmp_path / "bad", "changed decoder.onnx")
+    with pytest.raises(M4Error, match=r"bad/decoder.onnx does not match m4.json") as e:
+        m4.load(bad)
+    assert "\n" not in str(e.value)
+    assert m4.load(bad, verify=False).ask("What is it?", max_new_tokens=2) is not None  # skipped on request
+
+    def verify(path):
+        return subprocess.run([sys.executable, "-m", "m4", "verify", path], capture_output=True, text=True,
+                              timeout=120)
+
+    r = verify(bad)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("m4: error: 1 of ") and "decoder.onnx" in r.stderr and r.stderr.count("\n") == 1
+    lines = r.stdout.splitlines()
+    assert "MISMATCH  decoder.onnx: its contents changed (sha256 differs)" in lines
+    assert sum(line.startswith("OK ") for line in lines) == len(lines) - 1
+    good = verify(bundles["gqa-tied-last-full"])
+    assert good.returncode == 0 and good.stderr == "" and all(line.startswith("OK ") for line in good.stdout.splitlines())
+    r = verify(tmp_path)
+    assert r.returncode != 0 and r.stderr.startswith("m4: error:") and "not a bundle" in r.stderr
 
 
 def test_fp16_bundle_is_close_to_fp32(checkpoints, models, tmp_path):
     m = export_bundle(str(checkpoints["gqa-tied-last-full"]), tmp_path / "half", dtype="fp16")
     assert m["dtype"] == "fp16" and m["dtypes"]["decoder.onnx"] == "fp16"
     half, full = m4.load(tmp_path / "half"), models["gqa-tied-last-full", ORT_DECODER]
-    p, pictures = full._prepare(QUESTIONS[2], random_images(2, seed=3), None, None, False)
+    p, pictures = full.prepare(QUESTIONS[2], random_images(2, seed=3), None, None, False)
     embeds = half.embed(p, pictures)
     assert embeds.dtype == np.float16 and half.backend.fused
     ours = half.backend.forward(embeds, 0, half.backend.new_cache(len(p.ids)), last_only=False)
@@ -282,7 +312,7 @@ def test_bundles_of_any_head_size_answer_as_transformers(oracle, tmp_path, head_
     assert model.arch.text.head_dim == head_dim
     assert model.backend.fused == (head_dim % 16 == 0) == (tmp_path / "b" / ORT_DECODER).is_file()
     images = random_images(2, seed=head_dim)
-    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    p, pictures = model.prepare(QUESTIONS[2], images)
     ours = list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=10))
     assert ours == oracle_tokens(oracle(ck), model, p, pictures, 10)
     assert ours == list(m4.load(ck, backend="torch").tokens(QUESTIONS[2], images=images, max_new_tokens=10))

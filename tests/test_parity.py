@@ -34,7 +34,7 @@ def test_greedy_tokens_equal_transformers(checkpoints, oracle, variant, n_images
     model = m4.load(checkpoints[variant], backend="torch")
     images = random_images(n_images, seed=n_images)
     question = QUESTIONS[n_images]
-    p, pictures = model._prepare(question, images, None, None, False)
+    p, pictures = model.prepare(question, images, None, None, False)
     assert p.ids.count(model.arch.image_token_id) == n_images * model.arch.tokens_per_image
     ours = list(model.tokens(question, images=images, max_new_tokens=12))
     assert len(ours) == 12  # random weights rarely stop; a short answer would test less
@@ -45,7 +45,7 @@ def test_greedy_tokens_equal_transformers(checkpoints, oracle, variant, n_images
 def test_prompt_logits_match_transformers(checkpoints, oracle, variant):
     model = m4.load(checkpoints[variant], backend="torch")
     images = random_images(2, seed=7)
-    p, pictures = model._prepare(QUESTIONS[2], images, None, None, False)
+    p, pictures = model.prepare(QUESTIONS[2], images, None, None, False)
     b = model.backend
     ours = b.forward(model.embed(p, pictures), 0, b.new_cache(len(p.ids)), last_only=False)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_shipped_demo_answers_as_transformers_does(oracle, held_out_bench):
     for rec in records:
         question = rec["conversations"][0]["value"]
         images, patches = [held_out_bench / f for f in rec["image"]], bool(rec["metadata"].get("patches"))
-        p, pictures = model._prepare(question, images, None, None, patches)
+        p, pictures = model.prepare(question, images, None, None, patches)
         ours = list(model.tokens(question, images=images, patches=patches, max_new_tokens=16))
         assert ours, rec["sample_id"]
         assert ours == oracle_tokens(oracle(DEMO_DIR), model, p, pictures, 16), rec["sample_id"]
@@ -91,7 +91,7 @@ def test_shipped_demo_tells_which_way_the_demo_scene_moves(oracle):
     model = m4.load("demo", backend="torch")
     shape = DemoScene(shapes=1).describe()[0]  # the scene `demo` plays
     question = f"Which way does the {shape['colour']} {shape['kind']} move?"
-    p, pictures = model._prepare(question, None, "demo", None, False)
+    p, pictures = model.prepare(question, None, "demo", None, False)
     ours = list(model.tokens(question, video="demo", max_new_tokens=8))
     assert ours == oracle_tokens(oracle(DEMO_DIR), model, p, pictures, 8)
     assert model.ask(question, video="demo", max_new_tokens=8).strip() == shape["direction"]

@@ -14,7 +14,7 @@ from m4.eval import letter, options
 from m4.media import sample_uniform, tile
 from m4.media.demo import COLOURS
 from m4.prompt import IMAGE
-from m4.train.data import Skipped, load_records
+from m4.records import Skipped, load_records
 from m4.train.synth import FRAMES, PLACES, TASKS, make, synth
 
 

@@ -22,7 +22,8 @@ from m4.media import preprocess
 from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.media.demo import COLOURS
-from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, in_front, load_records, problem, turns
+from m4.records import Skipped, in_front, load_records, problem, turns
+from m4.train.data import IGNORE, Batches, Collate, InstructData, approx_length
 from m4.train.synth import make, place, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
 

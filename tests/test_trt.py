@@ -14,10 +14,11 @@ import pytest
 import torch
 
 import m4
+from m4.bundle_format import MANIFEST, file_record
 from m4.errors import M4Error
 from m4.export.bundle import export_bundle
-from m4.export.engines import gpu_name, profiles
-from m4.export.manifest import MANIFEST, file_record
+from m4.export.engines import profiles
+from m4.machine import gpu_name
 from m4.media import preprocess
 
 from conftest import random_images
@@ -164,7 +165,7 @@ def test_greedy_tokens_equal_transformers(built, checkpoints, oracle, variant, n
     assert model.backend.name == "trt"
     model.backend.cuda_graph = cuda_graph
     images = random_images(n_images, seed=n_images)
-    p, pictures = model._prepare(QUESTIONS[n_images], images, None, None, False)
+    p, pictures = model.prepare(QUESTIONS[n_images], images, None, None, False)
     ours = list(model.tokens(QUESTIONS[n_images], images=images, max_new_tokens=12))
     assert len(ours) == 12
     assert ours == oracle_tokens(oracle(checkpoints[variant]), model, p, pictures, 12)

@@ -23,18 +23,17 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import m4
-from m4 import __version__
 from m4.atomic import atomic_directory
-from m4.bench import machine
+from m4.bundle_format import MANIFEST, ORT_DECODER, PREFILL_CHUNK, file_record, is_bundle
 from m4.calib import decoder as dec
 from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
 from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
 from m4.eval import evaluate, load_bench
-from m4.export.manifest import MANIFEST, ORT_DECODER, file_record, is_bundle
+from m4.machine import machine
 from m4.media import preprocess
-from m4.runtime.bundle_backend import PREFILL_CHUNK
+from m4.version import __version__
 
 VISION = ("int8", "none")
 DECODER = ("int8", "int4", "w8a8", "none")
@@ -171,7 +170,7 @@ def embed_samples(model, samples: list) -> tuple[list[np.ndarray], np.ndarray]:
     """Each sample's decoder input embeddings (through the float bundle), and all pictures preprocessed."""
     prompts, pictures = [], []
     for s in samples:
-        p, pics = model._prepare(s.text, None if s.video else s.images, s.images if s.video else None, None,
+        p, pics = model.prepare(s.text, None if s.video else s.images, s.images if s.video else None, None,
                                  s.patches)
         prompts.append(model.embed(p, pics))
         pictures += pics

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from m4.errors import M4Error
 from m4.media import DemoScene, load_image, sample_uniform
+from m4.records import Skipped, as_list, in_front, load_records
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}
@@ -83,8 +84,6 @@ def folder_samples(path: Path, n: int) -> list[Sample]:
 
 def json_samples(path: Path, n: int) -> list[Sample]:
     """The first question of each record, with its images or video frames as training sees them."""
-    from m4.train.data import Skipped, as_list, in_front, load_records
-
     out = []
     for rec in load_records(path, path.parent, Skipped()):
         if len(out) >= n:

@@ -23,8 +23,8 @@ from onnx import numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+from m4.bundle_format import past_names
 from m4.calib.vision import EXTRA, METHODS, Feeds, quiet
-from m4.export.manifest import past_names
 
 BLOCK = 32  # weights per scale: ORT's accurate default for 4-bit LLM weights
 ALPHA = 0.5  # SmoothQuant's migration strength for its OPT/Llama-style models

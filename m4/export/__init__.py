@@ -1,2 +1,2 @@
-"""Model -> ONNX bundle. `manifest` is torch-free (the runtime reads bundles with it);
-`graphs` and `bundle` need torch and are imported only by `m4 export`."""
+"""Model -> ONNX bundle (`bundle`, `graphs`, `ort_graph`: torch) and TensorRT engines from a
+bundle (`engines`). What a bundle holds is m4.bundle_format, which the runtime reads too."""

@@ -1,4 +1,4 @@
-"""`m4 export`: a checkpoint -> an ONNX bundle (see manifest.py for what the runtime reads).
+"""`m4 export`: a checkpoint -> an ONNX bundle (m4/bundle_format.py says what the runtime reads).
 
 The graphs are traced from the compact model (m4.model) with torch.onnx's dynamo exporter
 at opset 18: standard ops only, which ONNX Runtime runs and TensorRT builds. Beside them,
@@ -21,18 +21,18 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch.export import Dim
 
-from m4 import __version__
 from m4.atomic import atomic_directory
+from m4.bundle_format import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.errors import M4Error
 from m4.export.graphs import DecoderGraph, VisionGraph
 from m4.export.ort_graph import export_ort_decoder, runs_on_ort
-from m4.export.manifest import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
 from m4.model.llava import LLaVA
 from m4.prompt import detect_template
 from m4.resolve import resolve
 from m4.tokenizer import Tokenizer
+from m4.version import __version__
 
 OPSET = 18  # TensorRT 10 parses it whole; 23's Attention and RMSNormalization it may not
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",

@@ -13,20 +13,17 @@ on that GPU model and TensorRT version).
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import subprocess
 import tempfile
 from pathlib import Path
 
 from m4.atomic import atomic_directory
+from m4.bundle_format import MANIFEST, PREFILL_CHUNK, file_record, manifest_arch, past_names, read_manifest
 from m4.errors import M4Error
-from m4.export.manifest import MANIFEST, file_record, manifest_arch, past_names, read_manifest
-from m4.runtime.bundle_backend import PREFILL_CHUNK  # prefills arrive in pieces of at most this
+from m4.machine import TENSORRT_INSTALL, gpu_name
 
-INSTALL = "on Jetson it comes with JetPack 6, elsewhere pip install tensorrt"
-NEEDS = f"m4 build needs TensorRT's Python API (tensorrt >= 10.3) and a CUDA GPU: {INSTALL}"
+NEEDS = f"m4 build needs TensorRT's Python API (tensorrt >= 10.3) and a CUDA GPU: {TENSORRT_INSTALL}"
 
 
 def profiles(m: dict, max_images: int, max_context: int) -> dict[str, list[dict]]:
@@ -46,19 +43,6 @@ def profiles(m: dict, max_images: int, max_context: int) -> dict[str, list[dict]
     chunk = min(PREFILL_CHUNK, max_context)
     return {"vision.onnx": [vision],
             "decoder.onnx": [decoder((1, chunk // 2, chunk), (1, 1, chunk)), decoder((1, 1, 1), (1, 1, 1))]}
-
-
-@functools.cache  # one GPU per process; nvidia-smi is a subprocess, asked once
-def gpu_name() -> str:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    jetson = Path("/proc/device-tree/model")  # Jetson has no nvidia-smi
-    return jetson.read_text().strip("\x00\n ") if jetson.is_file() else "unknown"
 
 
 def half_graph(src: Path, dst: Path) -> None:

@@ -23,8 +23,8 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from m4.bundle_format import past_names, present_names
 from m4.errors import M4Error
-from m4.export.manifest import past_names, present_names
 from m4.model.config import TextArch
 from m4.model.llava import LLaVA
 from m4.model.decoder import Decoder

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m4.bundle_format import DTYPES, PREFILL_CHUNK, manifest_arch, read_manifest
 from m4.errors import M4Error
-from m4.export.manifest import DTYPES, manifest_arch, read_manifest
-
-PREFILL_CHUNK = 512  # bounds the attention scores one decoder call materialises
 
 
 class BundleBackend:

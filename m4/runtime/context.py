@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from m4.errors import M4Error
+from m4.runtime.backend import Backend, Embeddings
 from m4.runtime.sampling import Sampling, sample
 
 
@@ -22,14 +23,18 @@ class Segment:
 
 
 class Context:
-    def __init__(self, backend, max_len: int):
+    def __init__(self, backend: Backend, max_len: int):
+        limit = backend.arch.text.max_positions
+        if max_len > limit:  # past it, RoPE has no angles for the positions
+            raise M4Error(f"a context of {max_len} tokens exceeds this model's {limit} positions")
         self.backend = backend
         self.cache = backend.new_cache(max_len)
         self.max_len = max_len
         self.segments: list[Segment] = []
         self.length = 0
 
-    def append(self, kind: str, embeds, lengths: list[int] | None = None, greedy: bool = False) -> np.ndarray | int:
+    def append(self, kind: str, embeds: Embeddings, lengths: list[int] | None = None,
+               greedy: bool = False) -> np.ndarray | int:
         """Prefill `embeds` (T, H) after what the cache holds; the last position's logits, or
         with `greedy` its most likely token (picked where the backend's logits are).
         `lengths` records one prefill as several segments (frames refilled together)."""

@@ -15,44 +15,56 @@ from collections.abc import Iterator
 
 from m4.errors import M4Error
 from m4.media import preprocess
-from m4.prompt import IMAGE, image_parts, tokenize
+from m4.prompt import IMAGE, Template, image_parts, tokenize
+from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
+from m4.tokenizer import Tokenizer
 
 QUESTION_TOKENS = 256  # room for a question's text in the cache
 
 
 class LiveContext:
-    def __init__(self, model, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
+    """Over a backend, with the tokenizer and chat template of its model (`Model.stream` makes
+    one from a loaded model)."""
+
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, template: Template, window: int = 8,
+                 exact: bool = True, max_new_tokens: int = 128):
         if window < 1:
             raise M4Error("the window must hold at least one frame")
-        if not exact and not hasattr(model.backend, "shift"):
-            raise M4Error(f"approximate eviction is not available on the {model.backend.name} backend")
-        self.model, self.window, self.exact, self.max_new_tokens = model, window, exact, max_new_tokens
-        self.prefix = self._tokenize([model.template.header])
+        if not exact and not hasattr(backend, "shift"):
+            raise M4Error(f"approximate eviction is not available on the {backend.name} backend")
+        self.backend, self.tokenizer, self.template, self.arch = backend, tokenizer, template, backend.arch
+        self.window, self.exact, self.max_new_tokens = window, exact, max_new_tokens
+        self.stop_ids = template.stop_ids(tokenizer)
+        self.prefix = self._tokenize([template.header])
         # frame i's parts (its image slot and separator text), by its place in the window
-        self.slots = [self._tokenize(image_parts(model.template, i, front=True)) for i in range(window)]
-        size = len(self.prefix.ids) + sum(len(s.ids) for s in self.slots) + QUESTION_TOKENS + max_new_tokens
-        self.ctx = Context(model.backend, size)
-        self.ctx.append("prefix", model.embed_parts(self.prefix.parts, None))
+        self.slots = [self._tokenize(image_parts(template, i, front=True)) for i in range(window)]
+        frames = sum(len(s.ids) for s in self.slots)
+        size = len(self.prefix.ids) + frames + QUESTION_TOKENS + max_new_tokens
+        if size > self.arch.text.max_positions:
+            raise M4Error(f"a live window of {window} frames needs {size} positions ({frames} for the frames, "
+                          f"{QUESTION_TOKENS} for a question, {max_new_tokens} for an answer) and this model's "
+                          f"context holds {self.arch.text.max_positions}: use a smaller window")
+        self.ctx = Context(backend, size)
+        self.ctx.append("prefix", embed_parts(backend, self.prefix.parts, None))
         self.frames: list = []  # embeddings of the frames in the window, oldest first
         self.stats: dict[str, float] = {"frames_seen": 0, "cache_tokens": self.ctx.length, "cache_size": size}
 
     def _tokenize(self, parts):
-        a = self.model.arch
-        return tokenize(parts, self.model.tokenizer, a.image_token_id, a.tokens_per_image)
+        return tokenize(parts, self.tokenizer, self.arch.image_token_id, self.arch.tokens_per_image)
 
     def _embed_slots(self, first: int, count: int):
         """Embeddings of window slots [first, first + count) holding their frames."""
         parts = [p for i in range(first, first + count) for p in self.slots[i].parts]
-        return self.model.embed_parts(parts, dict(enumerate(self.frames)))
+        return embed_parts(self.backend, parts, dict(enumerate(self.frames)))
 
     def add_frame(self, frame) -> None:
         """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
         t0 = time.perf_counter()
-        pixels = preprocess([frame], self.model.arch.vision.image_size)
+        pixels = preprocess([frame], self.arch.vision.image_size)
         tp = time.perf_counter()
-        self.frames.append(self.model.backend.encode_images(pixels)[0])
+        self.frames.append(self.backend.encode_images(pixels)[0])
         t1 = time.perf_counter()
         if len(self.frames) <= self.window:
             n = len(self.frames) - 1
@@ -79,21 +91,21 @@ class LiveContext:
         if IMAGE in question:
             raise M4Error("a live question refers to the frames in the window: remove its <image> placeholders")
         n = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        q = self._tokenize([question, self.model.template.footer])
+        q = self._tokenize([question, self.template.footer])
         if len(q.ids) > QUESTION_TOKENS:
             raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
         mark = self.ctx.mark()
         try:
             t0 = time.perf_counter()
-            logits = self.ctx.append("question", self.model.embed_parts(q.parts, None))
+            logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None))
             t1 = time.perf_counter()
             self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
-            yield from self.ctx.generate(logits, n, self.model.stop_ids, Sampling(temperature, top_p, seed),
+            yield from self.ctx.generate(logits, n, self.stop_ids, Sampling(temperature, top_p, seed),
                                          self.stats, t0)
         finally:
             self.ctx.rollback(mark)
 
     def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, stream: bool = False):
-        pieces = self.model.detokenize(self.tokens(question, max_new_tokens, temperature, top_p, seed))
+        pieces = self.tokenizer.detokenize(self.tokens(question, max_new_tokens, temperature, top_p, seed))
         return pieces if stream else "".join(pieces)

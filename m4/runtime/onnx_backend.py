@@ -18,7 +18,7 @@ layout:
   costs the prefix, not max_len; a prefill is compute-bound, the copy small beside it) or,
   for a few tokens after a long history, over the buffer as it is.
 
-Prefill runs in chunks of PREFILL_CHUNK tokens (m4.runtime.bundle_backend).
+Prefill runs in chunks of PREFILL_CHUNK tokens (m4.bundle_format).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from m4.bundle_format import ORT_DECODER, past_names, present_names
 from m4.errors import M4Error
-from m4.export.manifest import ORT_DECODER, past_names, present_names
 from m4.model.rope import rope_table, rotate
 from m4.runtime.bundle_backend import BundleBackend
 

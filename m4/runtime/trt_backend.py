@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
+from m4.bundle_format import past_names, read_manifest
 from m4.errors import M4Error
-from m4.export.engines import INSTALL, gpu_name
-from m4.export.manifest import past_names, read_manifest
+from m4.machine import TENSORRT_INSTALL, gpu_name
 from m4.runtime.bundle_backend import BundleBackend
 
 CUDA_PYTHON = "the trt backend needs cuda-python: pip install 'm4-vlm[trt]'"
@@ -58,7 +58,7 @@ def unavailable(path: Path, m: dict | None = None) -> str | None:
     try:
         import tensorrt as trt
     except ImportError:
-        return (f"the trt backend needs TensorRT's Python API, which is not installed here: {INSTALL} "
+        return (f"the trt backend needs TensorRT's Python API, which is not installed here: {TENSORRT_INSTALL} "
                 f"(the engines want TensorRT {record['tensorrt']})")
     if trt.__version__ != record["tensorrt"]:
         return (f"{path}'s engines were built with TensorRT {record['tensorrt']} and this machine has TensorRT "

@@ -38,10 +38,11 @@ from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.model.config import PRESETS, Arch
 from m4.prompt import detect_template
+from m4.records import Skipped, load_records, texts
 from m4.report import human
 from m4.tokenizer import TOKENIZER_CORPUS, Tokenizer, build_tokenizer
 from m4.train import dist as D
-from m4.train.data import IGNORE, Batches, Collate, InstructData, Skipped, approx_length, load_records, texts
+from m4.train.data import IGNORE, Batches, Collate, InstructData, approx_length
 
 # micro-batch, learning rate, max tokens per sample, gradient checkpointing
 PRESET_DEFAULTS = {
