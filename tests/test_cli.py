@@ -13,6 +13,8 @@ from PIL import Image
 
 from m4.model.config import PRESETS, Arch
 
+from conftest import VARIANTS
+
 
 def m4(*args, cache=None, stdin=None):
     env = {**os.environ, "M4_CACHE": str(cache)} if cache else None
@@ -118,4 +120,5 @@ def test_info_checkpoint(checkpoints):
         skipped = sum(p.numel() for n, p in hf.named_parameters()
                       if "vision_tower" in n and ("post_layernorm" in n or f"layers.{d['vision']['layers_run']}." in n))
         assert d["params"]["total"] == sum(p.numel() for p in hf.parameters()) - skipped, variant
-        assert d["tokens_per_image"] == (15 if "default" in variant else 16)
+        clip, default = VARIANTS[variant][1] == "clip", VARIANTS[variant][5] == "default"
+        assert d["tokens_per_image"] == 16 + clip - default  # 4 x 4 patches, CLIP's class token

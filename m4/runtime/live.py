@@ -1,7 +1,10 @@
 """A live video context: frames enter once, questions leave no trace.
 
 The cache holds [prefix][frame 0]...[frame n-1], and a question and its answer only while
-they are asked. When the window is full the oldest frame goes. Exact eviction (the
+they are asked. Under exact eviction, text between two images is tokenized whole, as the
+same prompt in one piece is ("</Image>)(image 2: <Image>" may tokenize differently in two
+pieces): frame i's segment is the text since the previous image and its image, and the
+last frame's closing text goes in front of the question. When the window is full the oldest frame goes. Exact eviction (the
 default) refills the kept frames from their cached embeddings (no frame is encoded twice),
 so an answer equals the oracle's on the same window; approximate eviction moves the kept
 frames down in the cache instead, cheaper per frame and measured for agreement.
@@ -38,8 +41,15 @@ class LiveContext:
         self.window, self.exact, self.max_new_tokens = window, exact, max_new_tokens
         self.stop_ids = template.stop_ids(tokenizer)
         self.prefix = self._tokenize([template.header])
-        # frame i's parts (its image slot and separator text), by its place in the window
-        self.slots = [self._tokenize(image_parts(template, i, front=True)) for i in range(window)]
+        # the tokens of a frame's place in the window (its image slot and the text around it)
+        leads, tails = zip(*(slot_texts(image_parts(template, i, front=True)) for i in range(window)))
+        if exact:  # text between two images whole; the last frame's closing text waits for the question
+            between = [(tails[i - 1] if i else "") + leads[i] for i in range(window)]
+            self.slots = [self._tokenize([text, i] if text else [i]) for i, text in enumerate(between)]
+            self.tails = tails
+        else:  # each slot whole: dropping the oldest leaves the next one's text as it was
+            self.slots = [self._tokenize(image_parts(template, i, front=True)) for i in range(window)]
+            self.tails = ("",) * window
         frames = sum(len(s.ids) for s in self.slots)
         size = len(self.prefix.ids) + frames + QUESTION_TOKENS + max_new_tokens
         if size > self.arch.text.max_positions:
@@ -91,7 +101,8 @@ class LiveContext:
         if IMAGE in question:
             raise M4Error("a live question refers to the frames in the window: remove its <image> placeholders")
         n = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        q = self._tokenize([question, self.template.footer])
+        tail = self.tails[len(self.frames) - 1] if self.frames else ""
+        q = self._tokenize([tail + question, self.template.footer])
         if len(q.ids) > QUESTION_TOKENS:
             raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
         mark = self.ctx.mark()
@@ -109,3 +120,9 @@ class LiveContext:
             top_p: float = 1.0, seed: int | None = None, stream: bool = False):
         pieces = self.tokenizer.detokenize(self.tokens(question, max_new_tokens, temperature, top_p, seed))
         return pieces if stream else "".join(pieces)
+
+
+def slot_texts(parts: list) -> tuple[str, str]:
+    """An image slot's parts (text, the image's index, text) -> the text before and after it."""
+    i = next(k for k, p in enumerate(parts) if isinstance(p, int))
+    return "".join(parts[:i]), "".join(parts[i + 1:])
