@@ -13,7 +13,7 @@ from pathlib import Path
 
 from m4.bundle_format import is_bundle, verify as verify_bundle
 from m4.errors import M4Error
-from m4.media import load_image, preprocess, sample_uniform, tile
+from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
 from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
 from m4.resolve import resolve
@@ -88,6 +88,7 @@ class Model:
     def __init__(self, backend: Backend, tokenizer: Tokenizer, arch: Arch, template: Template, path: Path):
         self.backend, self.tokenizer, self.arch, self.template, self.path = backend, tokenizer, arch, template, path
         self.stop_ids = template.stop_ids(tokenizer)
+        self.processing = ImageProcessing.from_dir(path, arch.vision.image_size, arch.vision.kind)
         self.stats: dict[str, float] = {}
 
     def prompt(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
@@ -115,7 +116,7 @@ class Model:
 
     def encode(self, pictures: list):
         """Images -> (n, tokens_per_image, H) embeddings in the backend's arrays."""
-        return self.backend.encode_images(preprocess(pictures, self.arch.vision.image_size))
+        return self.backend.encode_images(preprocess(pictures, self.processing))
 
     def embed(self, p: Prompt, pictures: list):
         return embed_parts(self.backend, p.parts, self.encode(pictures) if pictures else None)
@@ -124,7 +125,8 @@ class Model:
         """A live video context over this model (several may share it)."""
         from m4.runtime.live import LiveContext
 
-        return LiveContext(self.backend, self.tokenizer, self.template, window, exact, max_new_tokens)
+        return LiveContext(self.backend, self.tokenizer, self.template, window, exact, max_new_tokens,
+                           self.processing)
 
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
                patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,

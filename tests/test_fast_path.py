@@ -118,7 +118,7 @@ def test_int8_error_against_transformers(checkpoints, oracle, variant):
     ids = p.ids + answer
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([ids]),
-                 pixel_values=torch.from_numpy(preprocess(pictures, model.arch.vision.image_size))).logits[0].numpy()
+                 pixel_values=torch.from_numpy(preprocess(pictures, model.processing))).logits[0].numpy()
     b = model.backend
     cache = b.new_cache(len(ids))
     prompt = b.forward(model.embed(p, pictures), 0, cache, last_only=False)

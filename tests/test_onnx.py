@@ -88,7 +88,7 @@ def test_video_frames_equal_transformers(checkpoints, oracle, models, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_vision_embeddings_match_transformers(checkpoints, oracle, models, variant):
     model = models[variant, ORT_DECODER]
-    pixels = preprocess(random_images(3, seed=5), model.arch.vision.image_size)
+    pixels = preprocess(random_images(3, seed=5), model.processing)
     with torch.no_grad():
         out = oracle(checkpoints[variant]).get_image_features(pixel_values=torch.from_numpy(pixels))
     ref = torch.stack(list(out.pooler_output)).numpy()

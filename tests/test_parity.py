@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import m4
 from m4.media import preprocess
@@ -19,7 +20,7 @@ QUESTIONS = {1: "Describe the scene.", 2: f"What changed between {IMAGE} and {IM
 
 def oracle_tokens(hf, model, p, pictures, max_new_tokens):
     """transformers' greedy answer, on whatever device and dtype `hf` was loaded with."""
-    pixels = torch.from_numpy(preprocess(pictures, model.arch.vision.image_size)).to(hf.device, hf.dtype)
+    pixels = torch.from_numpy(preprocess(pictures, model.processing)).to(hf.device, hf.dtype)
     ids = torch.tensor([p.ids], device=hf.device)
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
                       max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(model.stop_ids),
@@ -51,7 +52,7 @@ def test_prompt_logits_match_transformers(checkpoints, oracle, variant):
     with torch.no_grad():
         ref = oracle(checkpoints[variant])(
             input_ids=torch.tensor([p.ids]),
-            pixel_values=torch.from_numpy(preprocess(pictures, model.arch.vision.image_size))).logits[0].numpy()
+            pixel_values=torch.from_numpy(preprocess(pictures, model.processing))).logits[0].numpy()
     assert ours.shape == ref.shape
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
@@ -95,3 +96,29 @@ def test_shipped_demo_tells_which_way_the_demo_scene_moves(oracle):
     ours = list(model.tokens(question, video="demo", max_new_tokens=8))
     assert ours == oracle_tokens(oracle(DEMO_DIR), model, p, pictures, 8)
     assert model.ask(question, video="demo", max_new_tokens=8).strip() == shape["direction"]
+
+
+def test_clip_checkpoint_reads_its_image_processor(tmp_path, oracle):
+    """A CLIP checkpoint's preprocessor_config.json decides its pixels (shortest edge, centre
+    crop, CLIP's mean and std), in torch and in its bundle: answers equal transformers'
+    generate on the pixels of transformers' own CLIPImageProcessor."""
+    from conftest import save_tiny_checkpoint
+    from m4.export.bundle import export_bundle
+
+    ck = save_tiny_checkpoint(tmp_path / "ck", "llama-clip-mha-tied-penult-default", seed=7)
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(ck)
+    images = random_images(2, seed=21, size=(60, 40))
+    models = {"torch": m4.load(ck, backend="torch")}
+    export_bundle(str(ck), tmp_path / "b")
+    models["onnx"] = m4.load(tmp_path / "b")
+    hf = oracle(ck)
+    for name, model in models.items():
+        p, pictures = model.prepare(QUESTIONS[2], images)
+        pixels = processor(images=pictures, return_tensors="pt")["pixel_values"]
+        ids = torch.tensor([p.ids])
+        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=8,
+                          do_sample=False, eos_token_id=sorted(model.stop_ids), pad_token_id=sorted(model.stop_ids)[0])
+        want = [t for t in out[0, ids.shape[1]:].tolist() if t not in model.stop_ids]
+        assert list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=8)) == want, name
+        assert model.processing.crop == 32 and model.processing.mean != (0.5, 0.5, 0.5), name

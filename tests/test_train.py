@@ -80,7 +80,7 @@ def both_loaders_agree(out, synth):
     rec = next(r for r in json.loads((synth / "bench.json").read_text()) if r["metadata"]["dataset"] == "diff-move")
     question, images = rec["conversations"][0]["value"], [synth / p for p in rec["image"]]
     ids = torch.tensor([model.prompt(question, images=images).ids])
-    pixels = torch.from_numpy(preprocess([str(p) for p in images], model.arch.vision.image_size))
+    pixels = torch.from_numpy(preprocess([str(p) for p in images], model.processing))
     stop = sorted(model.stop_ids)
     ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels, max_new_tokens=12,
                       do_sample=False, eos_token_id=stop, pad_token_id=stop[0])[0, ids.shape[1]:].tolist()

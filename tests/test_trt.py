@@ -174,7 +174,7 @@ def test_greedy_tokens_equal_transformers(built, checkpoints, oracle, variant, n
 def test_vision_embeddings_match_transformers(built, checkpoints, oracle):
     """Six images through a profile of four: two runs."""
     model = m4.load(built[VARIANT], backend="trt")
-    pixels = preprocess(random_images(6, seed=5), model.arch.vision.image_size)
+    pixels = preprocess(random_images(6, seed=5), model.processing)
     with torch.no_grad():
         out = oracle(checkpoints[VARIANT]).get_image_features(pixel_values=torch.from_numpy(pixels))
     ref = torch.stack(list(out.pooler_output)).numpy()

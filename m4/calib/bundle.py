@@ -175,7 +175,7 @@ def embed_samples(model, samples: list) -> tuple[list[np.ndarray], np.ndarray]:
         prompts.append(model.embed(p, pics))
         pictures += pics
     size = model.arch.vision.image_size
-    return prompts, preprocess(pictures, size) if pictures else np.zeros((0, 3, size, size), np.float32)
+    return prompts, preprocess(pictures, model.processing) if pictures else np.zeros((0, 3, size, size), np.float32)
 
 
 def attention_matmuls(f: Path) -> list[str]:

@@ -35,8 +35,9 @@ from m4.tokenizer import Tokenizer
 from m4.version import __version__
 
 OPSET = 18  # TensorRT 10 parses it whole; 23's Attention and RMSNormalization it may not
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja")
+# what the runtime reads beside the graphs: the tokenizer, the chat template, the image processor
+CONFIG_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt", "chat_template.json", "chat_template.jinja", "preprocessor_config.json")
 
 
 def export_onnx(module: torch.nn.Module, args: tuple, f: Path, names: list[str], outputs: list[str],
@@ -114,7 +115,7 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
             step(f"write {ORT_DECODER}", export_ort_decoder, model, tmp / ORT_DECODER, tdtype)
         step("write embed_tokens.npy", np.save, tmp / "embed_tokens.npy",
              model.text.embed_tokens.weight.detach().numpy())
-        for name in TOKENIZER_FILES:
+        for name in CONFIG_FILES:
             if (path / name).is_file():
                 shutil.copy(path / name, tmp / name)
         files = step("hash files", lambda: {f.name: file_record(f) for f in sorted(tmp.iterdir())})

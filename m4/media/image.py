@@ -87,14 +87,26 @@ class ImageProcessing:
 
     @classmethod
     def siglip(cls, image_size: int) -> "ImageProcessing":
-        """A checkpoint without a preprocessor_config.json: SigLIP's square bicubic resize, 0.5/0.5."""
+        """SigLIP's processor: a square bicubic resize, 0.5/0.5."""
         return cls("square", image_size, None)
 
     @classmethod
-    def from_dir(cls, path: Path, image_size: int) -> "ImageProcessing":
+    def clip(cls, image_size: int) -> "ImageProcessing":
+        """CLIP's processor: the shortest edge resized, a centre crop, OpenAI's mean and std."""
+        return cls("shortest_edge", image_size, image_size, CLIP_MEAN, CLIP_STD)
+
+    @classmethod
+    def for_tower(cls, tower: str, image_size: int) -> "ImageProcessing":
+        """The processor a tower ("siglip" or "clip") was trained with."""
+        return cls.clip(image_size) if tower == "clip" else cls.siglip(image_size)
+
+    @classmethod
+    def from_dir(cls, path: Path, image_size: int, tower: str = "siglip") -> "ImageProcessing":
+        """A checkpoint's or bundle's preprocessor_config.json; without one, the processor its
+        tower ("siglip" or "clip") was trained with."""
         f = Path(path) / "preprocessor_config.json"
         if not f.is_file():
-            return cls.siglip(image_size)
+            return cls.for_tower(tower, image_size)
         try:
             cfg = json.loads(f.read_text())
         except (OSError, ValueError) as e:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 
 from m4.errors import M4Error
-from m4.media import preprocess
+from m4.media import ImageProcessing, preprocess
 from m4.prompt import IMAGE, Template, image_parts, tokenize
 from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
@@ -32,13 +32,14 @@ class LiveContext:
     one from a loaded model)."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, template: Template, window: int = 8,
-                 exact: bool = True, max_new_tokens: int = 128):
+                 exact: bool = True, max_new_tokens: int = 128, processing: ImageProcessing | None = None):
         if window < 1:
             raise M4Error("the window must hold at least one frame")
         if not exact and not hasattr(backend, "shift"):
             raise M4Error(f"approximate eviction is not available on the {backend.name} backend")
         self.backend, self.tokenizer, self.template, self.arch = backend, tokenizer, template, backend.arch
         self.window, self.exact, self.max_new_tokens = window, exact, max_new_tokens
+        self.processing = processing or ImageProcessing.for_tower(self.arch.vision.kind, self.arch.vision.image_size)
         self.stop_ids = template.stop_ids(tokenizer)
         self.prefix = self._tokenize([template.header])
         # the tokens of a frame's place in the window (its image slot and the text around it)
@@ -72,7 +73,7 @@ class LiveContext:
     def add_frame(self, frame) -> None:
         """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
         t0 = time.perf_counter()
-        pixels = preprocess([frame], self.arch.vision.image_size)
+        pixels = preprocess([frame], self.processing)
         tp = time.perf_counter()
         self.frames.append(self.backend.encode_images(pixels)[0])
         t1 = time.perf_counter()
