@@ -91,7 +91,8 @@ def export(model: str = typer.Argument(..., help="demo, a checkpoint directory o
 @app.command()
 def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export)"),
               out: Path = typer.Argument(..., help="the quantised bundle to write"),
-              data: str = typer.Option(..., "--data", help="a folder of images/videos, an M4-Instruct JSON, or demo"),
+              data: str = typer.Option(..., "--data", help="a folder of images/videos, an M4-Instruct or "
+                                       "Mantis-Instruct JSON (bad records skipped, with a warning), or demo"),
               vision: str = typer.Option("int8", "--vision", help="int8 or none"),
               decoder: str = typer.Option("int8", "--decoder", help="int8, int4 (weight-only), w8a8 or none"),
               method: str = typer.Option("minmax", "--method", help="activation ranges: minmax, entropy, percentile"),
@@ -153,7 +154,7 @@ def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), 
 @app.command("train")
 def train_cmd(
     preset: str = typer.Option(..., "--preset", help="tiny, demo, 0.5b, 7b or 14b"),
-    data: Optional[Path] = typer.Option(None, "--data", help="M4-Instruct / LLaVA JSON"),
+    data: Optional[Path] = typer.Option(None, "--data", help="M4-Instruct / LLaVA or Mantis-Instruct JSON"),
     out: Optional[Path] = typer.Option(None, "--out", help="checkpoint directory (resumed when it has checkpoints)"),
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="default: the JSON's folder"),
     init: Optional[Path] = typer.Option(None, "--init", help="checkpoint to start from (default: a fresh tiny/demo model)"),
@@ -175,11 +176,12 @@ def train_cmd(
     log_every: int = typer.Option(1, "--log-every"),
     workers: Optional[int] = typer.Option(None, "--workers", help="data loader processes"),
     seed: int = typer.Option(0, "--seed"),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="leave bad records out (counted), not stop at the first"),
     dry_run: bool = typer.Option(False, "--dry-run", help="build on the meta device; print parameters and memory"),
     gpus: int = typer.Option(8, "--gpus", help="GPUs the dry run plans for"),
     gpu_memory: float = typer.Option(40.0, "--gpu-memory", help="GB per GPU the dry run checks against"),
 ):
-    """Instruction-tune a LLaVA checkpoint on M4-Instruct data (under torchrun: FSDP)."""
+    """Instruction-tune a LLaVA checkpoint on M4-Instruct or Mantis-Instruct data (under torchrun: FSDP)."""
     from m4.train.trainer import TrainConfig, dry_run as plan, print_plan, train
 
     if dry_run:
@@ -188,10 +190,10 @@ def train_cmd(
     train(TrainConfig(preset, data, out, image_root, init, steps, batch_size, grad_accum, lr, vision_lr, warmup,
                       weight_decay, tune=tune, in_front_prob=in_front_prob, frames=frames, max_len=max_len,
                       precision=precision, grad_ckpt=grad_ckpt, save_every=save_every, keep=keep,
-                      log_every=log_every, workers=workers, seed=seed))
+                      log_every=log_every, workers=workers, seed=seed, skip_bad=skip_bad))
 
 
-data_app = typer.Typer(no_args_is_help=True, help="Data sets: M4-Synth.")
+data_app = typer.Typer(no_args_is_help=True, help="Data sets: M4-Synth; checking training JSON.")
 app.add_typer(data_app, name="data")
 
 
@@ -207,6 +209,20 @@ def data_synth(out: Path = typer.Argument(..., help="output folder (replaced)"),
 
     counts = synth(out, n, bench, seed, size, workers)
     print(f"{out}: " + ", ".join(f"{k}.json {v} records" for k, v in counts.items()))
+
+
+@data_app.command("check")
+def data_check(data: Path = typer.Argument(..., help="an M4-Instruct / LLaVA or Mantis-Instruct JSON"),
+               image_root: Optional[Path] = typer.Option(None, "--image-root", help="default: the JSON's folder")):
+    """Check a training JSON as m4 train reads it; exit 1 if any record is bad.
+
+    Prints the records per layout, the good ones' images and turns, the bad ones by kind."""
+    from m4.records import check
+
+    c = check(data, image_root)
+    print("\n".join(c.lines()))
+    if c.bad.total:
+        raise typer.Exit(1)
 
 
 @app.command("eval")

@@ -1,7 +1,8 @@
 """m4 train: M4-Synth -> training -> a checkpoint that transformers and m4 load and agree on;
-prompts equal to inference's in both placements; bad records skipped; exact resume; FSDP on
-two CPU ranks equal to one process; the dry run of a 7B preset; the demo recipe's data
-scripts (scripts/mix_tasks.py, scripts/lone_motion.py) against the pixels they describe."""
+prompts equal to inference's in both placements; bad records stop a run or, with --skip-bad,
+are skipped; exact resume; FSDP on two CPU ranks equal to one process; the dry run of a 7B
+preset; the demo recipe's data scripts (scripts/mix_tasks.py, scripts/lone_motion.py) against
+the pixels they describe."""
 
 import importlib
 import json
@@ -169,13 +170,13 @@ def test_multi_turn_and_video_records(tiny, tmp_path):
     assert v["pixel_values"].shape == (4, 3, 32, 32)
 
 
-def test_bad_records_are_skipped_with_a_count_and_reasons(synth, tmp_path, capsys):
+def test_bad_records_stop_training_or_are_skipped_with_a_count_and_reasons(synth, tmp_path, capsys):
     good = [r for r in json.loads((synth / "train.json").read_text()) if "image" in r][:6]
     (tmp_path / "broken.png").write_bytes(b"not a png")
     conv = good[0]["conversations"]
     bad = [
         {**good[0], "id": "no-file", "image": ["media/nope.png", good[0]["image"][1]]},
-        {**good[0], "id": "marks", "conversations": [{"from": "human", "value": "no placeholders"}, conv[1]]},
+        {**good[0], "id": "marks", "conversations": [{"from": "human", "value": "only <image>"}, conv[1]]},
         {"id": "empty", "image": good[0]["image"], "conversations": []},
         "not a record",
         {"id": "corrupt", "image": [str(tmp_path / "broken.png")],
@@ -188,14 +189,18 @@ def test_bad_records_are_skipped_with_a_count_and_reasons(synth, tmp_path, capsy
     assert len(records) == 7 and skipped.total == 4
     assert set(skipped.counts) == {"missing image", "placeholders", "empty conversation", "bad record"}
     assert "record no-file: missing image media/nope.png" in skipped.first
-    train(TrainConfig("tiny", data=data, out=tmp_path / "out", image_root=synth, steps=2, batch_size=4))  # an epoch
+    with pytest.raises(m4.M4Error, match="record no-file: missing image media/nope.png .*--skip-bad"):
+        train(TrainConfig("tiny", data=data, out=tmp_path / "out", image_root=synth, steps=2, batch_size=4))
+    train(TrainConfig("tiny", data=data, out=tmp_path / "out", image_root=synth, steps=2, batch_size=4,
+                      skip_bad=True))  # an epoch
     err = capsys.readouterr().err
-    assert "skipped 4 records" in err and "record marks: 0 <image> placeholders for 2 images" in err
+    assert "skipped 4 records" in err and "record marks: 1 <image> placeholders for 2 images" in err
     assert "skipped 5 records" in err and "record corrupt: cannot decode image" in err  # found when decoded
     assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1])["skipped"] == 5
     with pytest.raises(m4.M4Error, match="no trainable records"):
         (tmp_path / "bad.json").write_text(json.dumps(bad[:4]))
-        train(TrainConfig("tiny", data=tmp_path / "bad.json", out=tmp_path / "out2", image_root=synth, steps=1))
+        train(TrainConfig("tiny", data=tmp_path / "bad.json", out=tmp_path / "out2", image_root=synth, steps=1,
+                          skip_bad=True))
 
 
 def weights(path):

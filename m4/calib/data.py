@@ -1,14 +1,16 @@
 """Calibration data: `--data SRC` -> interleaved prompts with their images, decoded.
 
-SRC is a folder of images and videos, an M4-Instruct JSON (its records' first question
-with their images or video), or `demo` (clips of the generated scene). Each sample is one
-prompt as `Model.ask` takes it; the vision graph is calibrated on their pictures and the
-decoder on their embedded prompts. Files that fail to decode are skipped; a source that
-yields nothing decodable is one clear error.
+SRC is a folder of images and videos, an M4-Instruct or Mantis-Instruct JSON (its records'
+first question with their images or video), or `demo` (clips of the generated scene). Each
+sample is one prompt as `Model.ask` takes it; the vision graph is calibrated on their pictures
+and the decoder on their embedded prompts. Calibration only samples its data, so bad records
+of a JSON are skipped, and counted by kind in one warning on stderr; files that fail to
+decode are skipped; a source that yields nothing decodable is one clear error.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +43,8 @@ def load_samples(src: str, n: int) -> list[Sample]:
         return demo_samples(n)
     path = Path(src)
     if not path.exists():
-        raise M4Error(f"calibration data not found: {src} (a folder of images/videos, an M4-Instruct JSON, or demo)")
+        raise M4Error(f"calibration data not found: {src} (a folder of images/videos, an M4-Instruct or "
+                      "Mantis-Instruct JSON, or demo)")
     samples = folder_samples(path, n) if path.is_dir() else json_samples(path, n)
     if not samples:
         raise M4Error(f"no decodable image or video in {src}")
@@ -84,8 +87,11 @@ def folder_samples(path: Path, n: int) -> list[Sample]:
 
 def json_samples(path: Path, n: int) -> list[Sample]:
     """The first question of each record, with its images or video frames as training sees them."""
-    out = []
-    for rec in load_records(path, path.parent, Skipped()):
+    out, skipped = [], Skipped()
+    records = load_records(path, path.parent, skipped)
+    if skipped.total:
+        print(f"m4: warning: {path}: {skipped.summary()}", file=sys.stderr)
+    for rec in records:
         if len(out) >= n:
             break
         question = rec["conversations"][0]["value"]

@@ -1,6 +1,6 @@
-"""M4-Instruct / LLaVA JSON -> token ids, labels and pixels; the sampler and the collator.
+"""Training records -> token ids, labels and pixels; the sampler and the collator.
 
-Records (their format, reading and checking) are m4.records.
+Records (M4-Instruct or Mantis-Instruct: their format, reading and checking) are m4.records.
 
 Sequences are built with m4.prompt, part by part as `Model.prompt` builds them, so the
 prompt of a training sample is token for token what the model sees at inference. Each
@@ -8,9 +8,10 @@ sample is placed one of the two ways LLaVA-Interleave mixes (chosen per sample a
 interleaved at its placeholders, or all images in front of the text. Video frames always go
 in front. Labels are the answers and their stop token; everything else is IGNORE.
 
-Bad records never stop a run: what can be checked up front is checked when the file is read
-(m4.records.load_records), what shows only when decoding (a corrupt image, a sequence over
---max-len) when the sample is built; both are counted with their first reasons.
+What can be checked up front is checked when the file is read (m4.records.load_records:
+`m4 train` stops at the first bad record, or with --skip-bad leaves them out); what shows only
+when decoding (a corrupt image, a sequence over --max-len) when the sample is built, and such
+samples are skipped and counted with their first reasons.
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ class InstructData(torch.utils.data.Dataset):
             return [in_front(q) for q in questions], [len(frames)] + [0] * (len(questions) - 1), frames
         images = [load_image(self.root / p) for p in as_list(rec.get("image"))]
         groups = [tile(img, self.image_size) if rec.get("patches") else [img] for img in images]
+        if not any(IMAGE in q for q in questions):  # no placeholders: all in front of the first question
+            n = sum(len(g) for g in groups)
+            return questions, [n] + [0] * (len(questions) - 1), [p for g in groups for p in g]
         placed, counts, k = [], [], 0
         for q in questions:
             sizes = [len(g) for g in groups[k:k + q.count(IMAGE)]]

@@ -1,4 +1,5 @@
-"""`m4 train`: instruction-tune LLaVA on M4-Instruct data, in one process or many (torchrun).
+"""`m4 train`: instruction-tune LLaVA on M4-Instruct or Mantis-Instruct data, in one process or
+many (torchrun).
 
 The model is transformers' LlavaForConditionalGeneration, so what comes out is a standard
 checkpoint. The recipe is LLaVA-NeXT-Interleave's: start from a checkpoint (`--init`), freeze
@@ -38,7 +39,7 @@ from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.model.config import PRESETS, Arch
 from m4.prompt import detect_template
-from m4.records import Skipped, load_records, texts
+from m4.records import BadRecord, Skipped, load_records, texts
 from m4.report import human
 from m4.tokenizer import TOKENIZER_CORPUS, Tokenizer, build_tokenizer
 from m4.train import dist as D
@@ -88,6 +89,7 @@ class TrainConfig:
     log_every: int = 1
     workers: int | None = None  # data loader processes; default up to 8 on GPUs, 0 on CPUs
     seed: int = 0
+    skip_bad: bool = False  # leave bad records out (counted) rather than stop at the first
 
     def resolved(self) -> TrainConfig:
         if self.preset not in PRESETS:
@@ -269,11 +271,18 @@ def run(cfg: TrainConfig, d: D.Dist) -> Objective:
     out, data = Path(cfg.out), Path(cfg.data)
     root = Path(cfg.image_root or data.parent)
     skipped = Skipped()
-    records = load_records(data, root, skipped)
+    try:
+        records = load_records(data, root, skipped if cfg.skip_bad else None)
+    except BadRecord as e:
+        raise M4Error(f"{e} (m4 data check {data} lists them all; --skip-bad trains past such records)") from None
     if skipped.total:
         console.print(f"{data}: {skipped.summary()}")
     if not records:
         raise M4Error(f"no trainable records in {data}")
+    system = sum("system" in r for r in records)
+    if system:
+        console.print(f"{data}: the leading system message of {system} records left out (trained under the "
+                      "model's own system prompt)")
     resume = last_checkpoint(out)
     source = resume or (Path(cfg.init) if cfg.init else None)
     llava, arch, tokenizer = build(cfg.preset, source, records, cfg.seed)
