@@ -122,7 +122,7 @@ def test_records_without_placeholders_train_on_the_inference_prompt(tmp_path):
     rows = []
     for rec in (normalise(mantis), m4rec):
         for prob in (0.0, 1.0):
-            ds = InstructData([rec], tmp_path, tiny.tokenizer, tiny.template, a.image_token_id, a.vision.image_size,
+            ds = InstructData([rec], tmp_path, tiny.tokenizer, tiny.template, a.image_token_id, tiny.processing,
                               in_front_prob=prob, tokens_per_image=a.tokens_per_image)
             rows.append(Collate(a.image_token_id, a.tokens_per_image, 0)([ds[(0, 0)]]))
     prompt = tiny.prompt("Which is darker?", images=[tmp_path / n for n in names]).ids

@@ -101,7 +101,7 @@ def tiny(tmp_path_factory):
 
 def data_set(model, records, root, **kw):
     a = model.arch
-    return InstructData(records, root, model.tokenizer, model.template, a.image_token_id, a.vision.image_size,
+    return InstructData(records, root, model.tokenizer, model.template, a.image_token_id, model.processing,
                         tokens_per_image=a.tokens_per_image, **kw)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from m4.errors import M4Error
-from m4.media import load_image, preprocess, sample_uniform, tile
+from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, tile
 from m4.prompt import IMAGE, Template, expand_placeholders, question_parts, tokenize
 from m4.records import as_list, in_front, turns
 from m4.tokenizer import Tokenizer
@@ -53,10 +53,10 @@ class InstructData(torch.utils.data.Dataset):
     shows a record in a fresh placement while any rank, worker or resumed run draws the same."""
 
     def __init__(self, records: list[dict], root: Path, tokenizer: Tokenizer, template: Template,
-                 image_token_id: int, image_size: int, frames: int = 8, in_front_prob: float = 0.5,
+                 image_token_id: int, processing: ImageProcessing, frames: int = 8, in_front_prob: float = 0.5,
                  max_len: int = 4096, tokens_per_image: int = 1, seed: int = 0):
         self.records, self.root, self.tokenizer, self.template = records, Path(root), tokenizer, template
-        self.image_token_id, self.image_size, self.frames = image_token_id, image_size, frames
+        self.image_token_id, self.processing, self.frames = image_token_id, processing, frames
         self.in_front_prob, self.max_len, self.tokens_per_image, self.seed = in_front_prob, max_len, tokens_per_image, seed
         self.stop = tokenizer.token_id(template.stop[0])
 
@@ -87,7 +87,7 @@ class InstructData(torch.utils.data.Dataset):
             ids += prompt + reply
             labels += [IGNORE] * len(prompt) + reply
             first += n
-        pixels = preprocess(pictures, self.image_size) if pictures else None
+        pixels = preprocess(pictures, self.processing) if pictures else None
         return Example(ids, labels, pixels)
 
     def visuals(self, rec: dict, questions: list[str], front: bool):
@@ -96,7 +96,7 @@ class InstructData(torch.utils.data.Dataset):
             frames = [f.image for f in sample_uniform(str(self.root / rec["video"]), self.frames)]
             return [in_front(q) for q in questions], [len(frames)] + [0] * (len(questions) - 1), frames
         images = [load_image(self.root / p) for p in as_list(rec.get("image"))]
-        groups = [tile(img, self.image_size) if rec.get("patches") else [img] for img in images]
+        groups = [tile(img, self.processing.image_size) if rec.get("patches") else [img] for img in images]
         if not any(IMAGE in q for q in questions):  # no placeholders: all in front of the first question
             n = sum(len(g) for g in groups)
             return questions, [n] + [0] * (len(questions) - 1), [p for g in groups for p in g]

@@ -37,6 +37,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
+from m4.media import ImageProcessing
 from m4.model.config import PRESETS, Arch
 from m4.prompt import detect_template
 from m4.records import BadRecord, Skipped, load_records, texts
@@ -299,7 +300,10 @@ def run(cfg: TrainConfig, d: D.Dist) -> Objective:
         console.print(f"resuming from {resume} at step {step}")
     per_step = cfg.batch_size * cfg.grad_accum * d.world
     total = cfg.steps or math.ceil(len(records) / per_step)
-    batches = iter(loader(records, root, tokenizer, arch, cfg, d, start=step * cfg.grad_accum))
+    # the images as the checkpoint's processor makes them (a fresh model: its tower's own)
+    processing = ImageProcessing.from_dir(source, arch.vision.image_size, arch.vision.kind) if source else \
+        ImageProcessing.for_tower(arch.vision.kind, arch.vision.image_size)
+    batches = iter(loader(records, root, tokenizer, arch, processing, cfg, d, start=step * cfg.grad_accum))
     params = {id(p): p for p in llava.parameters()}.values()
     console.print(f"m4 train: {cfg.preset}, {len(records)} records, {d.world} process(es) on {d.device.type}, "
                   f"{step}/{total} steps of {per_step} samples, {human(sum(p.numel() for p in params))} "
@@ -359,9 +363,10 @@ def prepare(llava, arch: Arch, cfg: TrainConfig, d: D.Dist, dtype: torch.dtype):
     return model, opt
 
 
-def loader(records, root: Path, tokenizer: Tokenizer, arch: Arch, cfg: TrainConfig, d: D.Dist, start: int):
+def loader(records, root: Path, tokenizer: Tokenizer, arch: Arch, processing: ImageProcessing, cfg: TrainConfig,
+           d: D.Dist, start: int):
     dataset = InstructData(records, root, tokenizer, detect_template(tokenizer), arch.image_token_id,
-                           arch.vision.image_size, cfg.frames, cfg.in_front_prob, cfg.max_len,
+                           processing, cfg.frames, cfg.in_front_prob, cfg.max_len,
                            arch.tokens_per_image, cfg.seed)
     lengths = [approx_length(r, arch.tokens_per_image, cfg.frames) for r in records]
     workers = cfg.workers if cfg.workers is not None else (min(8, os.cpu_count() or 1) if d.device.type == "cuda" else 0)
