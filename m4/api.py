@@ -134,6 +134,12 @@ class Model:
         """The answer's token ids, yielded as they are decoded; timings land in `stats`. The
         answer ends where the model's positions do, if max_new_tokens would pass them."""
         p, pictures = self.prepare(text, images, video, views, patches)
+        yield from self.generate(p, pictures, max_new_tokens, temperature, top_p, seed)
+
+    def generate(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+        """The answer's token ids to a prompt built elsewhere (m4.prompt.build_chat: several
+        turns) over its decoded pictures, as `tokens` answers its own."""
         max_new_tokens = self.room(len(p.ids), max_new_tokens)
         t0 = time.perf_counter()
         embeds = self.embed(p, pictures)

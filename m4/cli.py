@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from m4.errors import M4Error
+from m4.serve.settings import Settings as S  # m4 serve's defaults (no [serve] imports)
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Run LLaVA-NeXT-Interleave vision-language models on the edge.")
@@ -293,6 +294,45 @@ def bench(
             w.writerows(rows)
     if plot:
         plot_bench(result, str(plot))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(S.model, "--model", "-m", help="demo, a checkpoint or bundle directory, or a hub id"),
+    host: str = typer.Option(S.host, "--host", help="beyond loopback only with --api-key (or --insecure)"),
+    port: int = typer.Option(S.port, "--port"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="M4_API_KEY",
+                                          help="required as 'Authorization: Bearer KEY' on every route but the page"),
+    insecure: bool = typer.Option(False, "--insecure", help="listen beyond loopback without a key"),
+    max_sessions: int = typer.Option(S.max_sessions, "--max-sessions", help="live sessions open at once (each holds a cache)"),
+    session_ttl: float = typer.Option(S.session_ttl, "--session-ttl", help="seconds before an idle session is closed"),
+    max_fps: float = typer.Option(S.max_fps, "--max-fps", help="frames per second one session may take"),
+    max_body_mb: float = typer.Option(S.max_body_mb, "--max-body-mb", help="largest request body"),
+    max_pixels: int = typer.Option(S.max_pixels, "--max-pixels", help="largest image (width x height)"),
+    max_images: int = typer.Option(S.max_images, "--max-images", help="images in one chat request"),
+    max_tokens: int = typer.Option(S.max_tokens, "--max-tokens", help="answer length where a request gives none"),
+    max_queue: int = typer.Option(S.max_queue, "--max-queue", help="requests waiting for the model before 429"),
+    video_frames: int = typer.Option(S.video_frames, "--video-frames", help="frames sampled from a video_url"),
+    allow_urls: bool = typer.Option(False, "--allow-urls", help="fetch http(s) image/video URLs and open stream URLs"),
+    allow_private_urls: bool = typer.Option(False, "--allow-private-urls",
+                                            help="with --allow-urls: loopback and private addresses too"),
+    backend: str = typer.Option(S.backend, "--backend", help="auto, torch, onnx or trt"),
+    device: str = typer.Option(S.device, "--device", help="cpu, cuda or auto"),
+):
+    """Serve the model over HTTP: OpenAI-compatible chat, live sessions, a web page at /, /metrics."""
+    from m4.serve.settings import check_bind
+
+    settings = S(model, backend, device, host, port, api_key, insecure, max_sessions, session_ttl, max_fps,
+                        max_body_mb, max_pixels, max_images, max_tokens, max_queue, video_frames, allow_urls,
+                        allow_private_urls)
+    check_bind(host, api_key, insecure)  # before the model loads: a refusal is immediate
+    try:
+        from m4.serve.app import make_server
+    except ImportError as e:
+        raise M4Error(f"m4 serve needs {e.name}: pip install 'm4-vlm[serve]'") from None
+    server = make_server(settings)
+    print(f"m4: serving {model} on http://{host}:{port} (web page at /, OpenAI API at /v1)", file=sys.stderr)
+    server.run()
 
 
 def main() -> None:

@@ -136,7 +136,26 @@ def expand_placeholders(question: str, counts: list[int]) -> str:
 def build(t: Template, tokenizer: Tokenizer, image_token_id: int, tokens_per_image: int,
           question: str, n_images: int) -> Prompt:
     """A whole single-turn prompt."""
-    parts = [t.header] + question_parts(t, question, n_images) + [t.footer]
+    return build_chat(t, tokenizer, image_token_id, tokens_per_image, [(question, n_images, None)])
+
+
+SYSTEMS = {"qwen_1_5": SYSTEM, "llama3": MANTIS_SYSTEM}  # the system text each template's header holds
+
+
+def build_chat(t: Template, tokenizer: Tokenizer, image_token_id: int, tokens_per_image: int,
+               turns: list[tuple[str, int, str | None]], system: str | None = None) -> Prompt:
+    """A conversation of (question, its image count, answer) turns, the last one's answer None
+    (the one to generate), rendered as training renders multi-turn records: each earlier answer
+    followed by the stop token and the template's next-turn text. `system` replaces the
+    template's system text. Images are numbered over the whole conversation."""
+    header = t.header if system is None else t.header.replace(SYSTEMS[t.name], system)
+    parts: list[Part] = [header]
+    first = 0
+    for k, (question, n, answer) in enumerate(turns):
+        parts += ([t.turn] if k else []) + question_parts(t, question, n, first) + [t.footer]
+        if answer is not None:
+            parts.append(answer + t.stop[0])
+        first += n
     return tokenize(parts, tokenizer, image_token_id, tokens_per_image)
 
 

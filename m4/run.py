@@ -18,9 +18,8 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from m4.errors import M4Error
+from m4.histogram import Histogram
 from m4.media import Frame, open_source, sample_rate, sample_uniform
 
 RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
@@ -53,7 +52,7 @@ def questions(prompts: list[str]) -> Iterator[str]:
             yield line.strip()
 
 
-def answer(ask, question: str, stats: dict, as_json: bool, log: dict | None = None) -> None:
+def answer(ask, question: str, stats: dict, as_json: bool, log: StreamLog | None = None) -> None:
     """Ask one question with `ask(question) -> text pieces`; stream it or emit one event."""
     pieces = ask(question)
     if as_json:
@@ -66,9 +65,7 @@ def answer(ask, question: str, stats: dict, as_json: bool, log: dict | None = No
             sys.stdout.flush()
         sys.stdout.write("\n")
     if log is not None:
-        for key in ("ttft_ms", "decode_tok_s"):
-            if key in stats:
-                log.setdefault(key, []).append(stats[key])
+        log.add(**{k: stats[k] for k in ("ttft_ms", "decode_tok_s") if k in stats})
 
 
 def run_still(model, prompts: list[str], inputs: dict, as_json: bool, generation: dict) -> None:
@@ -173,7 +170,7 @@ def typed_questions() -> queue.Queue:
 class StreamLog:
     taken: int = 0  # frames that reached the sampler
     frames: int = 0  # frames that entered the context
-    stages: dict = field(default_factory=dict)  # stage -> list of ms (or tok/s)
+    stages: dict = field(default_factory=dict)  # stage -> Histogram of ms (or tok/s): flat memory on any stream
 
     def count(self, frames: Iterable[Frame]) -> Iterator[Frame]:
         for f in frames:
@@ -182,12 +179,12 @@ class StreamLog:
 
     def add(self, **values) -> None:
         for k, v in values.items():
-            self.stages.setdefault(k, []).append(v)
+            self.stages.setdefault(k, Histogram()).add(v)
 
     def summary(self, received: int, dropped: int) -> dict:
         return {"frames_seen": received, "frames_used": self.frames, "frames_dropped": dropped,
                 "frames_skipped": self.taken - self.frames,
-                **{f"{k}_p{p}": round(float(np.percentile(v, p)), 2) for k, v in self.stages.items() for p in (50, 95)}}
+                **{f"{k}_p{p}": round(h.percentile(p), 2) for k, h in self.stages.items() for p in (50, 95)}}
 
 
 def run_stream(model, spec: str, prompts: list[str], window: int, fps: float, every: float | None,
@@ -211,9 +208,9 @@ def run_stream(model, spec: str, prompts: list[str], window: int, fps: float, ev
             if every and t - last_ask >= every:
                 last_ask = t
                 for q in prompts:
-                    answer(ask, q, live.stats, as_json, log.stages)
+                    answer(ask, q, live.stats, as_json, log)
             while typed is not None and not typed.empty():
-                answer(ask, typed.get(), live.stats, as_json, log.stages)
+                answer(ask, typed.get(), live.stats, as_json, log)
             if (max_frames and log.frames >= max_frames) or (duration and t >= duration):
                 break
         else:
@@ -225,7 +222,7 @@ def run_stream(model, spec: str, prompts: list[str], window: int, fps: float, ev
         (source or opened).close()
     if log.frames and (not every or t > last_ask):  # the end of the stream is asked about too
         for q in prompts:
-            answer(ask, q, live.stats, as_json, log.stages)
+            answer(ask, q, live.stats, as_json, log)
     if show_stats:
         summary = log.summary(source.received if source else log.taken, source.dropped if source else 0)
         if as_json:

@@ -26,7 +26,7 @@ def test_import_contracts_hold():
 
 
 @pytest.mark.parametrize("module", ["m4.runtime.onnx_backend", "m4.runtime.trt_backend", "m4.runtime.live",
-                                    "m4.api", "m4.bundle_format", "m4.records", "m4.machine"])
+                                    "m4.api", "m4.bundle_format", "m4.records", "m4.machine", "m4.serve.app"])
 def test_bundle_path_imports_no_torch(module):
     """An [onnx]-only install (a Jetson running bundles) has no torch: importing what it runs must
     not need it. Checked in the interpreter, beside the static contract, as lazy imports count."""

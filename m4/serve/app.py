@@ -1,0 +1,539 @@
+"""The HTTP server: OpenAI-compatible chat, live sessions, the web page, /metrics.
+
+Routes (docs/serve.md has their schemas):
+  POST /v1/chat/completions        OpenAI's chat completion, streamed or not
+  GET  /v1/models                  the one model served
+  POST /v1/sessions                open a live session -> {"id"}
+  GET  /v1/sessions                the open sessions
+  GET  /v1/sessions/{id}           its stats;  DELETE closes it
+  POST /v1/sessions/{id}/frames    one JPEG or PNG body into its window
+  POST /v1/sessions/{id}/ask       {"question", "max_tokens", "stream"} -> {"text", "frames", "ttft_ms"}
+  GET  /v1/sessions/{id}/frame.jpg the newest frame in its window
+  GET  /                           the web page;  GET /metrics  Prometheus text
+
+Every route but the page needs the API key where one is set (/metrics too: Prometheus sends
+it as a bearer token). Model work runs on the scheduler's one worker; handlers only parse,
+check, fetch and wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import itertools
+import json
+import logging
+import time
+import uuid
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from PIL import Image
+from starlette.exceptions import HTTPException
+
+from m4.errors import M4Error
+from m4.media import load_image
+from m4.prompt import build_chat
+from m4.serve import chat
+from m4.serve.errors import ApiError
+from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, video_frames
+from m4.serve.metrics import Metrics
+from m4.serve.scheduler import Busy, Scheduler
+from m4.serve.sessions import SOURCES, Sessions
+from m4.serve.settings import Settings, check_bind
+
+STATIC = Path(__file__).parent / "static"
+POLL_S = 0.2  # how often a waiting request checks that its client is still there
+log = logging.getLogger("m4.serve")
+
+
+class Gone(Exception):
+    """The client disconnected while its answer was being made."""
+
+
+class Server:
+    def __init__(self, settings: Settings, model, name: str):
+        self.settings, self.model, self.name = settings, model, name
+        self.limits = Limits(int(settings.max_body_mb * 2**20), settings.max_pixels, settings.allow_urls,
+                             settings.allow_private_urls, settings.video_frames)
+        self.metrics = Metrics()
+        self.scheduler = Scheduler(settings.max_queue, on_start=lambda ms: self.metrics.observe(queue=ms))
+        self.metrics.queue.set_function(lambda: self.scheduler.depth)
+        self.sessions = Sessions(model, self.scheduler, self.metrics, settings.max_sessions, settings.session_ttl,
+                                 settings.max_fps, settings.max_tokens, settings.allow_urls,
+                                 settings.allow_private_urls)
+
+    # -- waiting for the worker, watching the client -----------------------------------------
+
+    async def collect(self, job, request: Request) -> list:
+        """All of a job's items; if the client leaves first, the job is stopped and Gone raised."""
+        task = asyncio.ensure_future(self._all(job))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    self.cancelled(job)
+                    raise Gone
+        finally:
+            task.cancel()
+
+    @staticmethod
+    async def _all(job) -> list:
+        return [x async for x in job]
+
+    async def first(self, job, request: Request):
+        """A job's first item (None if it ended without one), watching the client meanwhile."""
+        task = asyncio.ensure_future(job.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=POLL_S)
+                if done:
+                    try:
+                        return task.result()
+                    except StopAsyncIteration:
+                        return None
+                if await request.is_disconnected():
+                    self.cancelled(job)
+                    raise Gone
+        finally:
+            task.cancel()
+
+    def cancelled(self, job) -> None:
+        job.cancel()
+        self.metrics.cancelled.inc()
+
+    # -- chat ------------------------------------------------------------------------------
+
+    async def chat(self, request: Request) -> Response:
+        req = chat.parse(await json_body(request))
+        if req.model != self.name:
+            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {self.name!r} "
+                           "(GET /v1/models)", "model_not_found", "model")
+        if req.session is not None:
+            session = self.sessions.get(req.session)
+            n = self.room(session.live.max_new_tokens, req.max_tokens)
+            work = self.session_work(session, req.question, n, req.temperature, req.top_p, req.seed)
+        else:
+            work = await self.chat_work(req)
+        job = self.scheduler.stream(work)
+        cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        stop = chat.StopText(req.stop)
+
+        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        def usage(stats: dict, count: int) -> dict:
+            prompt = stats.get("prompt_tokens", 0)
+            return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
+
+        def finished(stats: dict, count: int, limit: int) -> str:
+            self.metrics.observe_answer(stats)
+            return "stop" if stop.hit or count < limit else "length"
+
+        limit = work.limit
+        if not req.stream:
+            items = await self.collect(job, request)
+            stats = items.pop() if items and isinstance(items[-1], dict) else {}
+            text, count = "", 0
+            for piece, count in items:
+                text += stop.feed(piece)
+                if stop.hit:
+                    break
+            text += stop.flush()
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": self.name,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                              "finish_reason": finished(stats, count, limit), "logprobs": None}],
+                                 "usage": usage(stats, count)})
+
+        head = await self.first(job, request)  # errors before the first token are an HTTP status
+
+        async def events():
+            item, count, stats, complete = head, 0, {}, False
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                while item is not None:
+                    if isinstance(item, dict):
+                        stats = item
+                    else:
+                        piece, count = item
+                        text = stop.feed(piece)
+                        if text:
+                            yield chunk({"content": text})
+                        if stop.hit:
+                            job.cancel()
+                            break
+                    item = await anext(job, None)
+                rest = stop.flush()
+                if rest:
+                    yield chunk({"content": rest})
+                yield chunk({}, finished(stats, count, limit))
+                if req.include_usage:
+                    yield chunk({}, usage=usage(stats, count))
+                complete = True
+            except ApiError as e:  # raised by the job after its first token
+                self.metrics.errors.labels(e.kind).inc()
+                complete = True
+                yield f"data: {json.dumps(e.body())}\n\n"
+            finally:
+                if not complete:
+                    self.cancelled(job)  # the client left mid-answer
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    def room(self, cap: int, asked: int | None) -> int:
+        return min(asked or self.settings.max_tokens, cap)
+
+    async def chat_work(self, req: chat.ChatRequest):
+        """The job for a chat without a session, and its prompt's length. Media are fetched and
+        checked here; image pixels are decoded on the worker, when the model needs them."""
+        if len([m for m in req.media if m.kind == "image"]) > self.settings.max_images:
+            raise ApiError(400, f"too many images: {len(req.media)}, at most {self.settings.max_images} per request "
+                           "(m4 serve --max-images)", "too_many_images")
+        images, counts = [], []  # images: (opened image, its request field)
+        for turn in req.turns:
+            n = len(images)
+            for m in turn.media:
+                data = await asyncio.to_thread(fetch_bytes, m.url, self.limits, m.where)
+                if m.kind == "image":
+                    images.append((open_image(data, self.limits, m.where), m.where))
+                else:
+                    frames = await asyncio.to_thread(video_frames, data, self.limits, m.where)
+                    images += [(Image.fromarray(f), m.where) for f in frames]
+            counts.append(len(images) - n)
+        model = self.model
+        try:
+            p = build_chat(model.template, model.tokenizer, model.arch.image_token_id, model.arch.tokens_per_image,
+                           [(t.text, n, t.answer) for t, n in zip(req.turns, counts)], req.system)
+            limit = model.room(len(p.ids), req.max_tokens or self.settings.max_tokens)
+        except M4Error as e:
+            raise ApiError(400, str(e), "context_length_exceeded", "messages") from None
+
+        def work():
+            pictures = [decode(img, where) for img, where in images]
+            ids = model.generate(p, pictures, limit, req.temperature, req.top_p, req.seed)
+            yield from counted(model.tokenizer, ids)
+            yield {**model.stats, "prompt_tokens": len(p.ids)}
+        work.limit = limit
+        return work
+
+    def session_work(self, session, question: str, limit: int, temperature=0.0, top_p=1.0, seed=None):
+        live = session.live
+
+        def work():
+            if session.closed:
+                raise ApiError(404, f"session {session.id} was closed", "session_not_found")
+            ids = live.tokens(question, limit, temperature, top_p, seed)
+            head = list(itertools.islice(ids, 1))  # the prompt is in the cache once the first token is out
+            prompt = live.ctx.length
+            yield from counted(live.tokenizer, itertools.chain(head, ids))
+            stats = dict(live.stats)
+            if "ttft_ms" in stats:
+                session.stages["ttft"].add(stats["ttft_ms"])
+            yield {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
+        work.limit = limit
+        return work
+
+    # -- sessions --------------------------------------------------------------------------
+
+    async def create_session(self, request: Request) -> dict:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", "invalid_request")
+        source = body.get("source")
+        if source is not None and not isinstance(source, str):
+            raise ApiError(400, f"source must be a string or null: {SOURCES}", "invalid_source", "source")
+        window = chat.number(body, "window", 8, 1, 256, integer=True)
+        fps = chat.number(body, "fps", 2.0, 0, 1e6)
+        try:
+            s = await self.sessions.create(source, window, fps)
+        except M4Error as e:  # a window too large for the context, a source that does not open
+            raise ApiError(400, str(e), "invalid_session") from None
+        return s.describe(self.settings.session_ttl)
+
+    async def push_frame(self, sid: str, request: Request) -> dict:
+        s = self.sessions.get(sid)
+        if s.reader is not None:
+            raise ApiError(409, f"session {sid} reads its own source ({s.source}); frames are pushed only to "
+                           "sessions opened with source null", "session_has_source")
+        self.sessions.check_rate(s)
+        data = await request.body()
+        if not data:
+            raise ApiError(400, "the body must be one JPEG or PNG image", "missing_field")
+        img = await asyncio.to_thread(lambda: decode(open_image(data, self.limits, "frame"), "frame"))
+        s.seen += 1
+        await self.scheduler.call(lambda: self.sessions.ingest(s, img))
+        st = s.live.stats
+        return {"frames": len(s.live.frames), "frames_seen": s.seen, "vision_ms": round(st["vision_ms"], 2),
+                "ingest_ms": round(st["ingest_ms"], 2)}
+
+    async def ask(self, sid: str, request: Request) -> Response:
+        body = await json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object", "invalid_request")
+        question = body.get("question")
+        if not isinstance(question, str) or not question.strip():
+            raise ApiError(400, "missing field: question", "missing_field", "question")
+        s = self.sessions.get(sid)
+        limit = self.room(s.live.max_new_tokens, chat.number(body, "max_tokens", None, 1, 1 << 30, integer=True))
+        work = self.session_work(s, question, limit, chat.number(body, "temperature", 0.0, 0, 2),
+                                 chat.number(body, "top_p", 1.0, 1e-9, 1),
+                                 chat.number(body, "seed", None, -(1 << 63), (1 << 64) - 1, True))
+        job = self.scheduler.stream(work)
+
+        def result(stats: dict, text: str) -> dict:
+            self.metrics.observe_answer(stats)
+            return {"text": text, "frames": stats.get("frames", 0), "tokens": stats.get("new_tokens", 0),
+                    **{k: round(stats[k], 2) for k in ("ttft_ms", "prefill_ms", "decode_tok_s") if k in stats}}
+
+        if not body.get("stream"):
+            items = await self.collect(job, request)
+            return JSONResponse(result(items[-1], "".join(p for p, _ in items[:-1])))
+        head = await self.first(job, request)
+
+        async def events():
+            item, text, complete = head, "", False
+            try:
+                while isinstance(item, tuple):
+                    text += item[0]
+                    yield f"data: {json.dumps({'text': item[0]})}\n\n"
+                    item = await anext(job, None)
+                complete = True
+                yield f"data: {json.dumps({'done': True, **result(item, text)})}\n\n"
+            except ApiError as e:  # raised by the job after its first token
+                complete = True
+                yield f"data: {json.dumps(e.body())}\n\n"
+            finally:
+                if not complete:
+                    self.cancelled(job)  # the client left mid-answer
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    async def frame_jpeg(self, sid: str) -> Response:
+        s = self.sessions.get(sid)
+        if s.latest is None:
+            raise ApiError(404, f"session {sid} has no frame yet", "no_frame")
+        return Response(await asyncio.to_thread(jpeg, s.latest), media_type="image/jpeg",
+                        headers={"Cache-Control": "no-store"})
+
+
+def jpeg(image) -> bytes:
+    out = io.BytesIO()
+    load_image(image).save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def counted(tokenizer, ids):
+    """(text piece, tokens so far) as the answer's tokens decode."""
+    n = 0
+
+    def each():
+        nonlocal n
+        for t in ids:
+            n += 1
+            yield t
+    for piece in tokenizer.detokenize(each()):
+        yield piece, n
+
+
+async def json_body(request: Request):
+    data = await request.body()
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from None
+
+
+# -- the application ------------------------------------------------------------------------
+
+def create_app(settings: Settings, model, name: str | None = None) -> FastAPI:
+    """The ASGI app over a loaded model; `name` is what /v1/models calls it (default: --model)."""
+    server = Server(settings, model, name or settings.model)
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # PIL refuses a bomb past twice this at open
+
+    async def expire_idle():
+        while True:
+            await asyncio.sleep(min(10.0, settings.session_ttl / 2))
+            await server.sessions.expire()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        janitor = asyncio.create_task(expire_idle())
+        yield
+        janitor.cancel()
+        await server.sessions.close_all()
+        server.scheduler.close()
+
+    app = FastAPI(title="m4", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        server.metrics.errors.labels(e.kind).inc()
+        return JSONResponse(e.body(), e.status)
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, e: Busy):
+        return await api_error(request, ApiError(429, str(e), "server_busy"))
+
+    @app.exception_handler(M4Error)
+    async def m4_error(request: Request, e: M4Error):
+        return await api_error(request, ApiError(400, str(e), "invalid_request"))
+
+    @app.exception_handler(Gone)
+    async def gone(request: Request, e: Gone):
+        return Response(status_code=499)  # nobody reads it: the client has left
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        return await api_error(request, ApiError(e.status_code, str(e.detail), "not_found" if e.status_code == 404 else None))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        server.metrics.errors.labels("server_error").inc()
+        return JSONResponse(ApiError(500, f"internal error ({type(e).__name__}); see the server's log").body(), 500)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": 0, "owned_by": "m4"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await server.chat(request)
+
+    @app.post("/v1/sessions")
+    async def create_session(request: Request):
+        return await server.create_session(request)
+
+    @app.get("/v1/sessions")
+    async def list_sessions():
+        await server.sessions.expire()
+        return {"object": "list", "data": [s.describe(settings.session_ttl) for s in server.sessions.open.values()]}
+
+    @app.get("/v1/sessions/{sid}")
+    async def get_session(sid: str):
+        return server.sessions.get(sid).describe(settings.session_ttl)
+
+    @app.delete("/v1/sessions/{sid}")
+    async def delete_session(sid: str):
+        await server.sessions.delete(sid)
+        return {"id": sid, "object": "session", "deleted": True}
+
+    @app.post("/v1/sessions/{sid}/frames")
+    async def push_frame(sid: str, request: Request):
+        return await server.push_frame(sid, request)
+
+    @app.post("/v1/sessions/{sid}/ask")
+    async def ask(sid: str, request: Request):
+        return await server.ask(sid, request)
+
+    @app.get("/v1/sessions/{sid}/frame.jpg")
+    async def frame(sid: str):
+        return await server.frame_jpeg(sid)
+
+    return Guard(app, server.metrics, settings.api_key, int(settings.max_body_mb * 2**20))
+
+
+class Guard:
+    """Outermost ASGI layer: the API key, then the body size limit, then counting requests.
+
+    The body is read here, up to the limit, before any route sees it: a request over it is
+    refused without being read whole (by its Content-Length where it gives one)."""
+
+    OPEN = ("/", "/favicon.ico")  # the page; its script asks for the key and sends it
+
+    def __init__(self, app, metrics: Metrics, api_key: str | None, max_body: int):
+        self.app, self.metrics, self.api_key, self.max_body = app, metrics, api_key, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send)
+        finally:
+            route = scope.get("route")
+            self.metrics.requests.labels(route.path if route else "other", str(status.get("code", 499))).inc()
+
+    async def _guarded(self, scope, receive, send):
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"] not in self.OPEN:
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                why = "wrong API key" if given else "missing API key: send Authorization: Bearer KEY"
+                return await self._refuse(send, ApiError(401, why, "invalid_api_key"))
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_body):
+            return await self._refuse(send, self._too_large())
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            size += len(message.get("body", b""))
+            if size > self.max_body:
+                return await self._refuse(send, self._too_large())
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the disconnect, when it comes
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the body is over the limit of {self.max_body / 2**20:g} MB (m4 serve --max-body-mb)",
+                        "body_too_large")
+
+    async def _refuse(self, send, e: ApiError):
+        self.metrics.errors.labels(e.kind).inc()
+        body = json.dumps(e.body()).encode()
+        await send({"type": "http.response.start", "status": e.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def load_model(settings: Settings):
+    from m4.api import load
+
+    return load(settings.model, backend=settings.backend, device=settings.device)
+
+
+def make_server(settings: Settings, model=None, name: str | None = None) -> uvicorn.Server:
+    """A uvicorn server over `model` (loaded from settings.model when None); `.run()` serves."""
+    check_bind(settings.host, settings.api_key, settings.insecure)
+    app = create_app(settings, model if model is not None else load_model(settings), name)
+    return uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                         timeout_graceful_shutdown=5))

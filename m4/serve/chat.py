@@ -1,0 +1,194 @@
+"""OpenAI's chat completion request, read into what m4 answers.
+
+A user message's content is its parts in order: text as written, each `image_url` part as
+an `<image>` placeholder where it stands (so the images are interleaved exactly there, and
+`model.ask(that text, images=...)` is the same question), and a `video_url` part as its
+sampled frames in front of the message's text (`model.ask(text, video=frames)`). Earlier
+turns are rendered as m4's training renders multi-turn records (m4.prompt.build_chat); a
+system message replaces the template's system text. With `"session": id` the question is
+asked of a live session's window instead: then the request is one user message of text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from m4.prompt import IMAGE
+from m4.serve.errors import ApiError
+
+ROLES = {"system", "developer", "user", "assistant"}
+MAX_STOPS = 4
+
+
+@dataclass
+class Media:
+    kind: str  # "image" or "video"
+    url: str
+    where: str  # the request field, for error messages
+
+
+@dataclass
+class Turn:
+    text: str  # with one <image> per image part
+    media: list[Media]
+    answer: str | None  # None on the last turn: the one to answer
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    turns: list[Turn]
+    system: str | None
+    max_tokens: int | None
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop: list[str]
+    stream: bool
+    include_usage: bool
+    session: str | None
+    media: list[Media] = field(default_factory=list)
+
+    @property
+    def question(self) -> str:
+        return self.turns[-1].text
+
+
+def bad(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, code or "invalid_request", param)
+
+
+def number(body: dict, name: str, default, low: float, high: float, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    kind = int if integer else (int, float)
+    if isinstance(v, bool) or not isinstance(v, kind) or not low <= v <= high:
+        raise bad(f"{name} must be {'an integer' if integer else 'a number'} in [{low:g}, {high:g}], got {v!r}", name)
+    return v
+
+
+def parse(body) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("missing field: model", "model", "missing_field")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("missing field: messages (a non-empty list)", "messages", "missing_field")
+    if body.get("n", 1) != 1:
+        raise bad("n must be 1: m4 answers once per request", "n")
+    if body.get("tools") or body.get("functions"):
+        raise bad("tools are not supported", "tools")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = number({"max_tokens": max_tokens}, "max_tokens", None, 1, 1 << 30, integer=True)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not (isinstance(stop, list) and len(stop) <= MAX_STOPS and all(isinstance(s, str) for s in stop)):
+        raise bad(f"stop must be a string or a list of at most {MAX_STOPS} strings", "stop")
+    options = body.get("stream_options") or {}
+    session = body.get("session")
+    if session is not None and not isinstance(session, str):
+        raise bad("session must be a session id (POST /v1/sessions)", "session")
+    system, turns = turns_of(messages)
+    req = ChatRequest(model, turns, system, max_tokens, number(body, "temperature", 0.0, 0, 2),
+                      number(body, "top_p", 1.0, 1e-9, 1), number(body, "seed", None, -(1 << 63), (1 << 64) - 1, True),
+                      [s for s in stop if s], bool(body.get("stream", False)),
+                      isinstance(options, dict) and bool(options.get("include_usage")), session,
+                      [m for t in turns for m in t.media])
+    if session is not None and (len(turns) > 1 or req.media or system is not None):
+        raise bad("a session answers one question over its frames: send one user message of text", "messages")
+    return req
+
+
+def turns_of(messages: list) -> tuple[str | None, list[Turn]]:
+    """An optional system message, then user and assistant messages alternating, ending with a user's."""
+    system, turns, expect = None, [], "user"
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ROLES:
+            raise bad(f"{where}.role must be one of {', '.join(sorted(ROLES))}, got {role!r}", f"{where}.role")
+        if role in ("system", "developer"):
+            if i:
+                raise bad(f"{where}: a system message goes first", where)
+            system = text_only(m.get("content"), where)
+            continue
+        if role != expect:
+            raise bad(f"{where}: expected a {expect} message (user and assistant alternate, a user's last)", where)
+        if role == "user":
+            text, media = user_content(m.get("content"), where)
+            turns.append(Turn(text, media, None))
+        else:
+            turns[-1].answer = text_only(m.get("content"), where)
+        expect = "assistant" if role == "user" else "user"
+    if expect != "assistant":
+        raise bad("the last message must be the user's", "messages")
+    return system, turns
+
+
+def parts_of(content, where: str) -> list[dict]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list) or not content:
+        raise bad(f"{where}.content must be a string or a non-empty list of parts", f"{where}.content", "missing_field")
+    for k, p in enumerate(content):
+        if not isinstance(p, dict) or not isinstance(p.get("type"), str):
+            raise bad(f"{where}.content[{k}] must be an object with a type", f"{where}.content")
+    return content
+
+
+def text_only(content, where: str) -> str:
+    out = []
+    for k, p in enumerate(parts_of(content, where)):
+        if p["type"] != "text" or not isinstance(p.get("text"), str):
+            raise bad(f"{where}.content[{k}]: only text parts here", f"{where}.content")
+        out.append(p["text"])
+    return "".join(out)
+
+
+def user_content(content, where: str) -> tuple[str, list[Media]]:
+    text, media = [], []
+    for k, p in enumerate(parts_of(content, where)):
+        at = f"{where}.content[{k}]"
+        kind = p["type"]
+        if kind == "text":
+            if not isinstance(p.get("text"), str):
+                raise bad(f"{at}.text must be a string", at, "missing_field")
+            if IMAGE in p["text"]:
+                raise bad(f"{at}: write images as image_url parts, not {IMAGE} in the text", at)
+            text.append(p["text"])
+        elif kind in ("image_url", "video_url"):
+            ref = p.get(kind)
+            url = ref.get("url") if isinstance(ref, dict) else ref
+            if not isinstance(url, str) or not url:
+                raise bad(f"{at}.{kind}.url is missing", at, "missing_field")
+            media.append(Media(kind.removesuffix("_url"), url, at))
+            text.append(IMAGE if kind == "image_url" else "")
+        else:
+            raise bad(f"{at}: unsupported part type {kind!r} (text, image_url, video_url)", at)
+    if any(m.kind == "video" for m in media) and len(media) > 1:
+        raise bad(f"{where}: a message with a video_url holds no other image or video", where)
+    return "".join(text), media
+
+
+class StopText:
+    """Cuts streamed text at the first stop string, holding back what may be its start."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.held, self.hit = stops, "", False
+
+    def feed(self, piece: str) -> str:
+        text = self.held + piece
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.held, self.hit = "", True
+            return text[:cut]
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        out, self.held = self.held, ""
+        return out
