@@ -132,13 +132,17 @@ class Server:
                 body["usage"] = usage
             return f"data: {json.dumps(body)}\n\n"
 
+        def used(stats: dict, count: int) -> int:
+            """Tokens of the answer: all it generated, or those up to its stop string."""
+            return count if stop.hit else stats.get("new_tokens", count)
+
         def usage(stats: dict, count: int) -> dict:
-            prompt = stats.get("prompt_tokens", 0)
-            return {"prompt_tokens": prompt, "completion_tokens": count, "total_tokens": prompt + count}
+            prompt, n = stats.get("prompt_tokens", 0), used(stats, count)
+            return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
         def finished(stats: dict, count: int, limit: int) -> str:
             self.metrics.observe_answer(stats)
-            return "stop" if stop.hit or count < limit else "length"
+            return "stop" if stop.hit or used(stats, count) < limit else "length"
 
         limit = work.limit
         if not req.stream:
