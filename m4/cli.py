@@ -327,12 +327,11 @@ def serve(
                         allow_private_urls)
     check_bind(host, api_key, insecure)  # before the model loads: a refusal is immediate
     try:
-        from m4.serve.app import make_server
+        from m4.serve.app import serve as run_server
     except ImportError as e:
         raise M4Error(f"m4 serve needs {e.name}: pip install 'm4-vlm[serve]'") from None
-    server = make_server(settings)
     print(f"m4: serving {model} on http://{host}:{port} (web page at /, OpenAI API at /v1)", file=sys.stderr)
-    server.run()
+    run_server(settings)
 
 
 def main() -> None:

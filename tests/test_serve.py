@@ -339,6 +339,8 @@ def test_undecodable_image(url):
             400, "invalid_image")
     truncated = png(random_images(1)[0])[:60]  # a valid header, then nothing: fails when decoded
     refused(chat_raw(url, msg({"type": "image_url", "image_url": {"url": data_url(truncated)}})), 400, "invalid_image")
+    refused(chat_raw(url, msg({"type": "video_url", "video_url": {"url": data_url(b"not a video", "video/mp4")}})),
+            400, "invalid_video")
     good(url)
 
 

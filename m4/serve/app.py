@@ -292,7 +292,7 @@ class Server:
         limit = self.room(s.live.max_new_tokens, chat.number(body, "max_tokens", None, 1, 1 << 30, integer=True))
         work = self.session_work(s, question, limit, chat.number(body, "temperature", 0.0, 0, 2),
                                  chat.number(body, "top_p", 1.0, 1e-9, 1),
-                                 chat.number(body, "seed", None, -(1 << 63), (1 << 64) - 1, True))
+                                 chat.number(body, "seed", None, 0, (1 << 64) - 1, True))
         job = self.scheduler.stream(work)
 
         def result(stats: dict, text: str) -> dict:
@@ -364,7 +364,6 @@ async def json_body(request: Request):
 def create_app(settings: Settings, model, name: str | None = None) -> FastAPI:
     """The ASGI app over a loaded model; `name` is what /v1/models calls it (default: --model)."""
     server = Server(settings, model, name or settings.model)
-    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # PIL refuses a bomb past twice this at open
 
     async def expire_idle():
         while True:
@@ -529,15 +528,19 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-def load_model(settings: Settings):
-    from m4.api import load
-
-    return load(settings.model, backend=settings.backend, device=settings.device)
-
-
 def make_server(settings: Settings, model=None, name: str | None = None) -> uvicorn.Server:
     """A uvicorn server over `model` (loaded from settings.model when None); `.run()` serves."""
+    from m4.api import load
+
     check_bind(settings.host, settings.api_key, settings.insecure)
-    app = create_app(settings, model if model is not None else load_model(settings), name)
+    if model is None:
+        model = load(settings.model, backend=settings.backend, device=settings.device)
+    app = create_app(settings, model, name)
     return uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                          timeout_graceful_shutdown=5))
+
+
+def serve(settings: Settings) -> None:
+    """`m4 serve`: load the model, then serve until interrupted."""
+    Image.MAX_IMAGE_PIXELS = settings.max_pixels  # PIL's own bomb check too, process-wide
+    make_server(settings).run()

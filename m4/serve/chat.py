@@ -93,7 +93,7 @@ def parse(body) -> ChatRequest:
         raise bad("session must be a session id (POST /v1/sessions)", "session")
     system, turns = turns_of(messages)
     req = ChatRequest(model, turns, system, max_tokens, number(body, "temperature", 0.0, 0, 2),
-                      number(body, "top_p", 1.0, 1e-9, 1), number(body, "seed", None, -(1 << 63), (1 << 64) - 1, True),
+                      number(body, "top_p", 1.0, 1e-9, 1), number(body, "seed", None, 0, (1 << 64) - 1, True),
                       [s for s in stop if s], bool(body.get("stream", False)),
                       isinstance(options, dict) and bool(options.get("include_usage")), session,
                       [m for t in turns for m in t.media])
