@@ -139,13 +139,13 @@ class Model:
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
         ctx = Context(self.backend, len(p.ids) + max_new_tokens)
-        logits = ctx.append("prompt", embeds)
+        sampling = Sampling(temperature, top_p, seed)
+        logits = ctx.append("prompt", embeds, greedy=sampling.greedy)
         t2 = time.perf_counter()
         self.stats.clear()  # in place: callers may hold this dict
         self.stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
                           prefill_ms=(t2 - t1) * 1e3)
-        yield from ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed),
-                                self.stats, t0)
+        yield from ctx.generate(logits, max_new_tokens, self.stop_ids, sampling, self.stats, t0)
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long
