@@ -92,7 +92,7 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
     """Export MODEL (demo, a checkpoint directory or a hub id) to the bundle OUT; its manifest."""
     if dtype not in DTYPES:
         raise M4Error(f"unknown dtype {dtype!r}: use " + " or ".join(DTYPES))
-    path, out = resolve(spec), Path(out)
+    path, out = resolve(spec, bundle=False), Path(out)
     if is_bundle(path):
         raise M4Error(f"{spec} is already a bundle; export takes a checkpoint")
     if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
