@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch.export import Dim
 
-from m4.atomic import atomic_directory
+from m4.atomic import atomic_directory, umask
 from m4.bundle_format import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.errors import M4Error
 from m4.export.graphs import DecoderGraph, VisionGraph
@@ -118,6 +118,8 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
         for name in CONFIG_FILES:
             if (path / name).is_file():
                 shutil.copy(path / name, tmp / name)
+        for f in tmp.iterdir():  # onnx writes external data readable by its owner alone
+            f.chmod(0o666 & ~umask())
         files = step("hash files", lambda: {f.name: file_record(f) for f in sorted(tmp.iterdir())})
         m = manifest(str(spec), arch, template, dtype, files)
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2))
