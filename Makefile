@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.m4-installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test demo-bundle clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ run: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# the shipped demo bundle (m4/assets/demo-bundle), exported again from the shipped checkpoint
+demo-bundle: setup
+	$(PY) scripts/ship_demo.py --bundle
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,6 +10,8 @@ over the median step (the steps after the first token, of all repeats), robust t
 neighbour's burst on a shared machine; `decode_tok_s_mean` is the best run's mean rate.
 The run also measures the machine's memory read bandwidth, and from it the roofline of
 decode (every weight and the filled cache read once a token), and each backend's share of it.
+Then pairs run their decode steps interleaved one by one in one process (m4 torch against
+transformers; m4 onnx against onnxruntime-genai): the ratio that holds on a shared machine.
 
     python benchmarks/decode.py [--preset 0.5b] [--contexts 512 4096] [--new-tokens 32]
                                 [--repeats 2] [--threads N] [--workdir DIR] [--json out.json] [--quick]
@@ -82,13 +84,27 @@ def save_qwen2(checkpoint: Path, out: Path) -> None:
 # -- one backend each: (prefill seconds, decode tokens/s) -------------------------------
 
 def m4_start(b, ids: list[int], n: int):
-    """Prefill `ids`; a function that decodes the next greedy token."""
+    """Prefill `ids`; a function that decodes the next greedy token (picked by the backend,
+    as the runtime's answers are)."""
     cache = b.new_cache(len(ids) + n)
-    state = {"logits": b.forward(b.embed_tokens(ids), 0, cache), "pos": len(ids)}
+    state = {"token": b.forward(b.embed_tokens(ids), 0, cache, greedy=True), "pos": len(ids)}
 
     def step():
-        state["logits"] = b.forward(b.embed_tokens([int(np.argmax(state["logits"][-1]))]), state["pos"], cache)
+        state["token"] = b.forward(b.embed_tokens([state["token"]]), state["pos"], cache, greedy=True)
         state["pos"] += 1
+    return step
+
+
+def hf_start(model, ids: list[int], n: int):
+    """transformers' forward with its own cache, as generate() steps it."""
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), use_cache=True)
+    state = {"cache": out.past_key_values, "token": int(out.logits[0, -1].argmax())}
+
+    def step():
+        with torch.inference_mode():
+            out = model(torch.tensor([[state["token"]]]), past_key_values=state["cache"], use_cache=True)
+        state["cache"], state["token"] = out.past_key_values, int(out.logits[0, -1].argmax())
     return step
 
 
@@ -162,13 +178,18 @@ def loaders(paths: dict[str, Path], threads: int):
     }
 
 
-def head_to_head(paths: dict[str, Path], contexts: list[int], n: int) -> list[dict]:
-    """m4 onnx and onnxruntime-genai loaded together, their decode steps alternating one by
-    one after the same prompt: a neighbour's burst lands on both, so the ratio holds on a
-    shared machine where runs one after the other drift. One thread each: ORT's pool threads
-    spin-wait after a run and would take the cores of the session that runs next."""
-    load = loaders(paths, 1)
-    both = {"m4 onnx": (load["m4 onnx"][0](), m4_start), "ort-genai": (load["ort-genai"][0](), genai_start)}
+STARTS = {"m4 onnx": m4_start, "m4 torch": m4_start, "transformers": hf_start, "ort-genai": genai_start}
+
+
+def head_to_head(paths: dict[str, Path], contexts: list[int], n: int, pair: tuple[str, str],
+                 threads: int) -> list[dict]:
+    """Two backends loaded together, their decode steps alternating one by one after the same
+    prompt: a neighbour's burst lands on both, so the ratio holds on a shared machine where
+    runs one after the other drift. ONNX Runtime gets one thread: its pool threads spin-wait
+    after a run and would take the cores of the session that runs next."""
+    load = loaders(paths, 1 if any(k in ("m4 onnx", "ort-genai") for k in pair) else threads)
+    both = {k: (load[k][0](), STARTS[k]) for k in pair}
+    first, second = pair
     out = []
     for c in contexts:
         ids = prompt(paths, c)
@@ -180,8 +201,8 @@ def head_to_head(paths: dict[str, Path], contexts: list[int], n: int) -> list[di
                 step()
                 times[k].append(time.perf_counter() - t0)
         ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-        out.append({"context": c, "decode_step_ms": ms, "m4 onnx / ort-genai": ms["ort-genai"] / ms["m4 onnx"]})
-        console.print(f"interleaved @{c}: m4 onnx {ms['m4 onnx']:.1f} ms, ort-genai {ms['ort-genai']:.1f} ms a step")
+        out.append({"context": c, "decode_step_ms": ms, f"{first} / {second}": ms[second] / ms[first]})
+        console.print(f"interleaved @{c}: {first} {ms[first]:.1f} ms, {second} {ms[second]:.1f} ms a step")
         del steps
         gc.collect()
     return out
@@ -243,8 +264,8 @@ def print_report(results: list[dict], rs: dict, h2h: list[dict], roof: dict) -> 
     for k, v in rs.items():
         out.print(f"{k}: {v:.2f}x")
     for x in h2h:
-        out.print(f"decode m4 onnx / ort-genai @{x['context']}, steps interleaved, 1 thread: "
-                  f"{x['m4 onnx / ort-genai']:.2f}x")
+        name = next(k for k in x if " / " in k)
+        out.print(f"decode {name} @{x['context']}, steps interleaved: {x[name]:.2f}x")
 
 
 def main() -> None:
@@ -295,8 +316,10 @@ def main() -> None:
         gc.collect()
     roof = roofline(Arch.from_dir(paths["checkpoint"]), args.contexts, args.threads)
     rs = ratios(results, args.contexts, roof)
-    h2h = head_to_head(paths, args.contexts, args.new_tokens) \
-        if genai and picked("m4 onnx") and picked("ort-genai") else []
+    pairs = [("m4 onnx", "ort-genai")] if genai else []
+    pairs.append(("m4 torch", "transformers"))
+    h2h = [x for pair in pairs if all(map(picked, pair))
+           for x in head_to_head(paths, args.contexts, args.new_tokens, pair, args.threads)]
     print_report(results, rs, h2h, roof)
     if args.json:
         info = {**machine(), "threads": args.threads, "onnxruntime": __import__("onnxruntime").__version__,

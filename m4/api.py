@@ -16,7 +16,7 @@ from m4.errors import M4Error
 from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
 from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
-from m4.resolve import resolve
+from m4.resolve import DEMO_BUNDLE, resolve
 from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
@@ -35,8 +35,15 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
     A bundle's files are checked against the sha256 its m4.json records before it loads
     (an M4Error names a file that changed). `verify=False`, or M4_VERIFY=0 in the
     environment (which every m4 command honours), skips the hashing for fast restarts of a
-    bundle already verified; sizes are checked either way."""
-    path = resolve(str(model))
+    bundle already verified; sizes are checked either way.
+
+    `demo` is the shipped checkpoint under backend torch, the bundle exported from it (shipped
+    beside it) under onnx or trt, and under auto the checkpoint where torch is installed, else
+    the bundle."""
+    if model == "demo" and backend == "trt":
+        raise M4Error(f"the demo bundle ships without TensorRT engines, which are built on the device that runs "
+                      f"them: copy it (cp -r {DEMO_BUNDLE} DIR), build them (m4 build DIR), then run DIR")
+    path = resolve(str(model), bundle={"torch": False, "onnx": True}.get(backend))
     if verify is None:
         verify = os.environ.get("M4_VERIFY", "1") != "0"
     if is_bundle(path):
@@ -145,13 +152,13 @@ class Model:
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
         ctx = Context(self.backend, len(p.ids) + max_new_tokens)
-        logits = ctx.append("prompt", embeds)
+        sampling = Sampling(temperature, top_p, seed)
+        logits = ctx.append("prompt", embeds, greedy=sampling.greedy)
         t2 = time.perf_counter()
         self.stats.clear()  # in place: callers may hold this dict
         self.stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
                           prefill_ms=(t2 - t1) * 1e3)
-        yield from ctx.generate(logits, max_new_tokens, self.stop_ids, Sampling(temperature, top_p, seed),
-                                self.stats, t0)
+        yield from ctx.generate(logits, max_new_tokens, self.stop_ids, sampling, self.stats, t0)
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long

@@ -8,6 +8,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def atomic_directory(dest: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `dest`; on success it replaces `dest`, on any
@@ -15,6 +21,7 @@ def atomic_directory(dest: Path) -> Iterator[Path]:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
         if dest.exists():

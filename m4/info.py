@@ -4,7 +4,7 @@ from pathlib import Path
 
 from m4.bundle_format import is_bundle, manifest_arch, read_manifest
 from m4.model.config import PRESETS, Arch
-from m4.resolve import DEMO_DIR, resolve
+from m4.resolve import DEMO_BUNDLE, DEMO_DIR, resolve
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
 
@@ -15,7 +15,10 @@ def describe(spec: str) -> dict:
         return describe_arch(PRESETS[spec], source=f"preset {spec} (shapes only, no weights)")
     path = resolve(spec)
     if is_bundle(path):
-        return describe_bundle(path)
+        d = describe_bundle(path)
+        if path == DEMO_BUNDLE:
+            d["source"] = f"demo model: the demo preset trained on M4-Synth, as its fp16 bundle ({path})"
+        return d
     arch = Arch.from_dir(path)
     source = f"checkpoint {path}"
     if path == DEMO_DIR:

@@ -121,3 +121,19 @@ def test_fused_projections_hold_the_checkpoints_and_split_back(checkpoints):
     split_weights(model, state)
     assert "vision.layers.0.self_attn.v_proj.bias" in state and "text.layers.0.mlp.up_proj.weight" in state
     assert all(torch.equal(t, weights[k]) for k, t in state.items())
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"model_type": "idefics2"}, "Mantis-8B-Idefics2"),
+    ({"model_type": "fuyu"}, "Mantis-8B-Fuyu"),
+    ({"model_type": "llava", "text_config": {"model_type": "mistral"}}, "unsupported decoder 'mistral'"),
+    ({"model_type": "llava", "vision_config": {"model_type": "dinov2"}}, "unsupported vision tower 'dinov2'"),
+    ({"model_type": "llava", "text_config": {"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}},
+     "unsupported rope scaling"),
+])
+def test_architectures_m4_does_not_run_are_named(tmp_path, config, words):
+    """Mantis's other variants and unknown parts get one line from the CLI, naming what they are."""
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = subprocess.run([sys.executable, "-m", "m4", "info", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("m4: error:") and words in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1

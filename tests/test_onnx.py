@@ -115,13 +115,13 @@ def test_cache_rollback_and_chunked_prefill_match_torch(checkpoints, paths, grap
         np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["mha-untied-penult-default", "llama3.1-clip-gqa-untied-last-full"])
 @pytest.mark.parametrize("graph", GRAPHS)
 @pytest.mark.parametrize("exact", [True, False])
-def test_live_context_runs_on_a_bundle(checkpoints, models, exact, graph):
+def test_live_context_runs_on_a_bundle(checkpoints, models, exact, graph, variant):
     """The live context, unchanged, on the ONNX backend: exact eviction answers as a fresh
-    prompt over the window does, and approximate eviction (shifted, re-rotated keys) as the
-    torch backend's does."""
-    variant = "mha-untied-penult-default"
+    prompt over the window does, and approximate eviction (shifted, re-rotated keys, Llama
+    3.1's scaled angles too) as the torch backend's does."""
     ours = models[variant, graph].stream(window=3, exact=exact)
     ref = m4.load(checkpoints[variant], backend="torch").stream(window=3, exact=exact)
     frames = random_images(5, seed=4)

@@ -122,3 +122,22 @@ def test_clip_checkpoint_reads_its_image_processor(tmp_path, oracle):
         want = [t for t in out[0, ids.shape[1]:].tolist() if t not in model.stop_ids]
         assert list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=8)) == want, name
         assert model.processing.crop == 32 and model.processing.mean != (0.5, 0.5, 0.5), name
+
+
+def test_greedy_answers_pick_tokens_where_the_logits_are(checkpoints):
+    """Greedy decoding asks the backend for token ids, never for the vocabulary's logits;
+    sampling asks for logits. The greedy id is the argmax of those logits."""
+    model = m4.load(checkpoints["gqa-tied-last-full"], backend="torch")
+    calls, forward = [], model.backend.forward
+    model.backend.forward = lambda *a, **kw: calls.append(kw.get("greedy", False)) or forward(*a, **kw)
+    images = random_images(1, seed=3)
+    greedy = list(model.tokens(QUESTIONS[1], images=images, max_new_tokens=6))
+    assert len(calls) == 6 and all(calls)
+    calls.clear()
+    list(model.tokens(QUESTIONS[1], images=images, max_new_tokens=6, temperature=0.7, seed=1))
+    assert calls and not any(calls)
+    b = model.backend
+    p, pictures = model.prepare(QUESTIONS[1], images)
+    embeds = model.embed(p, pictures)
+    assert forward(embeds, 0, b.new_cache(len(p.ids)), greedy=True) == greedy[0] == \
+        int(forward(embeds, 0, b.new_cache(len(p.ids)))[-1].argmax())

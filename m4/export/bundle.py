@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch.export import Dim
 
-from m4.atomic import atomic_directory
+from m4.atomic import atomic_directory, umask
 from m4.bundle_format import DTYPES, FORMAT_VERSION, MANIFEST, ORT_DECODER, file_record, is_bundle, past_names
 from m4.errors import M4Error
 from m4.export.graphs import DecoderGraph, VisionGraph
@@ -92,7 +92,7 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
     """Export MODEL (demo, a checkpoint directory or a hub id) to the bundle OUT; its manifest."""
     if dtype not in DTYPES:
         raise M4Error(f"unknown dtype {dtype!r}: use " + " or ".join(DTYPES))
-    path, out = resolve(spec), Path(out)
+    path, out = resolve(spec, bundle=False), Path(out)
     if is_bundle(path):
         raise M4Error(f"{spec} is already a bundle; export takes a checkpoint")
     if out.exists() and not (out.is_dir() and ((out / MANIFEST).is_file() or not any(out.iterdir()))):
@@ -118,6 +118,8 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
         for name in CONFIG_FILES:
             if (path / name).is_file():
                 shutil.copy(path / name, tmp / name)
+        for f in tmp.iterdir():  # onnx writes external data readable by its owner alone
+            f.chmod(0o666 & ~umask())
         files = step("hash files", lambda: {f.name: file_record(f) for f in sorted(tmp.iterdir())})
         m = manifest(str(spec), arch, template, dtype, files)
         (tmp / MANIFEST).write_text(json.dumps(m, indent=2))

@@ -62,16 +62,17 @@ class Context:
         del self.segments[mark:]
         self.length = sum(s.length for s in self.segments)
 
-    def generate(self, logits: np.ndarray, max_new_tokens: int, stop_ids: set[int],
+    def generate(self, logits: np.ndarray | int, max_new_tokens: int, stop_ids: set[int],
                  sampling: Sampling = Sampling(), stats: dict | None = None,
                  started: float | None = None) -> Iterator[int]:
-        """Token ids of the answer to what the context holds, one decode step each; the
+        """Token ids of the answer to what the context holds, one decode step each, from the
+        last prefill's logits or (greedy) its token; the
         answer is kept in the cache as a segment (roll back to drop it). `stats` receives
         ttft_ms (counted from `started`), decode_tok_s and new_tokens."""
         stats = {} if stats is None else stats
         started = time.perf_counter() if started is None else started
         rng = np.random.default_rng(sampling.seed)
-        greedy, count = sampling.temperature <= 0, 0
+        count = 0
         for i in range(max_new_tokens):
             token = logits if isinstance(logits, int) else sample(logits, sampling, rng)
             if token in stop_ids:
@@ -82,7 +83,7 @@ class Context:
             count += 1
             yield token
             if i + 1 < max_new_tokens:  # the last token needs no forward pass
-                logits = self.append("answer", self.backend.embed_tokens([token]), greedy=greedy)
+                logits = self.append("answer", self.backend.embed_tokens([token]), greedy=sampling.greedy)
         stats["new_tokens"] = count
         if count > 1:
             stats["decode_tok_s"] = (count - 1) / (time.perf_counter() - first)

@@ -109,11 +109,11 @@ class LiveContext:
         mark = self.ctx.mark()
         try:
             t0 = time.perf_counter()
-            logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None))
+            sampling = Sampling(temperature, top_p, seed)
+            logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None), greedy=sampling.greedy)
             t1 = time.perf_counter()
             self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
-            yield from self.ctx.generate(logits, n, self.stop_ids, Sampling(temperature, top_p, seed),
-                                         self.stats, t0)
+            yield from self.ctx.generate(logits, n, self.stop_ids, sampling, self.stats, t0)
         finally:
             self.ctx.rollback(mark)
 

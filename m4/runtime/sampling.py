@@ -11,9 +11,13 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
 
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
 
 def sample(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
-    if s.temperature <= 0:
+    if s.greedy:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / s.temperature
     p = np.exp(z - z.max())
