@@ -33,6 +33,7 @@ from m4.model.rope import rope_table
 class KVCache:
     k: torch.Tensor  # (layers, 1, kv_heads, max_len, head_dim)
     v: torch.Tensor
+    filled: bool = False  # a view that ends at the last query's position (`prefix`)
 
     @classmethod
     def empty(cls, a: TextArch, max_len: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
@@ -44,12 +45,16 @@ class KVCache:
         return self.k.shape[3]
 
     def prefix(self, length: int) -> KVCache:
-        """A view of positions [0, length): writes land in this cache, attention reads only them."""
-        return KVCache(self.k[:, :, :, :length], self.v[:, :, :, :length])
+        """A view of positions [0, length), the last query's position last: writes land in
+        this cache, attention reads only them."""
+        return KVCache(self.k[:, :, :, :length], self.v[:, :, :, :length], filled=True)
 
-    def mask(self, input_pos: torch.Tensor, groups: int) -> torch.Tensor:
+    def mask(self, input_pos: torch.Tensor, groups: int) -> torch.Tensor | None:
         """(groups * T, max_len) bool: query i sees the cache up to its own position. Rows
-        are tiled over the query heads that share a kv head (see `attend`)."""
+        are tiled over the query heads that share a kv head (see `attend`). None where one
+        query sees all of a filled view: SDPA without a mask takes its faster kernel."""
+        if self.filled and input_pos.shape[0] == 1:
+            return None
         return (torch.arange(self.max_len, device=input_pos.device) <= input_pos[:, None]).repeat(groups, 1)
 
     def attend(self, layer: int, q, k, v, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,14 +80,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in float32 and cast back before the weight, as transformers does
+        # in float32 and cast back before the weight, as transformers does; written out
+        # rather than F.rms_norm, which on the CPU costs several times these few kernels
         xf = x.float()
         if torch.onnx.is_in_onnx_export():
-            # x / sqrt(mean + eps): the form ONNX Runtime fuses into one
-            # SimplifiedLayerNormalization (F.rms_norm exports as x * (1 / sqrt(...)))
+            # x / sqrt(mean + eps): the form ONNX Runtime fuses into one SimplifiedLayerNormalization
             normed = xf / torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         else:
-            normed = F.rms_norm(xf, x.shape[-1:], eps=self.eps)
+            normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
 
