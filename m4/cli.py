@@ -323,8 +323,8 @@ def serve(
     from m4.serve.settings import check_bind
 
     settings = S(model, backend, device, host, port, api_key, insecure, max_sessions, session_ttl, max_fps,
-                        max_body_mb, max_pixels, max_images, max_tokens, max_queue, video_frames, allow_urls,
-                        allow_private_urls)
+                 max_body_mb, max_pixels, max_images, max_tokens, max_queue, video_frames, allow_urls,
+                 allow_private_urls)
     check_bind(host, api_key, insecure)  # before the model loads: a refusal is immediate
     try:
         from m4.serve.app import serve as run_server
