@@ -162,38 +162,49 @@ class Server:
         head = await self.first(job, request)  # errors before the first token are an HTTP status
 
         async def events():
-            item, count, stats, complete = head, 0, {}, False
+            item, count, stats = head, 0, {}
+            yield chunk({"role": "assistant", "content": ""})
+            while item is not None:
+                if isinstance(item, dict):
+                    stats = item
+                else:
+                    piece, count = item
+                    text = stop.feed(piece)
+                    if text:
+                        yield chunk({"content": text})
+                    if stop.hit:
+                        job.cancel()
+                        break
+                item = await anext(job, None)
+            rest = stop.flush()
+            if rest:
+                yield chunk({"content": rest})
+            yield chunk({}, finished(stats, count, limit))
+            if req.include_usage:
+                yield chunk({}, usage=usage(stats, count))
+
+        return self.event_stream(events(), job)
+
+    def event_stream(self, events, job) -> StreamingResponse:
+        """Server-sent events of an answer, ending with [DONE]: an error after the first
+        token (the status is sent by then) is an error event; a client that leaves before the
+        end cancels the job."""
+        async def wrapped():
+            complete = False
             try:
-                yield chunk({"role": "assistant", "content": ""})
-                while item is not None:
-                    if isinstance(item, dict):
-                        stats = item
-                    else:
-                        piece, count = item
-                        text = stop.feed(piece)
-                        if text:
-                            yield chunk({"content": text})
-                        if stop.hit:
-                            job.cancel()
-                            break
-                    item = await anext(job, None)
-                rest = stop.flush()
-                if rest:
-                    yield chunk({"content": rest})
-                yield chunk({}, finished(stats, count, limit))
-                if req.include_usage:
-                    yield chunk({}, usage=usage(stats, count))
+                async for event in events:
+                    yield event
                 complete = True
-            except ApiError as e:  # raised by the job after its first token
+            except ApiError as e:
                 self.metrics.errors.labels(e.kind).inc()
                 complete = True
                 yield f"data: {json.dumps(e.body())}\n\n"
             finally:
                 if not complete:
-                    self.cancelled(job)  # the client left mid-answer
+                    self.cancelled(job)
             yield "data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(wrapped(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def room(self, cap: int, asked: int | None) -> int:
         return min(asked or self.settings.max_tokens, cap)
@@ -306,23 +317,14 @@ class Server:
         head = await self.first(job, request)
 
         async def events():
-            item, text, complete = head, "", False
-            try:
-                while isinstance(item, tuple):
-                    text += item[0]
-                    yield f"data: {json.dumps({'text': item[0]})}\n\n"
-                    item = await anext(job, None)
-                complete = True
-                yield f"data: {json.dumps({'done': True, **result(item, text)})}\n\n"
-            except ApiError as e:  # raised by the job after its first token
-                complete = True
-                yield f"data: {json.dumps(e.body())}\n\n"
-            finally:
-                if not complete:
-                    self.cancelled(job)  # the client left mid-answer
-            yield "data: [DONE]\n\n"
+            item, text = head, ""
+            while isinstance(item, tuple):
+                text += item[0]
+                yield f"data: {json.dumps({'text': item[0]})}\n\n"
+                item = await anext(job, None)
+            yield f"data: {json.dumps({'done': True, **result(item, text)})}\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return self.event_stream(events(), job)
 
     async def frame_jpeg(self, sid: str) -> Response:
         s = self.sessions.get(sid)
