@@ -158,9 +158,11 @@ class TorchBackend:
         filled): the graph captured for this cache and T replayed, or run eagerly. compile()
         serves the decode step; chunks run the plain model."""
         decoder = self.decoder if x.shape[1] == 1 else self.model.text
-        steps = torch.arange(x.shape[1], device=self.device)
 
-        def run(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:  # positions from a 0-d start
+        def run(x: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+            # positions from a 0-d start, made inside the function: a captured graph must own
+            # every tensor it reads (one made outside would be freed and its memory reused)
+            steps = torch.arange(x.shape[1], device=x.device)
             return decoder(x, start + steps, cache, steps[-1:])
 
         if self.decode == "static":
