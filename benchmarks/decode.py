@@ -1,6 +1,8 @@
-"""Prefill and decode tokens/s of one decoder four ways, side by side in one run: m4's ONNX
+"""Prefill and decode tokens/s of one decoder six ways, side by side in one run: m4's ONNX
 Runtime backend, m4's torch backend, transformers `generate`, and the decoder that
-onnxruntime-genai's model builder makes from the same weights (fp32, CPU).
+onnxruntime-genai's model builder makes from the same weights (fp32, CPU); then INT4: m4's
+ONNX Runtime backend on the bundle `m4 calibrate --decoder int4` makes from the float one,
+and genai's builder at `-p int4` (both MatMulNBits, blocks of 32, accuracy level 4).
 
 The model is a preset's architecture with seeded random weights (no download): a LLaVA
 checkpoint for m4 and its Qwen2 decoder as a transformers Qwen2ForCausalLM for the other
@@ -9,14 +11,16 @@ two. Every backend prefills the same random prompt of `context` tokens, then dec
 over the median step (the steps after the first token, of all repeats), robust to a
 neighbour's burst on a shared machine; `decode_tok_s_mean` is the best run's mean rate.
 The run also measures the machine's memory read bandwidth, and from it the roofline of
-decode (every weight and the filled cache read once a token), and each backend's share of it.
-Then pairs run their decode steps interleaved one by one in one process (m4 torch against
-transformers; m4 onnx against onnxruntime-genai): the ratio that holds on a shared machine.
+decode (every fp32 weight and the filled cache read once a token), and each float backend's
+share of it. Then pairs run their decode steps interleaved one by one in one process (m4 torch
+against transformers; m4 onnx against onnxruntime-genai, fp32 and INT4; m4 onnx INT4 against
+fp32): the ratio that holds on a shared machine.
 
     python benchmarks/decode.py [--preset 0.5b] [--contexts 512 4096] [--new-tokens 32]
                                 [--repeats 2] [--threads N] [--workdir DIR] [--json out.json] [--quick]
 
-Artifacts (checkpoint, bundle, Qwen2 directory, genai model) are built once in --workdir.
+Artifacts (checkpoint, bundle and its INT4 bundle, Qwen2 directory, genai models) are built
+once in --workdir.
 """
 
 from __future__ import annotations
@@ -51,19 +55,26 @@ console = Console(stderr=True)
 # -- artifacts --------------------------------------------------------------------------
 
 def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
-    paths = {k: workdir / k for k in ("checkpoint", "bundle", "qwen2", "genai")}
+    paths = {k: workdir / k for k in ("checkpoint", "bundle", "bundle-int4", "qwen2", "genai", "genai-int4")}
     if not (paths["checkpoint"] / "config.json").is_file():
         console.print(f"random {preset} checkpoint -> {paths['checkpoint']}")
         random_checkpoint(preset, paths["checkpoint"])
     cached_bundle(str(paths["checkpoint"]), paths["bundle"])  # exported again when m4's export changed
+    q, f = paths["bundle-int4"] / "m4.json", paths["bundle"] / "m4.json"
+    if not q.is_file() or q.stat().st_mtime < f.stat().st_mtime:
+        console.print(f"m4 calibrate --decoder int4 -> {paths['bundle-int4']}")
+        subprocess.run([sys.executable, "-m", "m4", "calibrate", str(paths["bundle"]), str(paths["bundle-int4"]),
+                        "--data", "demo", "--vision", "none", "--decoder", "int4", "--samples", "2"], check=True,
+                       stdout=subprocess.DEVNULL)
     if not (paths["qwen2"] / "config.json").is_file():
         console.print(f"its decoder as a transformers Qwen2ForCausalLM -> {paths['qwen2']}")
         save_qwen2(paths["checkpoint"], paths["qwen2"])
-    if genai and not (paths["genai"] / "genai_config.json").is_file():
-        console.print(f"onnxruntime-genai model builder (fp32, cpu) -> {paths['genai']}")
-        subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(paths["qwen2"]),
-                        "-o", str(paths["genai"]), "-p", "fp32", "-e", "cpu", "-c", str(workdir / "genai-cache"),
-                        "--extra_options", "prune_lm_head=true"], check=True, stdout=subprocess.DEVNULL)
+    for precision, key, extra in (("fp32", "genai", []), ("int4", "genai-int4", ["accuracy_level=4", "block_size=32"])):
+        if genai and not (paths[key] / "genai_config.json").is_file():
+            console.print(f"onnxruntime-genai model builder ({precision}, cpu) -> {paths[key]}")
+            subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(paths["qwen2"]),
+                            "-o", str(paths[key]), "-p", precision, "-e", "cpu", "-c", str(workdir / "genai-cache"),
+                            "--extra_options", "prune_lm_head=true", *extra], check=True, stdout=subprocess.DEVNULL)
     return paths
 
 
@@ -160,25 +171,29 @@ def loaders(paths: dict[str, Path], threads: int):
     arch = Arch.from_dir(paths["checkpoint"])
     torch.set_num_threads(threads)
 
-    def load_genai():
+    def load_genai(key: str):
         import onnxruntime_genai as og
 
         # the builder leaves the thread count to genai, which runs one: give it ours
-        f = paths["genai"] / "genai_config.json"
+        f = paths[key] / "genai_config.json"
         config = json.loads(f.read_text())
         config["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
         f.write_text(json.dumps(config, indent=4))
-        return og.Model(str(paths["genai"]))
+        return og.Model(str(paths[key]))
 
     return {
         "m4 onnx": (lambda: OnnxBackend(paths["bundle"], "cpu", threads), timed(m4_start)),
         "m4 torch": (lambda: TorchBackend(paths["checkpoint"], arch, "cpu"), timed(m4_start)),
         "transformers": (lambda: transformers.Qwen2ForCausalLM.from_pretrained(paths["qwen2"]).eval(), hf_generate),
-        "ort-genai": (load_genai, timed(genai_start)),
+        "ort-genai": (lambda: load_genai("genai"), timed(genai_start)),
+        "m4 onnx int4": (lambda: OnnxBackend(paths["bundle-int4"], "cpu", threads), timed(m4_start)),
+        "ort-genai int4": (lambda: load_genai("genai-int4"), timed(genai_start)),
     }
 
 
-STARTS = {"m4 onnx": m4_start, "m4 torch": m4_start, "transformers": hf_start, "ort-genai": genai_start}
+STARTS = {"m4 onnx": m4_start, "m4 torch": m4_start, "transformers": hf_start, "ort-genai": genai_start,
+          "m4 onnx int4": m4_start, "ort-genai int4": genai_start}
+ONNX = ("m4 onnx", "ort-genai", "m4 onnx int4", "ort-genai int4")
 
 
 def head_to_head(paths: dict[str, Path], contexts: list[int], n: int, pair: tuple[str, str],
@@ -187,7 +202,7 @@ def head_to_head(paths: dict[str, Path], contexts: list[int], n: int, pair: tupl
     prompt: a neighbour's burst lands on both, so the ratio holds on a shared machine where
     runs one after the other drift. ONNX Runtime gets one thread: its pool threads spin-wait
     after a run and would take the cores of the session that runs next."""
-    load = loaders(paths, 1 if any(k in ("m4 onnx", "ort-genai") for k in pair) else threads)
+    load = loaders(paths, 1 if any(k in ONNX for k in pair) else threads)
     both = {k: (load[k][0](), STARTS[k]) for k in pair}
     first, second = pair
     out = []
@@ -239,13 +254,15 @@ def prompt(paths: dict[str, Path], context: int) -> list[int]:
 def ratios(results: list[dict], contexts: list[int], roof: dict) -> dict:
     r = {(x["backend"], x["context"]): x for x in results}
     out = {f"decode_tok_s {x['backend']} / roofline @{x['context']}":
-           x["decode_tok_s"] / roof["decode_tok_s"][str(x["context"])] for x in results}
+           x["decode_tok_s"] / roof["decode_tok_s"][str(x["context"])] for x in results if "int4" not in x["backend"]}
     for c in contexts:
-        ours = r.get(("m4 onnx", c))
-        for other in ("transformers", "ort-genai", "m4 torch"):
-            if ours and (other, c) in r:
-                for k in ("decode_tok_s", "prefill_tok_s"):
-                    out[f"{k} m4 onnx / {other} @{c}"] = ours[k] / r[(other, c)][k]
+        for mine, others in (("m4 onnx", ("transformers", "ort-genai", "m4 torch")),
+                             ("m4 onnx int4", ("ort-genai int4", "m4 onnx"))):
+            ours = r.get((mine, c))
+            for other in others:
+                if ours and (other, c) in r:
+                    for k in ("decode_tok_s", "prefill_tok_s"):
+                        out[f"{k} {mine} / {other} @{c}"] = ours[k] / r[(other, c)][k]
     if ("m4 onnx", contexts[0]) in r and ("m4 onnx", contexts[-1]) in r:
         out[f"decode_tok_s m4 onnx @{contexts[-1]} / @{contexts[0]}"] = (
             r[("m4 onnx", contexts[-1])]["decode_tok_s"] / r[("m4 onnx", contexts[0])]["decode_tok_s"])
@@ -275,7 +292,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2, help="runs per backend and context; the best is kept")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="threads of every backend (default: all cores)")
-    ap.add_argument("--backends", nargs="+", default=None, help="a subset of: m4-onnx m4-torch transformers ort-genai")
+    ap.add_argument("--backends", nargs="+", default=None, help="a subset of: m4-onnx m4-torch transformers ort-genai m4-onnx-int4 ort-genai-int4")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="smoke run: demo preset, contexts 64 256, 8 tokens")
@@ -296,7 +313,7 @@ def main() -> None:
         return not args.backends or name.replace(" ", "-") in args.backends
 
     for name, (load, run) in loaders(paths, args.threads).items():
-        if not picked(name) or (name == "ort-genai" and not genai):
+        if not picked(name) or (name.startswith("ort-genai") and not genai):
             continue
         console.print(f"{name}: loading")
         model = load()
@@ -316,8 +333,8 @@ def main() -> None:
         gc.collect()
     roof = roofline(Arch.from_dir(paths["checkpoint"]), args.contexts, args.threads)
     rs = ratios(results, args.contexts, roof)
-    pairs = [("m4 onnx", "ort-genai")] if genai else []
-    pairs.append(("m4 torch", "transformers"))
+    pairs = [("m4 onnx", "ort-genai"), ("m4 onnx int4", "ort-genai int4")] if genai else []
+    pairs += [("m4 torch", "transformers"), ("m4 onnx int4", "m4 onnx")]
     h2h = [x for pair in pairs if all(map(picked, pair))
            for x in head_to_head(paths, args.contexts, args.new_tokens, pair, args.threads)]
     print_report(results, rs, h2h, roof)

@@ -20,7 +20,7 @@ FORMAT_VERSION = 1
 DTYPES = {"fp32": "float32", "fp16": "float16"}
 
 # decoder.onnx's twin for ONNX Runtime on the CPU (m4/export/ort_graph.py), when the manifest
-# lists it; a quantised bundle runs its own decoder.onnx
+# lists it: weight-only quantised bundles carry it quantised alike, w8a8 bundles none
 ORT_DECODER = "decoder_ort.onnx"
 
 # The bundle runtimes prefill in pieces of at most this many tokens (it bounds the attention

@@ -5,6 +5,7 @@ against the oracle; bad calibration data and a machine without TensorRT are one 
 import importlib.util
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -15,11 +16,11 @@ from onnx import numpy_helper
 from PIL import Image
 
 import m4
-from m4.bundle_format import ORT_DECODER
+from m4.bundle_format import ORT_DECODER, sha256
 from m4.calib.bundle import calibrate
 from m4.calib.data import load_samples
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
-from m4.calib.measure import teacher_forced
+from m4.calib.measure import greedy, teacher_forced
 from m4.errors import M4Error
 from m4.eval import evaluate
 from m4.export.bundle import export_bundle
@@ -120,9 +121,52 @@ def test_weight_only_decoders_load_answer_and_shrink(float_bundle, quantised, de
     assert quant <= ratio * fp32
     report = json.loads((out / "report.json").read_text())
     assert report["size_bytes"]["decoder.onnx"]["quantised"] < report["size_bytes"]["decoder.onnx"]["float"]
-    # the float fused twin of the decoder does not travel with a quantised one
-    assert (float_bundle / ORT_DECODER).is_file() and not list(out.glob(ORT_DECODER + "*"))
-    assert not model.backend.fused and ORT_DECODER not in m["dtypes"]
+    # the fused twin that the CPU runs is quantised alike: every weight MatMul (the lm_head
+    # included) a MatMulNBits of the same bits and block size, none left float, recorded and hashed
+    fg, qg = onnx.load(float_bundle / ORT_DECODER), onnx.load(out / ORT_DECODER)
+    fused = [n for n in qg.graph.node if n.op_type == "MatMulNBits"]
+    assert len(fused) == len(weight_matmuls(fg)) and not weight_matmuls(qg)
+    assert any(n.output[0] == "logits" for n in fused)
+    assert {nbits_attrs(n) for n in fused} == {nbits_attrs(n) for n in nbits} == {(4, bits, 32)}
+    assert m["quantisation"][ORT_DECODER] == {**m["quantisation"]["decoder.onnx"], "quantised_nodes": len(fused)}
+    assert m["dtypes"][ORT_DECODER] == "fp32" and m["files"][ORT_DECODER]["sha256"] == sha256(out / ORT_DECODER)
+    assert not list(out.glob(ORT_DECODER + ".data"))  # the float twin's weights do not travel
+    assert model.backend.fused and report["decoder"]["graph"] == ORT_DECODER
+    s = report["size_bytes"][ORT_DECODER]
+    assert s["quantised"] < s["float"] and s["float"] == sum(f.stat().st_size for f in float_bundle.glob(ORT_DECODER + "*"))
+
+
+def nbits_attrs(n: onnx.NodeProto) -> tuple[int, int, int]:
+    a = {x.name: x.i for x in n.attribute}
+    return a["accuracy_level"], a["bits"], a["block_size"]
+
+
+def without_fused(bundle, out):
+    """The bundle without decoder_ort.onnx: the CPU runs its decoder.onnx."""
+    out.mkdir()
+    for f in bundle.iterdir():
+        if not f.name.startswith((ORT_DECODER, "m4.json")):
+            shutil.copy(f, out / f.name)
+    m = json.loads((bundle / "m4.json").read_text())
+    m["files"] = {f: r for f, r in m["files"].items() if not f.startswith(ORT_DECODER)}
+    del m["dtypes"][ORT_DECODER]
+    (out / "m4.json").write_text(json.dumps(m))
+    return out
+
+
+@pytest.mark.parametrize("decoder", ["int8", "int4"])
+def test_quantised_fused_decoder_computes_the_quantised_decoder(quantised, tmp_path, decoder):
+    """The same MatMulNBits weights in both graphs: decoder_ort.onnx (CPU, fused) and
+    decoder.onnx of one quantised bundle predict the same tokens, teacher-forced (measured:
+    all 12 of 12, logits' cosine >= 0.9999; a near tie may flip one)."""
+    fused = m4.load(quantised(decoder))
+    plain = m4.load(without_fused(quantised(decoder), tmp_path / "plain"))
+    assert fused.backend.fused and not plain.backend.fused
+    e = fused.embed(*fused.prepare(QUESTIONS[2], random_images(2, seed=41), None, None, False))
+    answer = greedy(plain.backend, e, 12)
+    a, b = teacher_forced(fused.backend, e, answer), teacher_forced(plain.backend, e, answer)
+    cos = (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+    assert cos.min() > 0.999 and (a.argmax(-1) == answer).mean() >= 0.9
 
 
 def test_vision_only_bundle_keeps_the_fused_float_decoder(float_bundle, tmp_path):
@@ -139,11 +183,14 @@ def test_vision_only_bundle_keeps_the_fused_float_decoder(float_bundle, tmp_path
 def test_greedy_agreement_is_measured_and_bounded(checkpoints, oracle, quantised, decoder, agreement, cosine):
     report = json.loads((quantised(decoder) / "report.json").read_text())
     d = report["decoder"]
+    # measured on the graph the CPU runs: the quantised fused decoder
+    assert d["graph"] == ORT_DECODER
     assert d["token_agreement"] >= agreement and 0 <= d["logit_kl"] < 0.5 and d["cosine"] > cosine
     assert set(report) >= {"vision", "decoder", "size_bytes", "end_to_end", "machine"}
     # against transformers on the float checkpoint: the quantised bundle (vision and decoder)
     # reads the oracle's prompt and answer, and predicts each answer token
     model = m4.load(quantised(decoder))
+    assert model.backend.fused
     images = random_images(2, seed=21)
     p, pictures = model.prepare(QUESTIONS[2], images, None, None, False)
     ref = oracle_tokens(oracle(checkpoints[VARIANT]), model, p, pictures, 12)
@@ -180,8 +227,13 @@ def test_w8a8_decoder_is_qdq_and_close(float_bundle, quantised):
     assert len(linear) == len(weight_matmuls(onnx.load(float_bundle / "decoder.onnx")))
     assert all(made_by[n.input[0]].op_type == "DequantizeLinear" for n in linear)
     d = json.loads((out / "report.json").read_text())["decoder"]
-    assert d["cosine"] > 0.95 and d["token_agreement"] >= 0.5
-    assert isinstance(m4.load(out).ask("Describe <image>.", images=random_images(1), max_new_tokens=4), str)
+    assert d["cosine"] > 0.95 and d["token_agreement"] >= 0.5 and d["graph"] == "decoder.onnx"
+    # no fused twin: a float one would run on the CPU instead of the Q/DQ decoder
+    m = json.loads((out / "m4.json").read_text())
+    assert not list(out.glob(ORT_DECODER + "*")) and ORT_DECODER not in m["files"] and ORT_DECODER not in m["dtypes"]
+    model = m4.load(out)
+    assert not model.backend.fused
+    assert isinstance(model.ask("Describe <image>.", images=random_images(1), max_new_tokens=4), str)
 
 
 def test_calibration_sources(tmp_path):

@@ -59,8 +59,8 @@ def check(bundle: Path, out: Path, vision: str, decoder: str, method: str, sampl
 
 def carried(bundle: Path, quant: dict) -> list[Path]:
     """The float bundle's files that the quantised one takes as they are: graphs left float,
-    tokenizer, embeddings. Not the fused float twin of a decoder that is now quantised (the
-    runtime would run it instead)."""
+    tokenizer, embeddings. Never the fused float twin of a decoder that is now quantised (the
+    runtime would run it instead): weight-only schemes write a quantised twin, w8a8 none."""
     skip = (MANIFEST, "report.json", *quant, *((ORT_DECODER,) if "decoder.onnx" in quant else ()))
     return [f for f in bundle.iterdir() if f.is_file() and not f.name.startswith(skip)]
 
@@ -131,8 +131,9 @@ def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, meth
                                     bundle / "vision.onnx", tmp / "vision.onnx", pixels, method,
                                     attention_matmuls(bundle / "vision.onnx"))
     if decoder in ("int4", "int8"):
-        quant["decoder.onnx"] = step(f"quantise decoder.onnx ({decoder} weight-only)", dec.weight_only,
-                                     bundle / "decoder.onnx", tmp / "decoder.onnx", int(decoder[3:]))
+        for g in decoder_graphs(ref.backend.manifest):
+            quant[g] = step(f"quantise {g} ({decoder} weight-only)", dec.weight_only, bundle / g, tmp / g,
+                            int(decoder[3:]))
     elif decoder == "w8a8":
         a = ref.arch.text
         feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim)
@@ -142,8 +143,16 @@ def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, meth
     return quant
 
 
+def decoder_graphs(m: dict) -> tuple[str, ...]:
+    """The decoder graphs a weight-only scheme quantises alike: decoder.onnx, and the fused
+    decoder_ort.onnx that the CPU runs where the float bundle has one."""
+    return ("decoder.onnx",) + ((ORT_DECODER,) if ORT_DECODER in m["files"] else ())
+
+
 def sizes(bundle: Path, tmp: Path) -> dict:
     out = {g: {"float": graph_bytes(bundle, g), "quantised": graph_bytes(tmp, g)} for g in GRAPHS}
+    if (tmp / ORT_DECODER).is_file():
+        out[ORT_DECODER] = {"float": graph_bytes(bundle, ORT_DECODER), "quantised": graph_bytes(tmp, ORT_DECODER)}
     return {g: {**s, "ratio": s["quantised"] / s["float"]} for g, s in out.items()}
 
 
@@ -153,7 +162,10 @@ def measure(step, ref, q, quant: dict, test: list, prompts: list[np.ndarray], pi
     if "vision.onnx" in quant and len(pixels):
         r["vision"] = step("measure vision on held-out images", measure_vision, ref, q, pixels)
     if "decoder.onnx" in quant:
-        r["decoder"] = step("measure decoder on held-out prompts", measure_decoder, ref, q, prompts)
+        # the graph each bundle runs here (on the CPU, decoder_ort.onnx where the bundle has it)
+        graph = ORT_DECODER if getattr(q.backend, "fused", False) else "decoder.onnx"
+        r["decoder"] = {"graph": graph, **step(f"measure {graph} on held-out prompts", measure_decoder, ref, q,
+                                                prompts)}
     r["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles", answers_equal, ref, q, test)}
     return r
 
@@ -205,7 +217,7 @@ def print_report(r: dict, console: Console) -> None:
             "token agreement": lambda d: f"{d['token_agreement']:.1%}" if "token_agreement" in d else "-"}
     for name, cell in rows.items():
         t.add_row(name, *[cell(r[g]) for g in graphs])
-    t.add_row("size", *[size(r["size_bytes"][g + ".onnx"]) for g in graphs])
+    t.add_row("size", *[size(r["size_bytes"][r[g].get("graph", g + ".onnx")]) for g in graphs])
     t.add_row("latency (this CPU)", *[speed(r[g]) for g in graphs])
     console.print(t)
     if "end_to_end" in r:

@@ -1,7 +1,8 @@
 """The decoder graph quantised: weight-only INT4/INT8, or W8A8 Q/DQ with SmoothQuant scaling.
 
 Weight-only: each weight MatMul becomes ONNX Runtime's MatMulNBits (block-wise symmetric
-INT4 or INT8 weights, float activations), the CPU path; onnxruntime.quantization does it.
+INT4 or INT8 weights, float activations), the CPU path; onnxruntime.quantization does it,
+to decoder.onnx and to the fused decoder_ort.onnx alike.
 
 W8A8 (for TensorRT): SmoothQuant (Xiao et al. 2023) moves activation outliers into the
 weights, per input channel c of each weight MatMul, s_c = max|X_c|^a / max|W_c|^(1-a):

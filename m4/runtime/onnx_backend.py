@@ -137,8 +137,8 @@ class OnnxBackend(BundleBackend):
         super().__init__(path)
         chosen = providers(device)
         self.vision = session(path / "vision.onnx", chosen, threads)
-        # the fused twin where it applies: ONNX Runtime's CPU kernels (calibrate drops it
-        # when it quantises the decoder)
+        # the fused twin where it applies: ONNX Runtime's CPU kernels (a weight-only quantised
+        # bundle's is quantised as its decoder.onnx is; a w8a8 bundle has none)
         self.fused = chosen[0] == "CPUExecutionProvider" and ORT_DECODER in self.manifest["files"]
         f = path / (ORT_DECODER if self.fused else "decoder.onnx")
         self.decoder = session(f, chosen, threads)
