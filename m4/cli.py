@@ -16,7 +16,7 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                   help="Run LLaVA-NeXT-Interleave vision-language models on the edge.")
 
 # Options that take several values (`--images a.png b.png`), which click cannot spell.
-MULTI_VALUE = ("--images", "--views")
+MULTI_VALUE = ("--images", "--views", "--video")
 
 
 def spread_multi_values(argv: list[str]) -> list[str]:
@@ -38,7 +38,8 @@ def run(
     model: str = typer.Option("demo", "--model", "-m", help="demo, a checkpoint or bundle directory, or a hub id"),
     images: Optional[list[str]] = typer.Option(None, "--images", help="images, interleaved at <image> or in front"),
     views: Optional[list[str]] = typer.Option(None, "--views", help="views of one 3D scene"),
-    video: Optional[str] = typer.Option(None, "--video", help="camN, a file, an rtsp/http URL, or demo"),
+    video: Optional[list[str]] = typer.Option(None, "--video", help="camN, a file, an rtsp/http URL, or demo; "
+                                              "several run side by side, each answer labelled with its source"),
     patches: bool = typer.Option(False, "--patches", help="anyres: feed each image as a base view and tiles"),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", "-p", help="a question (repeatable)"),
     every: Optional[float] = typer.Option(None, "--every", help="ask every S seconds of video (streams)"),
@@ -61,18 +62,18 @@ def run(
     from m4 import run as r
     from m4.media import is_live
 
+    r.check_sources(video or [])
     m = load(model, backend=backend, device=device)
     generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     prompts = prompt or []
     if not video:
         r.run_still(m, prompts, {"images": images or None, "views": views or None, "patches": patches},
-                    as_json, generation)
-        return
-    if is_live(video) or every or max_frames or duration:
-        r.run_stream(m, video, prompts, window, fps, every, max_frames, duration, not approximate, as_json,
-                     generation, stats)
+                    r.Out(as_json), generation)
+    elif any(map(is_live, video)) or every or max_frames or duration:
+        r.run_stream(m, video, r.StreamConfig(prompts, window, fps, every, max_frames, duration, not approximate,
+                                              as_json, generation, stats))
     else:
-        r.run_clip(m, video, prompts, window, as_json, generation)
+        r.run_clips(m, video, prompts, window, as_json, generation)
 
 
 @app.command()

@@ -6,6 +6,10 @@ uniformly to `window` frames over its whole length, the way LLaVA reads a clip. 
 context with a sliding window, asking every `--every` seconds of source time and at the end.
 A live source is read in its own thread that keeps only the newest frame: frames that
 arrive while the model is busy are dropped and counted, never queued.
+
+Several sources (`--video cam0 cam1 demo`) run through one model, each with its own live
+context: the model goes round them, one frame (and the questions then due) at a time, and
+every event and answer carries the source's label.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 from m4.errors import M4Error
 from m4.histogram import Histogram
-from m4.media import Frame, open_source, sample_rate, sample_uniform
+from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
 
 RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
 RECONNECT_WAIT_S = 1.0
@@ -52,14 +56,43 @@ def questions(prompts: list[str]) -> Iterator[str]:
             yield line.strip()
 
 
-def answer(ask, question: str, stats: dict, as_json: bool, log: StreamLog | None = None) -> None:
+def source_labels(specs: list[str]) -> list[str]:
+    """Each spec as given; a spec given again is labelled `spec#2`, `spec#3`, … after it."""
+    labels: list[str] = []
+    for spec in specs:
+        label, n = spec, 1
+        while label in labels:
+            n += 1
+            label = f"{spec}#{n}"
+        labels.append(label)
+    return labels
+
+
+@dataclass
+class Out:
+    """Where one source's output goes: its JSON events carry its label, and its text answers
+    and messages start with it when the run has several sources."""
+
+    as_json: bool
+    source: str | None = None
+    prefix: str = ""
+
+    def emit(self, event: str, **fields) -> None:
+        emit(event, **({"source": self.source} if self.source else {}), **fields)
+
+    def say(self, message: str) -> None:
+        say(self.prefix + message)
+
+
+def answer(ask, question: str, stats: dict, out: Out, log: StreamLog | None = None) -> None:
     """Ask one question with `ask(question) -> text pieces`; stream it or emit one event."""
     pieces = ask(question)
-    if as_json:
+    if out.as_json:
         text = "".join(pieces)
-        emit("answer", question=question, text=text, ttft_ms=round(stats.get("ttft_ms", 0.0), 1),
-             decode_tok_s=round(stats.get("decode_tok_s", 0.0), 1), new_tokens=stats.get("new_tokens", 0))
+        out.emit("answer", question=question, text=text, ttft_ms=round(stats.get("ttft_ms", 0.0), 1),
+                 decode_tok_s=round(stats.get("decode_tok_s", 0.0), 1), new_tokens=stats.get("new_tokens", 0))
     else:
+        sys.stdout.write(out.prefix)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
@@ -68,25 +101,45 @@ def answer(ask, question: str, stats: dict, as_json: bool, log: StreamLog | None
         log.add(**{k: stats[k] for k in ("ttft_ms", "decode_tok_s") if k in stats})
 
 
-def run_still(model, prompts: list[str], inputs: dict, as_json: bool, generation: dict) -> None:
+def run_still(model, prompts: list[str], inputs: dict, out: Out, generation: dict) -> None:
     for q in questions(prompts):
-        answer(lambda q: model.ask(q, stream=True, **inputs, **generation), q, model.stats, as_json)
+        answer(lambda q: model.ask(q, stream=True, **inputs, **generation), q, model.stats, out)
 
 
-def run_clip(model, spec: str, prompts: list[str], window: int, as_json: bool, generation: dict) -> None:
+def run_clip(model, spec: str, prompts: list[str], window: int, out: Out, generation: dict) -> None:
     frames = sample_uniform(spec, window)
-    if as_json:
+    if out.as_json:
         for f in frames:
-            emit("frame", index=f.index, t=round(f.t, 3))
-    run_still(model, prompts, {"video": [f.image for f in frames]}, as_json, generation)
+            out.emit("frame", index=f.index, t=round(f.t, 3))
+    run_still(model, prompts, {"video": [f.image for f in frames]}, out, generation)
+
+
+def check_sources(specs: list[str]) -> None:
+    """Open and close each file (and demo) source, so that a bad one stops the run before the
+    model loads; live sources are opened when they are read."""
+    for spec in specs:
+        if not is_live(spec):
+            open_source(spec).close()
+
+
+def run_clips(model, specs: list[str], prompts: list[str], window: int, as_json: bool, generation: dict) -> None:
+    """Each source asked about at its end, in turn."""
+    for spec, out in zip(specs, outs(specs, as_json)):
+        run_clip(model, spec, prompts, window, out, generation)
+
+
+def outs(specs: list[str], as_json: bool) -> list[Out]:
+    several = len(specs) > 1
+    return [Out(as_json, label, f"[{label}] " if several else "") for label in source_labels(specs)]
 
 
 class Latest:
     """Reads a live source in a thread, keeping only the newest frame. A source that drops
-    is reopened up to RECONNECT_TRIES times, then the stream ends."""
+    is reopened up to RECONNECT_TRIES times, then the stream ends. `wake`, where given, is set
+    at each frame and at the end, for a reader of several sources."""
 
-    def __init__(self, spec: str, source):
-        self.spec, self.frame, self.done = spec, None, False
+    def __init__(self, spec: str, source, label: str | None = None, wake: threading.Event | None = None):
+        self.spec, self.label, self.wake, self.frame, self.done = spec, label or spec, wake, None, False
         self.received = self.dropped = 0
         self.start = time.monotonic()
         self.error: str | None = None
@@ -104,6 +157,11 @@ class Latest:
         with self.cond:
             self.done = True
             self.cond.notify()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.wake is not None:
+            self.wake.set()
 
     def _pump(self, source) -> None:
         """Read until the source ends or fails, keeping only the newest frame."""
@@ -116,6 +174,7 @@ class Latest:
                         self.dropped += 1
                     self.frame, self.received = f, self.received + 1
                     self.cond.notify()
+                self._wake()
                 if self.done:
                     return
             self.error = "stream ended"
@@ -126,7 +185,7 @@ class Latest:
 
     def _reopen(self, tries: int):
         while not self.done and tries <= RECONNECT_TRIES:
-            say(f"{self.spec}: {self.error}; reopening ({tries}/{RECONNECT_TRIES})")
+            say(f"{self.label}: {self.error}; reopening ({tries}/{RECONNECT_TRIES})")
             time.sleep(RECONNECT_WAIT_S)
             try:
                 return open_source(self.spec)
@@ -144,6 +203,12 @@ class Latest:
                     return
                 f, self.frame = self.frame, None
             yield f
+
+    def take(self) -> Frame | None:
+        """The newest frame, if one came since the last; never waits."""
+        with self.cond:
+            f, self.frame = self.frame, None
+        return f
 
     def close(self) -> None:
         # The reader closes its source itself once it sees `done`: PyAV crashes (a segfault) when
@@ -187,46 +252,144 @@ class StreamLog:
                 **{f"{k}_p{p}": round(h.percentile(p), 2) for k, h in self.stages.items() for p in (50, 95)}}
 
 
-def run_stream(model, spec: str, prompts: list[str], window: int, fps: float, every: float | None,
-               max_frames: int | None, duration: float | None, exact: bool, as_json: bool,
-               generation: dict, show_stats: bool) -> None:
-    live = model.stream(window=window, exact=exact, max_new_tokens=generation.pop("max_new_tokens"))
-    opened = open_source(spec)
-    source = Latest(spec, opened) if opened.is_live else None
-    log, last_ask, t = StreamLog(), 0.0, 0.0
-    frames = sample_rate(log.count(source.frames() if source else opened.frames()), fps)
-    typed = typed_questions() if not prompts and sys.stdin.isatty() else None
-    ask = lambda q: live.ask(q, stream=True, **generation)  # noqa: E731
-    try:
-        for f in frames:
-            live.add_frame(f.image)
-            log.frames += 1
-            log.add(vision_ms=live.stats["vision_ms"], ingest_ms=live.stats["ingest_ms"])
-            t = f.t
-            if as_json:
-                emit("frame", index=f.index, t=round(f.t, 3), ingest_ms=round(live.stats["ingest_ms"], 2))
-            if every and t - last_ask >= every:
-                last_ask = t
-                for q in prompts:
-                    answer(ask, q, live.stats, as_json, log)
-            while typed is not None and not typed.empty():
-                answer(ask, typed.get(), live.stats, as_json, log)
-            if (max_frames and log.frames >= max_frames) or (duration and t >= duration):
-                break
+@dataclass
+class StreamConfig:
+    prompts: list[str]
+    window: int = 8
+    fps: float = 2.0
+    every: float | None = None  # seconds of source time between questions
+    max_frames: int | None = None  # per source
+    duration: float | None = None  # per source, seconds of its time
+    exact: bool = True
+    as_json: bool = False
+    generation: dict = field(default_factory=dict)
+    stats: bool = False
+
+
+class Feed:
+    """One source of a streaming run: its reader, sampler, live context, log and clock."""
+
+    def __init__(self, model, spec: str, opened, out: Out, c: StreamConfig, wake: threading.Event):
+        generation = dict(c.generation)
+        self.live = model.stream(window=c.window, exact=c.exact, max_new_tokens=generation.pop("max_new_tokens"))
+        self.ask = lambda q: self.live.ask(q, stream=True, **generation)
+        self.opened, self.out, self.c = opened, out, c
+        self.log, self.last_ask, self.t = StreamLog(), 0.0, 0.0
+        self.ended = self.limited = self.closed = self.finished = False
+        self.reader = Latest(spec, opened, out.source, wake) if opened.is_live else None
+        self.rate = RateSampler(c.fps)
+        self.pulled = None if self.reader else sample_rate(self.log.count(opened.frames()), c.fps)
+
+    def next(self) -> Frame | None:
+        """The next frame to take, or None when there is none yet; at the end, sets `ended`."""
+        if self.reader is None:  # a file or the demo: read on demand, nothing is dropped
+            f = next(self.pulled, None)
+            self.ended = f is None
+            return f
+        done = self.reader.done  # before taking: a frame may come between the two
+        f = self.reader.take()
+        if f is None:
+            self.ended = done
+            return None
+        self.log.taken += 1
+        return f if self.rate.keep(f.t) else None
+
+    def ingest(self, f: Frame) -> None:
+        """Add a frame to the context; ask the questions then due; stop at the run's limits."""
+        c, stats = self.c, self.live.stats
+        self.live.add_frame(f.image)
+        self.log.frames += 1
+        self.log.add(vision_ms=stats["vision_ms"], ingest_ms=stats["ingest_ms"])
+        self.t = f.t
+        if c.as_json:
+            self.out.emit("frame", index=f.index, t=round(f.t, 3), ingest_ms=round(stats["ingest_ms"], 2))
+        if c.every and self.t - self.last_ask >= c.every:
+            self.last_ask = self.t
+            for q in c.prompts:
+                self.answer(q)
+        if (c.max_frames and self.log.frames >= c.max_frames) or (c.duration and self.t >= c.duration):
+            self.ended = self.limited = True
+
+    def answer(self, question: str) -> None:
+        answer(self.ask, question, self.live.stats, self.out, self.log)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            (self.reader or self.opened).close()
+
+    def finish(self) -> None:
+        """Say why a stream stopped, close it, and ask about its end (unless just asked)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.ended and not self.limited and self.reader and self.reader.error:
+            say(f"{self.out.source}: {self.reader.error}; stopping")
+        self.close()
+        if self.log.frames and (not self.c.every or self.t > self.last_ask):
+            for q in self.c.prompts:
+                self.answer(q)
+
+    def report(self) -> None:
+        r = self.reader
+        summary = self.log.summary(r.received if r else self.log.taken, r.dropped if r else 0)
+        if self.c.as_json:
+            self.out.emit("stats", **summary)
         else:
-            if source and source.error:
-                say(f"{spec}: {source.error}; stopping")
+            self.out.say("stats " + " ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def open_feeds(model, specs: list[str], c: StreamConfig, wake: threading.Event) -> list[Feed]:
+    """Every source is opened before any is read, so a bad one stops the run before it starts."""
+    opened: list = []
+    try:
+        for spec in specs:
+            opened.append(open_source(spec))
+        return [Feed(model, spec, src, out, c, wake) for spec, src, out in zip(specs, opened, outs(specs, c.as_json))]
+    except BaseException:
+        for src in opened:
+            src.close()
+        raise
+
+
+def go_round(feeds: list[Feed], typed: queue.Queue | None, wake: threading.Event) -> None:
+    """Until every source has ended: one frame from each source that has one, in turn. The
+    model serves one context at a time (decode steps are not batched across sources yet); a
+    live source's frames that come meanwhile are dropped by its reader, never queued."""
+    active = list(feeds)
+    while active:
+        wake.clear()  # before looking: a frame that comes after it wakes the wait below
+        took = False
+        for feed in list(active):
+            f = feed.next()
+            if f is not None:
+                feed.ingest(f)
+                took = True
+                while typed is not None and not typed.empty():  # asked of every source with frames
+                    q = typed.get()
+                    for other in active:
+                        if other.log.frames:
+                            other.answer(q)
+            if feed.ended:
+                feed.finish()
+                active.remove(feed)
+        if active and not took:
+            wake.wait(0.5)
+
+
+def run_stream(model, specs: list[str], c: StreamConfig) -> None:
+    wake = threading.Event()
+    feeds = open_feeds(model, specs, c, wake)
+    typed = typed_questions() if not c.prompts and sys.stdin.isatty() else None
+    try:
+        go_round(feeds, typed, wake)
     except KeyboardInterrupt:
         say("interrupted")
     finally:
-        (source or opened).close()
-    if log.frames and (not every or t > last_ask):  # the end of the stream is asked about too
-        for q in prompts:
-            answer(ask, q, live.stats, as_json, log)
-    if show_stats:
-        summary = log.summary(source.received if source else log.taken, source.dropped if source else 0)
-        if as_json:
-            emit("stats", **summary)
-        else:
-            say("stats " + " ".join(f"{k}={v}" for k, v in summary.items()))
-
+        for feed in feeds:
+            feed.close()
+    for feed in feeds:  # the end of each stream is asked about too
+        feed.finish()
+    if c.stats:
+        for feed in feeds:
+            feed.report()

@@ -137,3 +137,70 @@ assert not errors, errors
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+# --- several sources through one model ------------------------------------------------------
+
+
+def by_source(e: list[dict], event: str) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for x in e:
+        if x["event"] == event:
+            out.setdefault(x["source"], []).append(x)
+    return out
+
+
+def test_two_demo_sources_are_labelled_and_answer_as_one_does(tmp_path):
+    args = ["--every", "2", "--json", "--max-frames", "20", "--prompt", "What is moving?", "--max-new-tokens", "4",
+            "--stats"]
+    one = m4("run", "--video", "demo", *args, cache=tmp_path)
+    two = m4("run", "--video", "demo", "demo", *args, cache=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    single, both = events(one.stdout), events(two.stdout)
+    frames, answers = by_source(both, "frame"), by_source(both, "answer")
+    assert set(frames) == set(answers) == {"demo", "demo#2"}  # a repeated spec is made unique
+    alone = [(x["index"], x["t"]) for x in by_source(single, "frame")["demo"]]
+    for label in ("demo", "demo#2"):
+        # the same frames, and the same (greedy) answers as the source alone
+        assert [(x["index"], x["t"]) for x in frames[label]] == alone
+        assert [x["text"] for x in answers[label]] == [x["text"] for x in by_source(single, "answer")["demo"]]
+    assert len(frames["demo"]) == 20 and len(answers["demo"]) == 5
+    # the model goes round the sources: their frames alternate
+    assert [x["source"] for x in both if x["event"] == "frame"][:4] == ["demo", "demo#2"] * 2
+    assert {x["source"]: x["frames_used"] for x in both if x["event"] == "stats"} == {"demo": 20, "demo#2": 20}
+
+
+def test_a_dropped_source_is_reopened_while_the_others_run(checkpoints, served_clip):
+    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", served_clip, "demo", "--fps", "50",
+           "--prompt", "What now?", "--max-new-tokens", "3", "--json", "--stats")
+    assert r.returncode == 0, r.stderr
+    assert f"{served_clip}: stream ended; reopening (1/3)" in r.stderr and "reopening (3/3)" in r.stderr
+    assert f"{served_clip}: stream ended; stopping" in r.stderr and "demo:" not in r.stderr
+    e = events(r.stdout)
+    frames, answers = by_source(e, "frame"), by_source(e, "answer")
+    assert len(frames["demo"]) == 100  # the whole demo scene (10 s at 10 fps) while the stream dropped
+    assert max(x["index"] for x in frames[served_clip]) >= 40  # frames of a later play: it was reopened
+    assert len(answers["demo"]) == len(answers[served_clip]) == 1  # each asked at its own end
+    stats = {x["source"]: x for x in e if x["event"] == "stats"}
+    assert stats[served_clip]["frames_seen"] == 160 and stats["demo"]["frames_used"] == 100
+    s = stats[served_clip]
+    assert s["frames_used"] + s["frames_dropped"] + s["frames_skipped"] == 160
+
+
+def test_several_files_asked_at_their_ends_in_text(checkpoints, clip):
+    args = ["--model", checkpoints["gqa-tied-last-full"], "--window", "4", "--prompt", "Which way?",
+            "--max-new-tokens", "4"]
+    one = m4("run", "--video", clip, *args)
+    two = m4("run", "--video", clip, clip, *args)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    text = one.stdout.rstrip("\n")
+    assert two.stdout.splitlines() == [f"[{clip}] {text}", f"[{clip}#2] {text}"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_one_missing_file_among_sources_stops_before_anything_runs(checkpoints, clip, tmp_path, streaming):
+    missing = tmp_path / "nope.mp4"
+    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", "demo", clip, missing, "--prompt", "q",
+           *(["--every", "1"] if streaming else []), "--json")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [f"m4: error: video not found: {missing}"]

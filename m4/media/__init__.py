@@ -3,7 +3,7 @@
 from m4.media.anyres import tile
 from m4.media.demo import DemoScene
 from m4.media.image import ImageProcessing, load_image, preprocess
-from m4.media.video import Frame, Source, is_live, open_source, sample_rate, sample_uniform, write_video
+from m4.media.video import Frame, RateSampler, Source, is_live, open_source, sample_rate, sample_uniform, write_video
 
 __all__ = [
     "ImageProcessing",
@@ -17,5 +17,6 @@ __all__ = [
     "open_source",
     "sample_uniform",
     "sample_rate",
+    "RateSampler",
     "write_video",
 ]

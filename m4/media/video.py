@@ -167,20 +167,31 @@ def sample_uniform(spec: str, n: int) -> list[Frame]:
     return picked
 
 
-def sample_rate(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
-    """Keep about fps frames per second of source time: a frame is kept once its slot is due."""
-    if fps <= 0:
-        raise M4Error(f"frame rate must be positive, got {fps}")
-    period, due = 1.0 / fps, None
-    for f in frames:
-        due = f.t if due is None else due
+class RateSampler:
+    """Keeps about fps frames per second of source time: a frame is kept once its slot is due.
+    Fed one timestamp at a time, for readers that hand frames over as they come."""
+
+    def __init__(self, fps: float):
+        if fps <= 0:
+            raise M4Error(f"frame rate must be positive, got {fps}")
+        self.period, self.due = 1.0 / fps, None
+
+    def keep(self, t: float) -> bool:
+        self.due = t if self.due is None else self.due
         # tolerance: summed periods drift above exact timestamps (0.1 + 0.1 + 0.1 > 0.3)
-        if f.t + 1e-6 >= due:
-            yield f
-            due += period
-            # after a gap (a stalled stream) skip the missed slots instead of bursting through them
-            while due <= f.t + 1e-6:
-                due += period
+        if t + 1e-6 < self.due:
+            return False
+        self.due += self.period
+        # after a gap (a stalled stream) skip the missed slots instead of bursting through them
+        while self.due <= t + 1e-6:
+            self.due += self.period
+        return True
+
+
+def sample_rate(frames: Iterable[Frame], fps: float) -> Iterator[Frame]:
+    """Keep about fps frames per second of source time (RateSampler over an iterable)."""
+    rate = RateSampler(fps)
+    return (f for f in frames if rate.keep(f.t))
 
 
 def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> None:
