@@ -31,7 +31,8 @@ from rich.table import Table
 
 import m4
 from m4.bundle_format import manifest_arch, read_manifest
-from m4.calib.bundle import attention_matmuls, calibrate, carried, embed_samples, graph_bytes, write_manifest
+from m4.calib.bundle import (attention_matmuls, calibrate, carried, decoder_graphs, embed_samples, graph_bytes,
+                             write_manifest)
 from m4.calib.data import demo_samples
 from m4.calib.decoder import weight_only
 from m4.calib.measure import decode_seconds, measure_decoder
@@ -178,7 +179,8 @@ def large_run(preset: str, work: Path, context: int, repeats: int) -> dict:
         qd = work / preset / d
         qd.mkdir(exist_ok=True)
         console.print(f"{preset}: decoder {d} weight-only")
-        link_bundle(fb, qd, {"decoder.onnx": weight_only(fb / "decoder.onnx", qd / "decoder.onnx", int(d[3:]))})
+        graphs = decoder_graphs(json.loads((fb / "m4.json").read_text()))  # the fused CPU graph too
+        link_bundle(fb, qd, {g: weight_only(fb / g, qd / g, int(d[3:])) for g in graphs})
         q = m4.load(qd)
         report = {"decoder": measure_decoder(ref, q, prompts)}
         out["decoders"][d] = decoder_numbers(ref, q, report, context, repeats, fb / "decoder.onnx", qd / "decoder.onnx")
