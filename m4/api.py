@@ -17,6 +17,7 @@ from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, ti
 from m4.model.config import Arch
 from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
 from m4.resolve import DEMO_BUNDLE, resolve
+from m4.runtime.answer import Answer
 from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
@@ -147,6 +148,12 @@ class Model:
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """The answer's token ids to a prompt built elsewhere (m4.prompt.build_chat: several
         turns) over its decoded pictures, as `tokens` answers its own."""
+        yield from self.start(p, pictures, max_new_tokens, temperature, top_p, seed).alone()
+
+    def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None) -> Answer:
+        """The prompt encoded and prefilled in a context of its own, its first token chosen:
+        an Answer to decode alone or in a Batch with others (m4.runtime.answer)."""
         max_new_tokens = self.room(len(p.ids), max_new_tokens)
         t0 = time.perf_counter()
         embeds = self.embed(p, pictures)
@@ -158,7 +165,7 @@ class Model:
         self.stats.clear()  # in place: callers may hold this dict
         self.stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
                           prefill_ms=(t2 - t1) * 1e3)
-        yield from ctx.generate(logits, max_new_tokens, self.stop_ids, sampling, self.stats, t0)
+        return Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, self.stats, t0)
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long

@@ -138,6 +138,7 @@ def m4_images(model, c: BenchConfig) -> dict:
 
 
 def m4_decode(model, c: BenchConfig) -> list[dict]:
+    from m4.runtime.answer import Answer
     from m4.runtime.context import Context
 
     b, out = model.backend, []
@@ -153,7 +154,7 @@ def m4_decode(model, c: BenchConfig) -> list[dict]:
             t0 = time.perf_counter()
             logits = ctx.append("prompt", b.embed_tokens(ids))
             stats: dict = {}
-            for _ in ctx.generate(logits, c.new_tokens, set(), stats=stats, started=t0):
+            for _ in Answer(ctx, logits, c.new_tokens, set(), stats=stats, started=t0).alone():
                 pass
             s.setdefault("prefill_ms", []).append(stats["ttft_ms"])
             s.setdefault("decode_tok_s", []).append(stats["decode_tok_s"])

@@ -46,7 +46,7 @@ def cuda_model(path, dtype, **kw):
 def test_fp32_graphs_equal_transformers(checkpoints, cuda_oracle, variant):
     path = checkpoints[variant]
     model = cuda_model(path, "float32")
-    assert model.backend.decode == "graph"
+    assert model.backend.mode == "graph"
     for n, question in QUESTIONS.items():
         images = random_images(n, seed=n)
         p, pictures = model.prepare(question, images, None, None, False)

@@ -149,7 +149,7 @@ def test_graphs_are_standard_onnx(bundles):
 
 def test_cpu_decoder_is_fused(bundles, models):
     """decoder_ort.onnx: per layer one GroupQueryAttention (rotary and cache inside) and two
-    fused norms; its cache inputs and outputs are one (1, kv, M, D) buffer each."""
+    fused norms; its cache inputs and outputs are one (batch, kv, M, D) buffer each."""
     g = onnx.load(bundles["gqa-tied-last-full"] / ORT_DECODER)
     layers = models["gqa-tied-last-full", ORT_DECODER].arch.text.layers
     ops = [n.op_type for n in g.graph.node]
@@ -157,7 +157,7 @@ def test_cpu_decoder_is_fused(bundles, models):
     assert len(ops) <= 10 * layers + 12
     dims = {v.name: tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim)
             for v in [*g.graph.input, *g.graph.output] if "_key." in v.name or "_value." in v.name}
-    assert set(dims.values()) == {(1, 2, "cache", 16)} and len(dims) == 4 * layers
+    assert set(dims.values()) == {("batch", 2, "cache", 16)} and len(dims) == 4 * layers
 
 
 @pytest.mark.parametrize("act", ["gelu", "gelu_pytorch_tanh"])

@@ -8,12 +8,13 @@ interface: per layer SkipSimplifiedLayerNormalization, one q/k/v MatMul, GroupQu
 (rotary inside, the cache read and written in place: past and present are one buffer that
 the runtime owns and binds to both), o_proj, one gate/up MatMul, the activation, down_proj.
 
-Inputs: `inputs_embeds` (1, T, H); `past_len`, a scalar: the new tokens take positions
-[past_len, past_len + T), which are also their cache rows (RoPE angle = cache row, as in
-decoder.onnx; approximate eviction keeps it so by re-rotating keys as it moves them);
-`logits_index` (K,); per layer `past_key.i` and `past_value.i`, (1, kv, M, D).
-Outputs: `logits` (1, K, vocab) and per layer `present_key.i`, `present_value.i`: the same
-buffers, with rows [past_len, past_len + T) written.
+Inputs: `inputs_embeds` (B, T, H): B contexts, T new tokens each; `past_len` (B,): row b's
+tokens take positions [past_len[b], past_len[b] + T), which are also their cache rows (RoPE
+angle = cache row, as in decoder.onnx; approximate eviction keeps it so by re-rotating keys
+as it moves them); `logits_index` (K,); per layer `past_key.i` and `past_value.i`,
+(B, kv, M, D): one cache per row, laid out one after another (a page of the runtime's pool).
+Outputs: `logits` (B, K, vocab) and per layer `present_key.i`, `present_value.i`: the same
+buffers, with each row's new positions written.
 """
 
 from pathlib import Path
@@ -77,13 +78,14 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.Mod
     if arch.act not in ACT:
         raise M4Error(f"activation {arch.act!r} has no ONNX Runtime contrib op here")
     g, d = Builder(dtype), a.head_dim
-    # GroupQueryAttention's lengths: seqlens_k = past_len + T - 1 (1,), total (scalar), int32
+    # GroupQueryAttention's lengths, int32: per row seqlens_k = past_len + T - 1 (B,), and the
+    # longest row's total (a scalar)
     (shape,) = g.op("Shape", ["inputs_embeds"], "tokens", start=1, end=2)
     (total,) = g.op("Add", ["past_len", shape], "total")
     (last,) = g.op("Sub", [total, g.const("one", np.array([1], np.int64))], "last")
     (seqlens,) = g.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
-    (total32,) = g.op("Cast", [total], "total32", to=TensorProto.INT32)
-    (total_len,) = g.op("Squeeze", [total32], "total_sequence_length")
+    (longest,) = g.op("ReduceMax", [total], "longest", keepdims=0)
+    (total_len,) = g.op("Cast", [longest], "total_sequence_length", to=TensorProto.INT32)
     cos, sin = (g.weight(n, torch.from_numpy(t[:, :d // 2])) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
 
     x, residual = "inputs_embeds", None
@@ -110,12 +112,12 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.Mod
     g.nodes[-1].output[0] = "logits"  # the lm_head has no bias: its MatMul is the last node
 
     elem, kv = ELEM[dtype], a.kv_heads
-    cache = [helper.make_tensor_value_info(n, elem, [1, kv, "cache", d]) for n in past_names(len(text.layers))]
-    inputs = [helper.make_tensor_value_info("inputs_embeds", elem, [1, "tokens", arch.hidden]),
-              helper.make_tensor_value_info("past_len", TensorProto.INT64, []),
+    cache = [helper.make_tensor_value_info(n, elem, ["batch", kv, "cache", d]) for n in past_names(len(text.layers))]
+    inputs = [helper.make_tensor_value_info("inputs_embeds", elem, ["batch", "tokens", arch.hidden]),
+              helper.make_tensor_value_info("past_len", TensorProto.INT64, ["batch"]),
               helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["keep"])] + cache
-    outputs = [helper.make_tensor_value_info("logits", elem, [1, "keep", arch.vocab])] + [
-        helper.make_tensor_value_info(n, elem, [1, kv, "cache", d]) for n in present_names(len(text.layers))]
+    outputs = [helper.make_tensor_value_info("logits", elem, ["batch", "keep", arch.vocab])] + [
+        helper.make_tensor_value_info(n, elem, ["batch", kv, "cache", d]) for n in present_names(len(text.layers))]
     graph = helper.make_graph(g.nodes, "m4_decoder_ort", inputs, outputs, g.weights)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
 

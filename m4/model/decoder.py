@@ -11,6 +11,9 @@ input_pos, mask)`, which stores the new keys and values and returns the attentio
 `KVCache` below is the runtime's: preallocated buffers written in place at `input_pos`,
 attention over the whole buffer it is given, masked causally. A caller that wants attention
 to cost only the filled part passes a view of the first positions (`KVCache.prefix`).
+`Rows` is a decode step over several contexts' caches: `input_pos` (B, T), one row of
+positions per context; the linears run over all rows at once (one read of the weights),
+attention row by row over each context's own cache.
 decoder.onnx's cache (m4/export/graphs.py) reads a past it does not write and returns the
 new keys.
 """
@@ -66,6 +69,19 @@ class KVCache:
         b, h, t, d = q.shape
         y = F.scaled_dot_product_attention(q.reshape(b, keys.shape[1], -1, d), keys, values, attn_mask=mask)
         return y.reshape(b, h, t, d)  # CUDA kernels may return it strided
+
+
+@dataclass
+class Rows:
+    caches: list[KVCache]  # row b's cache, a `prefix` view ending at its last position
+
+    def mask(self, input_pos: torch.Tensor, groups: int) -> None:
+        return None  # one query a row, over a filled view
+
+    def attend(self, layer: int, q, k, v, input_pos: torch.Tensor, mask) -> torch.Tensor:
+        groups = q.shape[1] // k.shape[1]
+        return torch.cat([c.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], input_pos[b],
+                                   c.mask(input_pos[b], groups)) for b, c in enumerate(self.caches)])
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,9 +163,11 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cache,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
-        """Embeddings (1, T, H) at positions `input_pos` (T,) -> logits (1, K, vocab) of the
-        rows `logits_index` (K,) (None: every row)."""
-        cos, sin = (r.index_select(0, input_pos).to(x.dtype) for r in (self.cos, self.sin))
+        """Embeddings (B, T, H) at positions `input_pos`, (T,) shared by the rows or (B, T),
+        -> logits (B, K, vocab) of the positions `logits_index` (K,) (None: every one)."""
+        # angles (T, D) or (B, 1, T, D): either broadcasts over the heads
+        cos, sin = (r[input_pos].to(x.dtype) if input_pos.dim() == 1 else r[input_pos][:, None].to(x.dtype)
+                    for r in (self.cos, self.sin))
         mask = cache.mask(input_pos, self.groups)
         for layer in self.layers:
             x = layer(x, cos, sin, cache, input_pos, mask)

@@ -38,6 +38,13 @@ class Backend(Protocol):
         """Embeddings (T, H) at positions [pos, pos + T), written into the cache -> float32
         logits of the last position (1, vocab), or of every position (T, vocab)."""
 
+    def decode(self, embeds: Embeddings, positions: list[int], caches: list[Cache],
+               greedy: bool = False) -> np.ndarray | list[int]:
+        """One decode step of several contexts: row i's token (embeds[i]) at positions[i] of
+        caches[i], written into it -> float32 logits (B, vocab), or with `greedy` each row's
+        most likely token. Each row's equal what `forward` gives that context alone; the
+        weights are read once for all rows where the backend can batch them."""
+
 
 class Shifting(Backend, Protocol):
     """A backend that can also evict approximately (Context.shift_out): not every one can."""

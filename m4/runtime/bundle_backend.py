@@ -35,6 +35,17 @@ class BundleBackend:
         logits = self.logits(embeds, pos, cache, last_only or greedy)
         return int(np.argmax(logits[-1])) if greedy else logits
 
+    def decode(self, embeds: np.ndarray, positions: list[int], caches: list,
+               greedy: bool = False) -> np.ndarray | list[int]:
+        """One decode step of several contexts -> float32 logits (B, vocab), or with `greedy`
+        each row's most likely token (the logits are on the host)."""
+        logits = self.logits_of_rows(embeds, positions, caches)
+        return logits.argmax(-1).tolist() if greedy else logits
+
+    def logits_of_rows(self, embeds: np.ndarray, positions: list[int], caches: list) -> np.ndarray:
+        """Here one context after another; a backend whose graph takes a batch runs them as one."""
+        return np.concatenate([self.logits(embeds[i:i + 1], p, c) for i, (p, c) in enumerate(zip(positions, caches))])
+
     def check_positions(self, max_len: int) -> None:
         if max_len > self.arch.text.max_positions:
             raise M4Error(f"a context of {max_len} tokens exceeds the model's {self.arch.text.max_positions} positions")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from m4.errors import M4Error
 from m4.media import ImageProcessing, preprocess
 from m4.prompt import IMAGE, Template, image_parts, tokenize
+from m4.runtime.answer import Answer
 from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
@@ -72,6 +73,8 @@ class LiveContext:
 
     def add_frame(self, frame) -> None:
         """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
+        if self.answering:
+            raise M4Error("this live context is answering a question: a frame enters after that answer ends")
         t0 = time.perf_counter()
         pixels = preprocess([frame], self.processing)
         tp = time.perf_counter()
@@ -99,23 +102,38 @@ class LiveContext:
                top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """The answer's token ids over the frames in the window; then the question and the
         answer are rolled back, so the next question sees only the frames."""
+        answer = self.start(question, max_new_tokens, temperature, top_p, seed)
+        try:
+            yield from answer.alone()
+        finally:
+            answer.close()
+
+    def start(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None) -> Answer:
+        """The question prefilled after the frames and its first token chosen: an Answer to
+        decode alone or in a Batch with other contexts' (m4.runtime.answer). Closing it rolls
+        the question and the answer back; no frame enters while it is open."""
         if IMAGE in question:
             raise M4Error("a live question refers to the frames in the window: remove its <image> placeholders")
+        if self.answering:
+            raise M4Error("this live context is answering a question: finish or close that answer first")
         n = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
         tail = self.tails[len(self.frames) - 1] if self.frames else ""
         q = self._tokenize([tail + question, self.template.footer])
         if len(q.ids) > QUESTION_TOKENS:
             raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
         mark = self.ctx.mark()
-        try:
-            t0 = time.perf_counter()
-            sampling = Sampling(temperature, top_p, seed)
-            logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None), greedy=sampling.greedy)
-            t1 = time.perf_counter()
-            self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
-            yield from self.ctx.generate(logits, n, self.stop_ids, sampling, self.stats, t0)
-        finally:
-            self.ctx.rollback(mark)
+        t0 = time.perf_counter()
+        sampling = Sampling(temperature, top_p, seed)
+        logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None), greedy=sampling.greedy)
+        t1 = time.perf_counter()
+        self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
+        return Answer(self.ctx, logits, n, self.stop_ids, sampling, self.stats, t0, mark)
+
+    @property
+    def answering(self) -> bool:
+        """Whether a question and its answer are in the cache (an Answer not yet closed)."""
+        return any(s.kind == "question" for s in self.ctx.segments)
 
     def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
             top_p: float = 1.0, seed: int | None = None, stream: bool = False):

@@ -23,6 +23,7 @@ Prefill runs in chunks of PREFILL_CHUNK tokens (m4.bundle_format).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,9 @@ from m4.bundle_format import ORT_DECODER, past_names, present_names
 from m4.errors import M4Error
 from m4.model.rope import rope_table, rotate
 from m4.runtime.bundle_backend import BundleBackend
+
+SLOTS = 8  # contexts of one cache size that can decode in one batched step
+CACHE_BUCKET = 256  # pooled caches round their size up to a multiple of this (fewer pages)
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -71,41 +75,66 @@ def bind(b: ort.IOBinding, name: str, a: np.ndarray, output: bool = False) -> No
 
 
 class Bound:
-    """One forward's IO binding over a cache: the caller writes the input rows and past_len
+    """One forward's IO binding over caches: the caller writes the input rows and past_len
     into the bound arrays and runs; logits land in a bound array, and the new keys and
-    values in bound arrays (decoder.onnx) or in the cache itself (decoder_ort.onnx).
-    A decode step's is made once per cache and reused: nothing is re-bound or allocated."""
+    values in bound arrays (decoder.onnx) or in the caches themselves (decoder_ort.onnx).
+    A decode step's is made once per cache (or page and batch size) and reused: nothing is
+    re-bound or allocated. `layers`: each layer's keys then values, (B, ...) arrays."""
 
-    def __init__(self, decoder: ort.InferenceSession, cache: OrtCache, t: int, index: np.ndarray, hidden: int,
-                 vocab: int):
-        k, v = cache.k, cache.v
-        self.rows = np.zeros((1, t, hidden), k.dtype)
-        self.past_len = np.zeros((), np.int64)
+    def __init__(self, decoder: ort.InferenceSession, layers: list[np.ndarray], transposed: bool, t: int,
+                 index: np.ndarray, hidden: int, vocab: int, batched: bool):
+        b, dtype = layers[0].shape[0], layers[0].dtype
+        self.rows = np.zeros((b, t, hidden), dtype)
+        self.past_len = np.zeros((b,) if batched else (), np.int64)  # bundles before batching take a scalar
         self.index = index.astype(np.int64)  # which positions get logits
-        self.logits = np.zeros((1, len(index), vocab), k.dtype)
-        self.binding = b = decoder.io_binding()
+        self.logits = np.zeros((b, len(index), vocab), dtype)
+        self.binding = bound = decoder.io_binding()
         for name, a in (("inputs_embeds", self.rows), ("past_len", self.past_len), ("logits_index", self.index)):
-            bind(b, name, a)
-        bind(b, "logits", self.logits, output=True)
-        layers = list(layer_views(k, v))
-        for name, a in zip(past_names(len(k)), layers):
-            bind(b, name, a)
-        if cache.transposed:
-            self.new_k = np.zeros(k.shape[:3] + (t,), k.dtype)
-            self.new_v = np.zeros(v.shape[:2] + (t,) + v.shape[3:], v.dtype)
-            bind(b, "new_keys", self.new_k, output=True)
-            bind(b, "new_values", self.new_v, output=True)
+            bind(bound, name, a)
+        bind(bound, "logits", self.logits, output=True)
+        for name, a in zip(past_names(len(layers) // 2), layers):
+            bind(bound, name, a)
+        if transposed:
+            k, v = layers[0], layers[1]
+            self.new_k = np.zeros((len(layers) // 2, k.shape[1], k.shape[2], t), dtype)
+            self.new_v = np.zeros((len(layers) // 2, v.shape[1], t, v.shape[3]), dtype)
+            bind(bound, "new_keys", self.new_k, output=True)
+            bind(bound, "new_values", self.new_v, output=True)
         else:
-            for name, a in zip(present_names(len(k)), layers):
-                bind(b, name, a, output=True)
+            for name, a in zip(present_names(len(layers) // 2), layers):
+                bind(bound, name, a, output=True)
 
 
-def layer_views(k: np.ndarray, v: np.ndarray):
+def layer_views(k: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
     """Each layer's key then value array as the graph's (1, ...) inputs (views, no copies)."""
-    for i in range(len(k)):
-        yield k[i][None]
-        yield v[i][None]
+    return [a[i][None] for i in range(len(k)) for a in (k, v)]
 
+
+class Page:
+    """SLOTS caches of one size, laid out one after another so that the first n slots are one
+    (n, kv, size + 1, D) array per layer: the batch a decode step binds. A context's cache is
+    a slot; a step binds slots [0, n) for its rows' highest slot n - 1, and a slot in that
+    range whose context is not in the step runs a dummy row that writes its slot's spare last
+    position (`size`), which no context reads. Lowest free slots are taken first, which keeps
+    the batches short. Zeroed lazily by the OS (calloc): a slot costs memory once written."""
+
+    def __init__(self, shape: tuple, size: int, dtype: np.dtype):
+        layers, kv, d = shape
+        self.size = size
+        self.k = np.zeros((layers, SLOTS, kv, size + 1, d), dtype)
+        self.v = np.zeros((layers, SLOTS, kv, size + 1, d), dtype)
+        self.free = list(range(SLOTS))
+        self.steps: dict[int, Bound] = {}  # decode steps over slots [0, n), by n
+
+    def take(self) -> OrtCache:
+        s = self.free.pop(0)
+        cache = OrtCache(self.k[:, s], self.v[:, s], transposed=False, page=self, slot=s)
+        weakref.finalize(cache, self.release, s).atexit = False
+        return cache
+
+    def release(self, s: int) -> None:
+        self.free.append(s)
+        self.free.sort()
 
 @dataclass
 class OrtCache:
@@ -113,10 +142,12 @@ class OrtCache:
     v: np.ndarray  # (layers, kv_heads, max_len, head_dim)
     transposed: bool  # keys laid out for decoder.onnx
     step: Bound | None = None  # made on the first decode step
+    page: Page | None = None  # a pooled cache is slot `slot` of a page
+    slot: int = 0
 
     @property
     def max_len(self) -> int:
-        return self.v.shape[2]
+        return self.page.size if self.page else self.v.shape[2]
 
     @property
     def keys(self) -> np.ndarray:
@@ -148,14 +179,26 @@ class OnnxBackend(BundleBackend):
         if outputs != expected:
             raise M4Error(f"{f} has outputs {outputs[:3]}, not the ones this m4 runs: re-export the bundle")
         self.past = past_names(layers)
+        # a decoder_ort.onnx with a batch dimension (bundles before it ran one context a step)
+        self.batched = self.fused and len(self.decoder.get_inputs()[1].shape) == 1
+        self.pages: list[Page] = []
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
         return self.vision.run(None, {"pixel_values": pixels.astype(self.dtype)})[0]
 
     def new_cache(self, max_len: int) -> OrtCache:
+        """A slot of a page of caches (rounded up to CACHE_BUCKET positions) where contexts
+        can decode batched, else arrays of its own."""
         a = self.arch.text
         self.check_positions(max_len)
+        size = min(-(-max_len // CACHE_BUCKET) * CACHE_BUCKET, a.max_positions - 1)  # the spare needs an angle
+        if self.batched and max_len <= size:
+            page = next((p for p in self.pages if p.size == size and p.free), None)
+            if page is None:
+                page = Page((a.layers, a.kv_heads, a.head_dim), size, self.dtype)
+                self.pages.append(page)
+            return page.take()
         shape = (a.layers, a.kv_heads, max_len, a.head_dim)
         keys = shape if self.fused else (a.layers, a.kv_heads, a.head_dim, max_len)
         return OrtCache(np.zeros(keys, self.dtype), np.zeros(shape, self.dtype), transposed=not self.fused)
@@ -175,7 +218,39 @@ class OnnxBackend(BundleBackend):
         return self.chunked(embeds, pos, last_only, lambda piece, at, keep: self.prefill(piece, at, cache, keep))
 
     def bound(self, cache: OrtCache, t: int, index: np.ndarray) -> Bound:
-        return Bound(self.decoder, cache, t, index, self.arch.text.hidden, self.arch.text.vocab)
+        return self.binding(layer_views(cache.k, cache.v), cache.transposed, t, index)
+
+    def binding(self, layers: list[np.ndarray], transposed: bool, t: int, index: np.ndarray) -> Bound:
+        return Bound(self.decoder, layers, transposed, t, index, self.arch.text.hidden, self.arch.text.vocab,
+                     self.batched)
+
+    def logits_of_rows(self, embeds: np.ndarray, positions: list[int], caches: list[OrtCache]) -> np.ndarray:
+        """One decode step of several contexts: row i's token (embeds[i], (H,)) at
+        positions[i] of caches[i] -> float32 logits (B, vocab). The rows of one page run as
+        one batch; a cache of its own runs alone."""
+        out = np.zeros((len(caches), self.arch.text.vocab), np.float32)
+        by_page: dict[int, list[int]] = {}
+        for i, c in enumerate(caches):
+            if c.page is None:
+                out[i] = self.logits(embeds[i:i + 1], positions[i], c)[0]
+            else:
+                by_page.setdefault(id(c.page), []).append(i)
+        for rows in by_page.values():
+            page = caches[rows[0]].page
+            n = max(caches[i].slot for i in rows) + 1
+            if n not in page.steps:
+                page.steps[n] = self.binding([a[i, :n] for i in range(len(page.k)) for a in (page.k, page.v)],
+                                             False, 1, np.zeros(1))
+            step = page.steps[n]
+            step.past_len[:] = page.size  # slots not in this step write their spare position
+            for i in rows:
+                if positions[i] >= page.size:
+                    raise M4Error(f"position {positions[i]} exceeds the cache's {page.size}")
+                step.rows[caches[i].slot, 0] = embeds[i]
+                step.past_len[caches[i].slot] = positions[i]
+            self.decoder.run_with_iobinding(step.binding)
+            out[rows] = step.logits[[caches[i].slot for i in rows], 0]
+        return out
 
     def run(self, s: Bound, embeds: np.ndarray, pos: int, cache: OrtCache) -> np.ndarray:
         s.rows[0] = embeds

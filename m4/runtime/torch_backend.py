@@ -29,7 +29,7 @@ from m4.errors import M4Error
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
 from m4.model.int8 import quantise_decoder
-from m4.model.decoder import KVCache, rotate
+from m4.model.decoder import KVCache, Rows, rotate
 from m4.runtime.cuda_graph import Graphed
 
 PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
@@ -59,9 +59,9 @@ class TorchBackend:
         self.quantisation = "int8" if dtype == "int8" else None
         float_dtype = None if dtype in (None, "int8") else dtype
         self.dtype = getattr(torch, float_dtype) if float_dtype else (torch.float16 if cuda else torch.float32)
-        self.decode = decode or ("graph" if cuda else "eager")
-        if self.decode not in DECODE_MODES or (self.decode == "graph" and not cuda):
-            raise M4Error(f"decode mode {self.decode!r} is not one of {', '.join(DECODE_MODES)} on {self.device}")
+        self.mode = decode or ("graph" if cuda else "eager")
+        if self.mode not in DECODE_MODES or (self.mode == "graph" and not cuda):
+            raise M4Error(f"decode mode {self.mode!r} is not one of {', '.join(DECODE_MODES)} on {self.device}")
         self.arch = arch
         self.model = load_model(path, arch, self.dtype, self.device)
         if self.quantisation:
@@ -76,7 +76,7 @@ class TorchBackend:
     def encode_images(self, pixels: np.ndarray) -> torch.Tensor:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
         x = torch.from_numpy(pixels).to(self.device, self.dtype)
-        if self.decode == "graph" and x.shape[0] == 1:
+        if self.mode == "graph" and x.shape[0] == 1:
             if self.frame_graph is None:
                 self.frame_graph = Graphed(self.model.encode_images, x)
             out = self.frame_graph(x)
@@ -94,7 +94,7 @@ class TorchBackend:
         return torch.cat(parts)
 
     def new_cache(self, max_len: int) -> KVCache:
-        if self.decode == "eager":
+        if self.mode == "eager":
             return KVCache.empty(self.arch.text, max_len, self.dtype, self.device)
         size = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
         i = next((i for i, c in enumerate(self.spare) if c.max_len == size), None)
@@ -119,7 +119,7 @@ class TorchBackend:
         the device: the host then receives one number, not the vocabulary's logits."""
         t = embeds.shape[0]
         last_only = last_only or greedy
-        if self.decode != "eager" and last_only and self.repeated(cache, t):
+        if self.mode != "eager" and last_only and self.repeated(cache, t):
             logits = self.step(embeds[None], pos, cache)
         else:
             chunks = [self.run(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
@@ -128,6 +128,18 @@ class TorchBackend:
         if greedy:
             return int(logits[0, -1].argmax())
         return logits[0].float().cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(self, embeds: torch.Tensor, positions: list[int], caches: list[KVCache],
+               greedy: bool = False) -> np.ndarray | list[int]:
+        """One decode step of several contexts: row i's token (embeds[i], (H,)) at
+        positions[i] of caches[i] -> float32 logits (B, vocab), or with `greedy` each row's
+        most likely token, picked on the device. One pass over the weights for all rows;
+        attention reads each context's filled cache."""
+        input_pos = torch.tensor(positions, device=self.device)[:, None]
+        rows = Rows([c.prefix(p + 1) for c, p in zip(caches, positions)])
+        logits = self.model.text(embeds[:, None], input_pos, rows)[:, 0]
+        return logits.argmax(-1).tolist() if greedy else logits.float().cpu().numpy()
 
     def run(self, x: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
         """T tokens eagerly; attention reads only the cache's filled part, [0, pos + T)."""
@@ -165,7 +177,7 @@ class TorchBackend:
             steps = torch.arange(x.shape[1], device=x.device)
             return decoder(x, start + steps, cache, steps[-1:])
 
-        if self.decode == "static":
+        if self.mode == "static":
             return run(x, torch.tensor(pos, device=self.device))
         key = (cache.k.data_ptr(), x.shape[1])
         if key not in self.step_graphs:  # captured on the first such step

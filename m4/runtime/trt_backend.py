@@ -226,7 +226,7 @@ class TrtBackend(BundleBackend):
         self.vision = Profile(trt, self.cuda, vision, 0)
         self.max_images = tuple(vision.get_tensor_profile_shape("pixel_values", 0)[2])[0]
         past = tuple(past_names(self.arch.text.layers))
-        self.prefill, self.decode = (Profile(trt, self.cuda, decoder, i, past) for i in (0, 1))
+        self.prefill, self.decoding = (Profile(trt, self.cuda, decoder, i, past) for i in (0, 1))
         self.chunk = tuple(decoder.get_tensor_profile_shape("inputs_embeds", 0)[2])[1]
         self.max_context = tuple(decoder.get_tensor_profile_shape(past[1], 1)[2])[2]
         embeds = np.dtype(trt.nptype(decoder.get_tensor_dtype("inputs_embeds")))
@@ -267,7 +267,7 @@ class TrtBackend(BundleBackend):
         if pos + t > cache.max_len:
             raise M4Error(f"positions {pos}..{pos + t} exceed the cache's {cache.max_len}")
         if t == 1:
-            return self.run(self.decode, embeds, pos, cache, np.zeros(1), self.cuda_graph)
+            return self.run(self.decoding, embeds, pos, cache, np.zeros(1), self.cuda_graph)
         return self.chunked(embeds, pos, last_only,
                             lambda piece, at, keep: self.run(self.prefill, piece, at, cache, keep))
 
