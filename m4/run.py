@@ -8,8 +8,10 @@ A live source is read in its own thread that keeps only the newest frame: frames
 arrive while the model is busy are dropped and counted, never queued.
 
 Several sources (`--video cam0 cam1 demo`) run through one model, each with its own live
-context: the model goes round them, one frame (and the questions then due) at a time, and
-every event and answer carries the source's label.
+context. Each round takes the newest frame of every source that has one and encodes them in
+one vision call; the questions then due, of all sources, are answered together, one batched
+decode step for all (each answer is the one its source gets alone). Every event and answer
+carries the source's label; answered together, a text answer is printed whole when it ends.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from dataclasses import dataclass, field
 from m4.errors import M4Error
 from m4.histogram import Histogram
 from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
+from m4.runtime.answer import Batch
+from m4.runtime.live import add_frames
 
 RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
 RECONNECT_WAIT_S = 1.0
@@ -84,9 +88,8 @@ class Out:
         say(self.prefix + message)
 
 
-def answer(ask, question: str, stats: dict, out: Out, log: StreamLog | None = None) -> None:
-    """Ask one question with `ask(question) -> text pieces`; stream it or emit one event."""
-    pieces = ask(question)
+def answer(pieces: Iterable[str], question: str, stats: dict, out: Out, log: StreamLog | None = None) -> None:
+    """An answer's text pieces streamed, or one event with its `stats` once it has ended."""
     if out.as_json:
         text = "".join(pieces)
         out.emit("answer", question=question, text=text, ttft_ms=round(stats.get("ttft_ms", 0.0), 1),
@@ -103,7 +106,7 @@ def answer(ask, question: str, stats: dict, out: Out, log: StreamLog | None = No
 
 def run_still(model, prompts: list[str], inputs: dict, out: Out, generation: dict) -> None:
     for q in questions(prompts):
-        answer(lambda q: model.ask(q, stream=True, **inputs, **generation), q, model.stats, out)
+        answer(model.ask(q, stream=True, **inputs, **generation), q, model.stats, out)
 
 
 def run_clip(model, spec: str, prompts: list[str], window: int, out: Out, generation: dict) -> None:
@@ -272,7 +275,7 @@ class Feed:
     def __init__(self, model, spec: str, opened, out: Out, c: StreamConfig, wake: threading.Event):
         generation = dict(c.generation)
         self.live = model.stream(window=c.window, exact=c.exact, max_new_tokens=generation.pop("max_new_tokens"))
-        self.ask = lambda q: self.live.ask(q, stream=True, **generation)
+        self.generation = generation  # temperature, top_p, seed
         self.opened, self.out, self.c = opened, out, c
         self.log, self.last_ask, self.t = StreamLog(), 0.0, 0.0
         self.ended = self.limited = self.closed = self.finished = False
@@ -294,41 +297,36 @@ class Feed:
         self.log.taken += 1
         return f if self.rate.keep(f.t) else None
 
-    def ingest(self, f: Frame) -> None:
-        """Add a frame to the context; ask the questions then due; stop at the run's limits."""
+    def took(self, f: Frame) -> list[str]:
+        """Log a frame that entered the context; the questions then due; stop at the run's limits."""
         c, stats = self.c, self.live.stats
-        self.live.add_frame(f.image)
         self.log.frames += 1
         self.log.add(vision_ms=stats["vision_ms"], ingest_ms=stats["ingest_ms"])
         self.t = f.t
         if c.as_json:
             self.out.emit("frame", index=f.index, t=round(f.t, 3), ingest_ms=round(stats["ingest_ms"], 2))
+        due = []
         if c.every and self.t - self.last_ask >= c.every:
             self.last_ask = self.t
-            for q in c.prompts:
-                self.answer(q)
+            due = list(c.prompts)
         if (c.max_frames and self.log.frames >= c.max_frames) or (c.duration and self.t >= c.duration):
             self.ended = self.limited = True
-
-    def answer(self, question: str) -> None:
-        answer(self.ask, question, self.live.stats, self.out, self.log)
+        return due
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             (self.reader or self.opened).close()
 
-    def finish(self) -> None:
-        """Say why a stream stopped, close it, and ask about its end (unless just asked)."""
+    def finish(self) -> list[str]:
+        """Say why a stream stopped and close it; the questions about its end (unless just asked)."""
         if self.finished:
-            return
+            return []
         self.finished = True
         if self.ended and not self.limited and self.reader and self.reader.error:
             say(f"{self.out.source}: {self.reader.error}; stopping")
         self.close()
-        if self.log.frames and (not self.c.every or self.t > self.last_ask):
-            for q in self.c.prompts:
-                self.answer(q)
+        return list(self.c.prompts) if self.log.frames and (not self.c.every or self.t > self.last_ask) else []
 
     def report(self) -> None:
         r = self.reader
@@ -353,28 +351,43 @@ def open_feeds(model, specs: list[str], c: StreamConfig, wake: threading.Event) 
 
 
 def go_round(feeds: list[Feed], typed: queue.Queue | None, wake: threading.Event) -> None:
-    """Until every source has ended: one frame from each source that has one, in turn. The
-    model serves one context at a time (decode steps are not batched across sources yet); a
-    live source's frames that come meanwhile are dropped by its reader, never queued."""
+    """Until every source has ended: the newest frame of each source that has one, encoded
+    together; then the questions due, answered together. A live source's frames that come
+    meanwhile are dropped by its reader, never queued."""
     active = list(feeds)
     while active:
         wake.clear()  # before looking: a frame that comes after it wakes the wait below
-        took = False
-        for feed in list(active):
-            f = feed.next()
-            if f is not None:
-                feed.ingest(f)
-                took = True
-                while typed is not None and not typed.empty():  # asked of every source with frames
-                    q = typed.get()
-                    for other in active:
-                        if other.log.frames:
-                            other.answer(q)
-            if feed.ended:
-                feed.finish()
-                active.remove(feed)
-        if active and not took:
+        taken = [(feed, f) for feed in active if (f := feed.next()) is not None]
+        add_frames([(feed.live, f.image) for feed, f in taken])
+        due = [(feed, feed.took(f)) for feed, f in taken]
+        if taken and typed is not None:
+            while not typed.empty():  # asked of every source with frames
+                q = typed.get()
+                due += [(feed, [q]) for feed in active if feed.log.frames]
+        due += [(feed, feed.finish()) for feed in active if feed.ended]
+        ask_together(due)
+        active = [feed for feed in active if not feed.ended]
+        if active and not taken:
             wake.wait(0.5)
+
+
+def ask_together(due: list[tuple[Feed, list[str]]]) -> None:
+    """Each source's questions in turn, the sources' together: question k of every source in
+    one Batch. An answer alone streams its text as it comes."""
+    for k in range(max((len(qs) for _, qs in due), default=0)):
+        asked = [(feed, qs[k]) for feed, qs in due if k < len(qs)]
+        if len(asked) == 1:
+            feed, q = asked[0]
+            answer(feed.live.ask(q, stream=True, **feed.generation), q, feed.live.stats, feed.out, feed.log)
+            continue
+        batch = Batch()
+        answers = [batch.join(feed.live.start(q, **feed.generation)) for feed, q in asked]
+        tokens: dict[int, list[int]] = {id(a): [] for a in answers}
+        while len(batch):
+            for a, token in batch.step():
+                tokens[id(a)].append(token)
+        for (feed, q), a in zip(asked, answers):
+            answer(feed.live.tokenizer.detokenize(tokens[id(a)]), q, a.stats, feed.out, feed.log)
 
 
 def run_stream(model, specs: list[str], c: StreamConfig) -> None:
@@ -388,8 +401,7 @@ def run_stream(model, specs: list[str], c: StreamConfig) -> None:
     finally:
         for feed in feeds:
             feed.close()
-    for feed in feeds:  # the end of each stream is asked about too
-        feed.finish()
+    ask_together([(feed, feed.finish()) for feed in feeds])  # the end of each stream is asked about too
     if c.stats:
         for feed in feeds:
             feed.report()

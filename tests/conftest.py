@@ -6,6 +6,7 @@ checkpoint's is. Variants cover what differs between real models.
 """
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+import m4  # noqa: E402
+from m4.bundle_format import ORT_DECODER  # noqa: E402
+from m4.export.bundle import export_bundle  # noqa: E402
 from m4.model.config import PRESETS  # noqa: E402
 from m4.tokenizer import TOKENIZER_CORPUS, build_tokenizer  # noqa: E402
 
@@ -80,3 +84,43 @@ def oracle():
 def random_images(n: int, seed: int = 0, size=(48, 40)) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) for _ in range(n)]
+
+
+# -- bundles exported from the checkpoints, shared by the tests of the ONNX path ---------
+
+@pytest.fixture(scope="session")
+def bundles(checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundles")
+    for v, ck in checkpoints.items():
+        export_bundle(str(ck), root / v)
+    return {v: root / v for v in checkpoints}
+
+
+@pytest.fixture(scope="session")
+def standard(bundles, tmp_path_factory):
+    """The bundles as an m4 that wrote no decoder_ort.onnx left them: the CPU runs decoder.onnx."""
+    root = tmp_path_factory.mktemp("standard")
+    for v, b in bundles.items():
+        (root / v).mkdir()
+        for f in b.iterdir():
+            if not f.name.startswith((ORT_DECODER, "m4.json")):
+                (root / v / f.name).symlink_to(f)
+        m = json.loads((b / "m4.json").read_text())
+        m["files"] = {f: r for f, r in m["files"].items() if not f.startswith(ORT_DECODER)}
+        del m["dtypes"][ORT_DECODER]
+        (root / v / "m4.json").write_text(json.dumps(m))
+    return {v: root / v for v in bundles}
+
+
+GRAPHS = [ORT_DECODER, "decoder.onnx"]
+
+
+@pytest.fixture(scope="session")
+def paths(bundles, standard):
+    """(variant, graph) -> a bundle whose decoder on the CPU is that graph."""
+    return {(v, g): (bundles if g == ORT_DECODER else standard)[v] for v in bundles for g in GRAPHS}
+
+
+@pytest.fixture(scope="session")
+def models(paths):
+    return {k: m4.load(p) for k, p in paths.items()}

@@ -18,46 +18,8 @@ from m4.export.bundle import OPSET, export_bundle
 from m4.info import describe
 from m4.media import preprocess
 
-from conftest import VARIANTS, random_images
+from conftest import GRAPHS, VARIANTS, random_images
 from test_parity import QUESTIONS, oracle_tokens
-
-
-@pytest.fixture(scope="session")
-def bundles(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-    for v, ck in checkpoints.items():
-        export_bundle(str(ck), root / v)
-    return {v: root / v for v in checkpoints}
-
-
-@pytest.fixture(scope="session")
-def standard(bundles, tmp_path_factory):
-    """The bundles as an m4 that wrote no decoder_ort.onnx left them: the CPU runs decoder.onnx."""
-    root = tmp_path_factory.mktemp("standard")
-    for v, b in bundles.items():
-        (root / v).mkdir()
-        for f in b.iterdir():
-            if not f.name.startswith((ORT_DECODER, "m4.json")):
-                (root / v / f.name).symlink_to(f)
-        m = json.loads((b / "m4.json").read_text())
-        m["files"] = {f: r for f, r in m["files"].items() if not f.startswith(ORT_DECODER)}
-        del m["dtypes"][ORT_DECODER]
-        (root / v / "m4.json").write_text(json.dumps(m))
-    return {v: root / v for v in bundles}
-
-
-GRAPHS = [ORT_DECODER, "decoder.onnx"]
-
-
-@pytest.fixture(scope="session")
-def paths(bundles, standard):
-    """(variant, graph) -> a bundle whose decoder on the CPU is that graph."""
-    return {(v, g): (bundles if g == ORT_DECODER else standard)[v] for v in bundles for g in GRAPHS}
-
-
-@pytest.fixture(scope="session")
-def models(paths):
-    return {k: m4.load(p) for k, p in paths.items()}
 
 
 @pytest.mark.parametrize("graph", GRAPHS)

@@ -120,8 +120,10 @@ class Batch:
         return answer
 
     def leave(self, answer: Answer) -> None:
-        """Drop an answer before its end (its client left): closed, the context rolled back."""
-        self.answers.remove(answer)
+        """Drop an answer before its end (its client left): closed, the context rolled back.
+        One that already ended has left."""
+        if answer in self.answers:
+            self.answers.remove(answer)
         answer.close()
 
     def step(self) -> list[tuple[Answer, int]]:

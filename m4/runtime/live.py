@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
+import numpy as np
+
 from m4.errors import M4Error
 from m4.media import ImageProcessing, preprocess
 from m4.prompt import IMAGE, Template, image_parts, tokenize
@@ -73,13 +75,12 @@ class LiveContext:
 
     def add_frame(self, frame) -> None:
         """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
-        if self.answering:
-            raise M4Error("this live context is answering a question: a frame enters after that answer ends")
-        t0 = time.perf_counter()
-        pixels = preprocess([frame], self.processing)
-        tp = time.perf_counter()
-        self.frames.append(self.backend.encode_images(pixels)[0])
+        add_frames([(self, frame)])
+
+    def _enter(self, embeds, started: float, preprocess_ms: float, vision_ms: float) -> None:
+        """An encoded frame into the window, evicting the oldest when it is full."""
         t1 = time.perf_counter()
+        self.frames.append(embeds)
         if len(self.frames) <= self.window:
             n = len(self.frames) - 1
             self.ctx.append("frame", self._embed_slots(n, 1))
@@ -94,9 +95,9 @@ class LiveContext:
                 n = self.window - 1
                 self.ctx.append("frame", self._embed_slots(n, 1))
         t2 = time.perf_counter()
-        self.stats.update(frames_seen=self.stats["frames_seen"] + 1, preprocess_ms=(tp - t0) * 1e3,
-                          vision_ms=(t1 - tp) * 1e3, frame_prefill_ms=(t2 - t1) * 1e3,
-                          ingest_ms=(t2 - t0) * 1e3, cache_tokens=self.ctx.length)
+        self.stats.update(frames_seen=self.stats["frames_seen"] + 1, preprocess_ms=preprocess_ms,
+                          vision_ms=vision_ms, frame_prefill_ms=(t2 - t1) * 1e3, ingest_ms=(t2 - started) * 1e3,
+                          cache_tokens=self.ctx.length)
 
     def tokens(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
                top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
@@ -145,3 +146,22 @@ def slot_texts(parts: list) -> tuple[str, str]:
     """An image slot's parts (text, the image's index, text) -> the text before and after it."""
     i = next(k for k, p in enumerate(parts) if isinstance(p, int))
     return "".join(parts[:i]), "".join(parts[i + 1:])
+
+
+def add_frames(arrivals: list[tuple[LiveContext, object]]) -> None:
+    """Frames that arrived for several live contexts: those of one backend encoded in one
+    vision call (one pass over the tower's weights), then each prefilled into its context."""
+    t0 = time.perf_counter()
+    for live, _ in arrivals:
+        if live.answering:  # before any work: nothing enters if one cannot
+            raise M4Error("a live context is answering a question: a frame enters after that answer ends")
+    by_backend: dict[int, list] = {}
+    for live, frame in arrivals:
+        by_backend.setdefault(id(live.backend), []).append((live, frame))
+    for group in by_backend.values():
+        pixels = np.concatenate([preprocess([frame], live.processing) for live, frame in group])
+        tp = time.perf_counter()
+        embeds = group[0][0].backend.encode_images(pixels)
+        t1 = time.perf_counter()
+        for i, (live, _) in enumerate(group):
+            live._enter(embeds[i], t0, (tp - t0) * 1e3, (t1 - tp) * 1e3)
