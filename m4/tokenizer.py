@@ -9,7 +9,7 @@ appended after the learned vocabulary.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,18 +79,23 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
-    def stream(self) -> DecodeStream:
-        """Incremental detokenizer: `.step(tok, id)` returns text once it is whole UTF-8."""
-        return DecodeStream(skip_special_tokens=False)
+    def pieces(self) -> Callable[[int], str]:
+        """Incremental detokenizer for ids given one at a time (an answer decoded in a batch,
+        where no iterator of its ids exists): each id gives the text it completes, "" until
+        that text is whole UTF-8."""
+        decoder, known = DecodeStream(skip_special_tokens=False), len(self)
+
+        def feed(token: int) -> str:
+            if token >= known:  # embedding rows past the tokenizer (padding) have no text
+                return ""
+            return decoder.step(self.tok, token) or ""
+        return feed
 
     def detokenize(self, ids: Iterable[int]) -> Iterator[str]:
         """Text pieces of ids as they come (an answer streamed token by token)."""
-        decoder, known = self.stream(), len(self)
+        feed = self.pieces()
         for token in ids:
-            if token >= known:  # embedding rows past the tokenizer (padding) have no text
-                continue
-            piece = decoder.step(self.tok, token)
-            if piece:
+            if piece := feed(token):
                 yield piece
 
     def __len__(self) -> int:

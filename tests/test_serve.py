@@ -39,6 +39,13 @@ N = 12  # answer length in these tests
 @contextlib.contextmanager
 def serve(model, name="tiny", **settings):
     """A server over `model` on a free loopback port, in a thread; yields its base URL."""
+    with running(model, name, **settings) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running(model, name="tiny", **settings):
+    """As `serve`, yielding its base URL and the m4 Server behind it (its scheduler)."""
     s = Settings(model=name, **{"max_fps": 1000.0, **settings})
     server = make_server(s, model, name)
     sock = socket.socket()
@@ -51,7 +58,7 @@ def serve(model, name="tiny", **settings):
             break
         time.sleep(0.05)
     try:
-        yield url
+        yield url, server.config.app.app.state.server  # uvicorn's app is the Guard around FastAPI's
     finally:
         server.should_exit = True
         thread.join(30)
@@ -497,6 +504,137 @@ def test_client_that_disconnects_mid_stream_frees_the_model(endless):
             httpx.post(u + "/v1/chat/completions", json={**body, "stream": False}, timeout=1.0)
         wait_for(lambda: metric(u, "m4_cancelled_total") == 3, timeout=10)
         good(u)
+
+
+# -- batched decoding: answers that decode at the same time share each step ---------------------
+
+@pytest.fixture(scope="module")
+def endless_ref(endless):
+    """A second copy of `endless` for the expected answers."""
+    return m4.load(endless.path)
+
+
+class Hold:
+    """The model's worker kept busy by a job of the test's own: nothing else runs (no decode
+    step either) until `release`, and what is submitted meanwhile queues in arrival order."""
+
+    def __init__(self, server):
+        self.running, self.released = threading.Event(), threading.Event()
+        server.scheduler.submit(self._wait, lambda item: None)
+
+    def _wait(self):
+        self.running.set()
+        self.released.wait(60)
+
+    def release(self):
+        self.released.set()
+
+
+def queued(server, n):
+    """Wait until n jobs wait for the model (so that requests reach it in a known order)."""
+    wait_for(lambda: server.scheduler.depth == n)
+
+
+def ask_image(url, image, n, stream=False):
+    args = dict(model="tiny", max_tokens=n,
+                messages=[{"role": "user", "content": [image_part(image), {"type": "text", "text": "What?"}]}])
+    if stream:
+        chunks = client(url).chat.completions.create(stream=True, **args)
+        return "".join(ch.choices[0].delta.content or "" for ch in chunks)
+    return client(url).chat.completions.create(**args).choices[0].message.content
+
+
+def steps_of_several(url):
+    """Decode steps that carried more than one answer."""
+    return metric(url, "m4_decode_batch_size_count") - metric(url, 'm4_decode_batch_size_bucket{le="1.0"}')
+
+
+def test_concurrent_requests_decode_together(endless, endless_ref):
+    """Four requests queued at once, two of them streamed, decode in one batch: each answer
+    is the one it gets alone, and steps carried several answers."""
+    images = random_images(4, seed=31)
+    expected = [endless_ref.ask("<image>What?", images=[a], max_new_tokens=N) for a in images]
+    with running(endless) as (u, server), ThreadPoolExecutor(4) as pool:
+        hold = Hold(server)
+        hold.running.wait()
+        answers = [pool.submit(ask_image, u, a, N, i % 2 == 1) for i, a in enumerate(images)]
+        queued(server, 4)
+        hold.release()
+        assert [f.result() for f in answers] == expected
+        assert steps_of_several(u) > 0
+
+
+def test_client_that_leaves_mid_batch_does_not_disturb_the_others(endless, endless_ref):
+    """A streamed answer decoding beside three others loses its client between two steps:
+    its row leaves, and the others' answers are the ones they get alone."""
+    images = random_images(3, seed=41)
+    long = 32
+    expected = [endless_ref.ask("<image>What?", images=[a], max_new_tokens=long) for a in images]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Go"}], "max_tokens": 20000, "stream": True}
+    leave = threading.Event()
+
+    def leaver():
+        with httpx.stream("POST", u + "/v1/chat/completions", json=body, timeout=60) as r:
+            next(line for line in r.iter_lines() if line.startswith("data:"))
+            leave.wait(60)  # then hangs up mid-answer
+
+    with running(endless) as (u, server), ThreadPoolExecutor(4) as pool:
+        first = Hold(server)
+        first.running.wait()
+        gone = pool.submit(leaver)
+        queued(server, 1)
+        others = []
+        for k, a in enumerate(images, 2):
+            others.append(pool.submit(ask_image, u, a, long, True))
+            queued(server, k)
+        second = Hold(server)  # runs once all four have joined the batch, a few steps in
+        first.release()
+        second.running.wait()
+        leave.set()
+        gone.result()
+        wait_for(lambda: metric(u, "m4_cancelled_total") == 1)
+        second.release()
+        assert [f.result() for f in others] == expected
+        assert steps_of_several(u) > 0
+
+
+def test_session_questions_decode_beside_a_request(endless, endless_ref):
+    """A session's question joins a request that is decoding and gets the answer it gets
+    alone; a frame that reaches the model while the session answers is dropped (409); a
+    second question to the session waits for the first answer's end."""
+    frames, (image, late) = random_images(3, seed=51), random_images(2, seed=52)
+    questions = ("What is happening?", "Which way?")
+    live = endless_ref.stream(window=4)
+    for f in frames:
+        live.add_frame(f)
+    expected = [live.ask(q, max_new_tokens=N) for q in questions]
+    expected_chat = endless_ref.ask("<image>What?", images=[image], max_new_tokens=40)
+
+    def ask(question):
+        r = httpx.post(f"{u}/v1/sessions/{sid}/ask", json={"question": question, "max_tokens": N}, timeout=60)
+        return r.json()["text"]
+
+    with running(endless) as (u, server), ThreadPoolExecutor(4) as pool:
+        sid = httpx.post(u + "/v1/sessions", json={"window": 4}).json()["id"]
+        for f in frames:
+            assert httpx.post(f"{u}/v1/sessions/{sid}/frames", content=png(f)).status_code == 200
+        hold = Hold(server)
+        hold.running.wait()
+        chat = pool.submit(ask_image, u, image, 40)
+        queued(server, 1)
+        first = pool.submit(ask, questions[0])
+        queued(server, 2)
+        frame = pool.submit(httpx.post, f"{u}/v1/sessions/{sid}/frames", content=png(late), timeout=60)
+        queued(server, 3)
+        second = pool.submit(ask, questions[1])
+        queued(server, 4)
+        hold.release()
+        assert chat.result() == expected_chat
+        refused(frame.result(), 409, "session_answering")
+        assert [first.result(), second.result()] == expected
+        info = httpx.get(f"{u}/v1/sessions/{sid}").json()
+        assert info["frames"] == 3 and info["frames_seen"] == 4 and info["frames_dropped"] == 1
+        assert steps_of_several(u) > 0
 
 
 def test_fifty_clients_against_four_sessions(tiny):

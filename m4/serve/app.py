@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import hmac
 import io
-import itertools
 import json
 import logging
 import time
@@ -42,7 +41,7 @@ from m4.serve import chat
 from m4.serve.errors import ApiError
 from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, video_frames
 from m4.serve.metrics import Metrics
-from m4.serve.scheduler import Busy, Scheduler
+from m4.serve.scheduler import Busy, Decode, Scheduler
 from m4.serve.sessions import SOURCES, Sessions
 from m4.serve.settings import Settings, check_bind
 
@@ -61,7 +60,8 @@ class Server:
         self.limits = Limits(int(settings.max_body_mb * 2**20), settings.max_pixels, settings.allow_urls,
                              settings.allow_private_urls, settings.video_frames)
         self.metrics = Metrics()
-        self.scheduler = Scheduler(settings.max_queue, on_start=lambda ms: self.metrics.observe(queue=ms))
+        self.scheduler = Scheduler(settings.max_queue, on_start=lambda ms: self.metrics.observe(queue=ms),
+                                   on_step=self.metrics.batch.observe)
         self.metrics.queue.set_function(lambda: self.scheduler.depth)
         self.sessions = Sessions(model, self.scheduler, self.metrics, settings.max_sessions, settings.session_ttl,
                                  settings.max_fps, settings.max_tokens, settings.allow_urls,
@@ -121,7 +121,7 @@ class Server:
             work = self.session_work(session, req.question, n, req.temperature, req.top_p, req.seed)
         else:
             work = await self.chat_work(req)
-        job = self.scheduler.stream(work)
+        job = self.scheduler.stream(work, work.ready)
         cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
         stop = chat.StopText(req.stop)
 
@@ -236,10 +236,10 @@ class Server:
 
         def work():
             pictures = [decode(img, where) for img, where in images]
-            ids = model.generate(p, pictures, limit, req.temperature, req.top_p, req.seed)
-            yield from counted(model.tokenizer, ids)
-            yield {**model.stats, "prompt_tokens": len(p.ids)}
-        work.limit = limit
+            answer = model.start(p, pictures, limit, req.temperature, req.top_p, req.seed)
+            answer.stats = dict(answer.stats)  # its own: the model's dict is the next request's once that starts
+            return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
+        work.limit, work.ready = limit, None
         return work
 
     def session_work(self, session, question: str, limit: int, temperature=0.0, top_p=1.0, seed=None):
@@ -248,15 +248,17 @@ class Server:
         def work():
             if session.closed:
                 raise ApiError(404, f"session {session.id} was closed", "session_not_found")
-            ids = live.tokens(question, limit, temperature, top_p, seed)
-            head = list(itertools.islice(ids, 1))  # the prompt is in the cache once the first token is out
+            answer = live.start(question, limit, temperature, top_p, seed)
             prompt = live.ctx.length
-            yield from counted(live.tokenizer, itertools.chain(head, ids))
-            stats = dict(live.stats)
-            if "ttft_ms" in stats:
-                session.stages["ttft"].add(stats["ttft_ms"])
-            yield {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
-        work.limit = limit
+
+            def end():
+                stats = dict(live.stats)
+                if "ttft_ms" in stats:
+                    session.stages["ttft"].add(stats["ttft_ms"])
+                return {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
+            return decoding(answer, live.tokenizer, end)
+        # one question at a time per context: a second one waits for the answer before it
+        work.limit, work.ready = limit, lambda: not live.answering
         return work
 
     # -- sessions --------------------------------------------------------------------------
@@ -287,7 +289,9 @@ class Server:
             raise ApiError(400, "the body must be one JPEG or PNG image", "missing_field")
         img = await asyncio.to_thread(lambda: decode(open_image(data, self.limits, "frame"), "frame"))
         s.seen += 1
-        await self.scheduler.call(lambda: self.sessions.ingest(s, img))
+        if not await self.scheduler.call(lambda: self.sessions.ingest(s, img)):
+            raise ApiError(409, f"session {sid} is answering a question: a frame enters between answers, and this "
+                           "one was dropped", "session_answering")
         st = s.live.stats
         return {"frames": len(s.live.frames), "frames_seen": s.seen, "vision_ms": round(st["vision_ms"], 2),
                 "ingest_ms": round(st["ingest_ms"], 2)}
@@ -304,7 +308,7 @@ class Server:
         work = self.session_work(s, question, limit, chat.number(body, "temperature", 0.0, 0, 2),
                                  chat.number(body, "top_p", 1.0, 1e-9, 1),
                                  chat.number(body, "seed", None, 0, (1 << 64) - 1, True))
-        job = self.scheduler.stream(work)
+        job = self.scheduler.stream(work, work.ready)
 
         def result(stats: dict, text: str) -> dict:
             self.metrics.observe_answer(stats)
@@ -340,17 +344,17 @@ def jpeg(image) -> bytes:
     return out.getvalue()
 
 
-def counted(tokenizer, ids):
-    """(text piece, tokens so far) as the answer's tokens decode."""
-    n = 0
+def decoding(answer, tokenizer, stats) -> Decode:
+    """An answer for the worker's batch: its client gets (text piece, tokens so far) as its
+    tokens complete text, then `stats()`."""
+    feed, count = tokenizer.pieces(), 0
 
-    def each():
-        nonlocal n
-        for t in ids:
-            n += 1
-            yield t
-    for piece in tokenizer.detokenize(each()):
-        yield piece, n
+    def token(t: int):
+        nonlocal count
+        count += 1
+        piece = feed(t)
+        return (piece, count) if piece else None
+    return Decode(answer, token, stats)
 
 
 async def json_body(request: Request):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client import Histogram as PrometheusHistogram
 from prometheus_client.core import HistogramMetricFamily
 
 from m4.histogram import Histogram
@@ -24,6 +25,7 @@ STAGES = {
     "decode": "one decoded token",
 }
 BOUNDS_MS = [2.0 ** k for k in range(-4, 17)]  # 62.5 us .. 65.5 s
+BATCH_BOUNDS = [2 ** k for k in range(7)]  # 1 .. 64 answers in one decode step
 
 disable_created_metrics()  # no *_created series beside each counter: the process start says as much
 
@@ -38,6 +40,8 @@ class Metrics:
         self.frames = Counter("m4_frames", "live frames by outcome (ingested, dropped)", ["outcome"], registry=r)
         self.sessions = Gauge("m4_sessions", "open live sessions", registry=r)
         self.queue = Gauge("m4_queue_depth", "jobs waiting for the model", registry=r)
+        self.batch = PrometheusHistogram("m4_decode_batch_size", "answers decoded together, one observation per "
+                                         "decode step", buckets=BATCH_BOUNDS, registry=r)
         self.lock = threading.Lock()
         self.stages = {s: Histogram() for s in STAGES}
         r.register(_Stages(self))

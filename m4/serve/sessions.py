@@ -3,9 +3,10 @@ source read in a thread of its own (a camera, an rtsp/http stream, or the demo s
 
 A source is read as `m4 run` reads it (m4.run.Latest: the newest frame kept, a dropped
 stream reopened), sampled at the session's fps, and each frame offered to the model: one
-that arrives while the session's previous frame still waits for the model is dropped and
-counted, never queued. Sessions idle for `ttl` seconds are closed; at most `max_sessions`
-are open at once, each holding its own fixed-size cache.
+that arrives while the session's previous frame still waits for the model, or that reaches
+the model while the session is answering a question, is dropped and counted, never queued.
+Sessions idle for `ttl` seconds are closed; at most `max_sessions` are open at once, each
+holding its own fixed-size cache.
 """
 
 from __future__ import annotations
@@ -162,10 +163,16 @@ class Sessions:
                            "(m4 serve --max-fps)", "frame_rate_exceeded")
         s.recent.append(now)
 
-    def ingest(self, s: Session, image) -> None:
-        """A frame into the session's window (on the model's worker)."""
+    def ingest(self, s: Session, image) -> bool:
+        """A frame into the session's window (on the model's worker); False if it was dropped:
+        the session is answering, and a frame is not held for the answer's end (a source's
+        next one comes soon, and a late frame is stale)."""
         if s.closed:
-            return
+            raise ApiError(404, f"session {s.id} was closed", "session_not_found")
+        if s.live.answering:
+            s.dropped += 1
+            self.metrics.frames.labels("dropped").inc()
+            return False
         s.live.add_frame(image)
         s.latest = image
         st = s.live.stats
@@ -173,6 +180,7 @@ class Sessions:
         s.stages["ingest"].add(st["ingest_ms"])
         self.metrics.observe(vision=st["vision_ms"], ingest=st["ingest_ms"])
         self.metrics.frames.labels("ingested").inc()
+        return True
 
     def _read(self, s: Session) -> None:
         """A source session's reader: frames at its fps, offered to the model, the late dropped."""
