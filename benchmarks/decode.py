@@ -56,10 +56,7 @@ console = Console(stderr=True)
 
 def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
     paths = {k: workdir / k for k in ("checkpoint", "bundle", "bundle-int4", "qwen2", "genai", "genai-int4")}
-    if not (paths["checkpoint"] / "config.json").is_file():
-        console.print(f"random {preset} checkpoint -> {paths['checkpoint']}")
-        random_checkpoint(preset, paths["checkpoint"])
-    cached_bundle(str(paths["checkpoint"]), paths["bundle"])  # exported again when m4's export changed
+    float_model(workdir, preset)
     q, f = paths["bundle-int4"] / "m4.json", paths["bundle"] / "m4.json"
     if not q.is_file() or q.stat().st_mtime < f.stat().st_mtime:
         console.print(f"m4 calibrate --decoder int4 -> {paths['bundle-int4']}")
@@ -76,6 +73,17 @@ def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
                             "-o", str(paths[key]), "-p", precision, "-e", "cpu", "-c", str(workdir / "genai-cache"),
                             "--extra_options", "prune_lm_head=true", *extra], check=True, stdout=subprocess.DEVNULL)
     return paths
+
+
+def float_model(workdir: Path, preset: str) -> tuple[Path, Path]:
+    """The preset's random checkpoint and its fp32 bundle in `workdir` (checkpoint/, bundle/),
+    built once; other benchmarks share them through this."""
+    checkpoint, bundle = workdir / "checkpoint", workdir / "bundle"
+    if not (checkpoint / "config.json").is_file():
+        console.print(f"random {preset} checkpoint -> {checkpoint}")
+        random_checkpoint(preset, checkpoint)
+    cached_bundle(str(checkpoint), bundle)  # exported again when m4's export changed
+    return checkpoint, bundle
 
 
 def save_qwen2(checkpoint: Path, out: Path) -> None:
