@@ -148,12 +148,14 @@ class Model:
                  top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
         """The answer's token ids to a prompt built elsewhere (m4.prompt.build_chat: several
         turns) over its decoded pictures, as `tokens` answers its own."""
-        yield from self.start(p, pictures, max_new_tokens, temperature, top_p, seed).alone()
+        self.stats.clear()  # in place: callers may hold this dict
+        yield from self.start(p, pictures, max_new_tokens, temperature, top_p, seed, self.stats).alone()
 
     def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None) -> Answer:
+              top_p: float = 1.0, seed: int | None = None, stats: dict | None = None) -> Answer:
         """The prompt encoded and prefilled in a context of its own, its first token chosen:
-        an Answer to decode alone or in a Batch with others (m4.runtime.answer)."""
+        an Answer to decode alone or in a Batch with others (m4.runtime.answer). Its timings
+        land in `stats` (default: a dict of its own, `answer.stats`)."""
         max_new_tokens = self.room(len(p.ids), max_new_tokens)
         t0 = time.perf_counter()
         embeds = self.embed(p, pictures)
@@ -162,10 +164,10 @@ class Model:
         sampling = Sampling(temperature, top_p, seed)
         logits = ctx.append("prompt", embeds, greedy=sampling.greedy)
         t2 = time.perf_counter()
-        self.stats.clear()  # in place: callers may hold this dict
-        self.stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
-                          prefill_ms=(t2 - t1) * 1e3)
-        return Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, self.stats, t0)
+        stats = {} if stats is None else stats
+        stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
+                     prefill_ms=(t2 - t1) * 1e3)
+        return Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, stats, t0)
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long

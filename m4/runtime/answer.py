@@ -115,6 +115,9 @@ class Batch:
     def __len__(self) -> int:
         return len(self.answers)
 
+    def __contains__(self, answer: Answer) -> bool:
+        return answer in self.answers
+
     def join(self, answer: Answer) -> Answer:
         self.answers.append(answer)
         return answer
@@ -122,7 +125,7 @@ class Batch:
     def leave(self, answer: Answer) -> None:
         """Drop an answer before its end (its client left): closed, the context rolled back.
         One that already ended has left."""
-        if answer in self.answers:
+        if answer in self:
             self.answers.remove(answer)
         answer.close()
 

@@ -237,7 +237,6 @@ class Server:
         def work():
             pictures = [decode(img, where) for img, where in images]
             answer = model.start(p, pictures, limit, req.temperature, req.top_p, req.seed)
-            answer.stats = dict(answer.stats)  # its own: the model's dict is the next request's once that starts
             return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
         work.limit, work.ready = limit, None
         return work

@@ -158,7 +158,7 @@ class Scheduler:
     def _drop(self, answer: Answer) -> None:
         """An answer out of the batch before its end (closed: a live question rolled back)."""
         self.decoding.pop(answer, None)
-        if answer in self.batch.answers:
+        if answer in self.batch:
             self.batch.leave(answer)
 
 
