@@ -1,7 +1,7 @@
 """m4: LLaVA-NeXT-Interleave vision-language models on edge and desktop GPUs."""
 
-from m4.api import Model, load
+from m4.api import Model, ask_together, load
 from m4.errors import M4Error
 from m4.version import __version__
 
-__all__ = ["load", "Model", "M4Error", "__version__"]
+__all__ = ["load", "Model", "ask_together", "M4Error", "__version__"]

@@ -17,9 +17,10 @@ from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, ti
 from m4.model.config import Arch
 from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
 from m4.resolve import DEMO_BUNDLE, resolve
-from m4.runtime.answer import Answer
+from m4.runtime.answer import Answer, Batch
 from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.context import Context
+from m4.runtime.live import LiveContext
 from m4.runtime.sampling import Sampling
 from m4.tokenizer import Tokenizer
 
@@ -131,8 +132,6 @@ class Model:
 
     def stream(self, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
         """A live video context over this model (several may share it)."""
-        from m4.runtime.live import LiveContext
-
         return LiveContext(self.backend, self.tokenizer, self.template, window, exact, max_new_tokens,
                            self.processing)
 
@@ -185,3 +184,23 @@ class Model:
         ids = self.tokens(text, images, video, views, patches, max_new_tokens, temperature, top_p, seed)
         pieces = self.tokenizer.detokenize(ids)
         return pieces if stream else "".join(pieces)
+
+
+def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+    """Questions to several live contexts (several cameras), answered together: one batched
+    decode step carries the next token of every answer, so N answers read the weights once a
+    token, not N times. Each answer is the one its context gives alone; each context's
+    `stats` get its own timings. For tokens as they come, drive an m4.runtime.answer.Batch
+    over `live.start(...)` answers as this does."""
+    batch = Batch()
+    answers = [batch.join(live.start(q, max_new_tokens, temperature, top_p, seed)) for live, q in asked]
+    tokens: dict[int, list[int]] = {id(a): [] for a in answers}
+    try:
+        while len(batch):
+            for a, token in batch.step():
+                tokens[id(a)].append(token)
+    finally:
+        for a in list(batch.answers):  # an error mid-way: every question rolled back
+            batch.leave(a)
+    return ["".join(live.tokenizer.detokenize(tokens[id(a)])) for (live, _), a in zip(asked, answers)]

@@ -24,10 +24,10 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from m4 import api
 from m4.errors import M4Error
 from m4.histogram import Histogram
 from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
-from m4.runtime.answer import Batch
 from m4.runtime.live import add_frames
 
 RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
@@ -372,22 +372,17 @@ def go_round(feeds: list[Feed], typed: queue.Queue | None, wake: threading.Event
 
 
 def ask_together(due: list[tuple[Feed, list[str]]]) -> None:
-    """Each source's questions in turn, the sources' together: question k of every source in
-    one Batch. An answer alone streams its text as it comes."""
+    """Each source's questions in turn, the sources' together: question k of every source
+    answered in one batch (m4.ask_together). An answer alone streams its text as it comes."""
     for k in range(max((len(qs) for _, qs in due), default=0)):
         asked = [(feed, qs[k]) for feed, qs in due if k < len(qs)]
         if len(asked) == 1:
             feed, q = asked[0]
             answer(feed.live.ask(q, stream=True, **feed.generation), q, feed.live.stats, feed.out, feed.log)
             continue
-        batch = Batch()
-        answers = [batch.join(feed.live.start(q, **feed.generation)) for feed, q in asked]
-        tokens: dict[int, list[int]] = {id(a): [] for a in answers}
-        while len(batch):
-            for a, token in batch.step():
-                tokens[id(a)].append(token)
-        for (feed, q), a in zip(asked, answers):
-            answer(feed.live.tokenizer.detokenize(tokens[id(a)]), q, a.stats, feed.out, feed.log)
+        texts = api.ask_together([(feed.live, q) for feed, q in asked], **asked[0][0].generation)
+        for (feed, q), text in zip(asked, texts):
+            answer([text], q, feed.live.stats, feed.out, feed.log)
 
 
 def run_stream(model, specs: list[str], c: StreamConfig) -> None:

@@ -120,3 +120,16 @@ def test_pooled_caches_free_their_slots(paths):
         slots.append(live.ctx.cache.slot)
         del live
     assert slots == [0, 0, 0]
+
+
+def test_ask_together_answers_as_each_context_alone(checkpoints):
+    model = m4.load(checkpoints["llama-clip-mha-tied-penult-default"], backend="torch")
+    frames = random_images(5, seed=4)
+    lives = [feed(model.stream(window=2, max_new_tokens=8), frames[i:i + 1 + i]) for i in range(3)]
+    questions = ["What is happening?", "Which way?", "What colour?"]
+    alone = [live.ask(q) for live, q in zip(lives, questions)]
+    rows = []
+    hook = model.backend.model.text.register_forward_hook(lambda *x: rows.append(x[1][0].shape[0]))
+    assert m4.ask_together(list(zip(lives, questions))) == alone
+    hook.remove()
+    assert max(rows) == 3 and all(not live.answering for live in lives)
