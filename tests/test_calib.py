@@ -334,9 +334,8 @@ def test_engine_profiles_fit_the_graphs(float_bundle):
                 assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
                 assert all(x == lo[i] == hi[i] for i, x in enumerate(dims[k]) if isinstance(x, int))
             for pick in (0, 2):
-                feed = {k: np.zeros(v[pick], np.int64 if k == "logits_index" else np.float32) for k, v in p.items()}
-                if name == "decoder.onnx":
-                    feed["past_len"] = np.array(0, np.int64)
+                feed = {k: np.zeros(v[pick], np.int64 if k in ("logits_index", "past_len") else np.float32)
+                        for k, v in p.items()}
                 assert session.run(None, feed)[0].shape[0] >= 1
 
 

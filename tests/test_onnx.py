@@ -103,10 +103,11 @@ def test_graphs_are_standard_onnx(bundles):
         g = onnx.load(bundles["gqa-tied-last-full"] / name)
         assert {(o.domain or "ai.onnx", o.version) for o in g.opset_import} >= {("ai.onnx", OPSET)}
         assert {n.domain for n in g.graph.node} <= {"", "ai.onnx"}
-    # one symbolic cache length for every layer: keys (1, kv, D, M), values (1, kv, M, D)
+    # one symbolic batch and cache length for every layer: keys (B, kv, D, M), values (B, kv, M, D)
     dims = {i.name: tuple(d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim) for i in g.graph.input}
-    assert {d for k, d in dims.items() if k.startswith("past_key")} == {(1, 2, 16, "cache")}
-    assert {d for k, d in dims.items() if k.startswith("past_value")} == {(1, 2, "cache", 16)}
+    assert {d for k, d in dims.items() if k.startswith("past_key")} == {("batch", 2, 16, "cache")}
+    assert {d for k, d in dims.items() if k.startswith("past_value")} == {("batch", 2, "cache", 16)}
+    assert dims["inputs_embeds"][0] == dims["past_len"][0] == "batch"
 
 
 def test_cpu_decoder_is_fused(bundles, models):

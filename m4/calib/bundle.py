@@ -136,7 +136,8 @@ def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, meth
                             int(decoder[3:]))
     elif decoder == "w8a8":
         a = ref.arch.text
-        feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim)
+        feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim,
+                                  ref.backend.batched)
         with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
             quant["decoder.onnx"] = step(f"quantise decoder.onnx (w8a8 SmoothQuant, {method})", dec.w8a8,
                                          bundle / "decoder.onnx", tmp / "decoder.onnx", feeds, method, Path(work))

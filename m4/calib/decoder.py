@@ -56,16 +56,18 @@ def weight_only(src: Path, dst: Path, bits: int) -> dict:
             "quantised_nodes": sum(n.op_type == "MatMulNBits" for n in q.model.model.graph.node)}
 
 
-def prefill_feeds(prompts: list[np.ndarray], layers: int, kv_heads: int, head_dim: int) -> list[dict]:
+def prefill_feeds(prompts: list[np.ndarray], layers: int, kv_heads: int, head_dim: int,
+                  batched: bool = True) -> list[dict]:
     """Decoder inputs prefilling each prompt's embeddings (T, H) from position 0, all cut to
     the shortest prompt's length (same-shape runs, see Feeds). The cache is one masked
-    position (past_len 0): the graph's cache dimension is never empty."""
+    position (past_len 0): the graph's cache dimension is never empty. `batched`: the graph
+    takes a batch (bundles before that took a scalar past_len)."""
     t = min(len(p) for p in prompts)
     past = {}
     for name in past_names(layers):
         shape = (1, kv_heads, head_dim, 1) if "key" in name else (1, kv_heads, 1, head_dim)
         past[name] = np.zeros(shape, np.float32)
-    return [{"inputs_embeds": p[None, :t].astype(np.float32), "past_len": np.array(0, np.int64),
+    return [{"inputs_embeds": p[None, :t].astype(np.float32), "past_len": np.array([0] if batched else 0, np.int64),
              "logits_index": np.array([t - 1], np.int64), **past} for p in prompts]
 
 

@@ -60,12 +60,13 @@ def export_decoder(model: LLaVA, f: Path, dtype: torch.dtype) -> None:
     a = model.arch.text
     # example sizes above 1, or torch.export would fix them; one Dim shared by every
     # cache input keeps TensorRT's optimisation profiles to one range
-    t, m = 3, 5
-    kt, v = (1, a.kv_heads, a.head_dim, m), (1, a.kv_heads, m, a.head_dim)
+    b, t, m = 2, 3, 5
+    kt, v = (b, a.kv_heads, a.head_dim, m), (b, a.kv_heads, m, a.head_dim)
     past = [torch.zeros(shape, dtype=dtype) for _ in range(a.layers) for shape in (kt, v)]
-    args = (torch.zeros(1, t, a.hidden, dtype=dtype), torch.tensor(2), torch.tensor([0, t - 1]), past)
-    cache = Dim("cache")
-    dynamic = ({1: Dim("tokens")}, None, {0: Dim("keep")}, [{3: cache}, {2: cache}] * a.layers)
+    args = (torch.zeros(b, t, a.hidden, dtype=dtype), torch.tensor([2, 1]), torch.tensor([0, t - 1]), past)
+    batch, cache = Dim("batch"), Dim("cache")
+    dynamic = ({0: batch, 1: Dim("tokens")}, {0: batch}, {0: Dim("keep")},
+               [{0: batch, 3: cache}, {0: batch, 2: cache}] * a.layers)
     export_onnx(DecoderGraph(model.text), args, f, ["inputs_embeds", "past_len", "logits_index"] + past_names(a.layers),
                 ["logits", "new_keys", "new_values"], dynamic)
 

@@ -3,14 +3,14 @@ model definition (m4.model).
 
 `VisionGraph`: pixels (n, 3, S, S) -> projected embeddings (n, tokens, H); n is dynamic.
 
-`DecoderGraph`: one forward of m4.model.decoder.Decoder against a cache that the runtime
-owns. Inputs: `inputs_embeds` (1, T, H); `past_len`, a scalar: cache positions
-[0, past_len) are valid, and the new tokens take positions [past_len, past_len + T);
-`logits_index` (K,): which of the T positions get logits (the last, or all); per layer
-`past_key.i` (1, kv, D, M) and `past_value.i` (1, kv, M, D), one M for all.
-Outputs: `logits` (1, K, vocab), `new_keys` (layers, kv, D, T) and `new_values` (layers,
-kv, T, D): only the new positions, which the runtime writes into its buffers at
-[past_len, past_len + T). Standard ONNX ops only, so TensorRT builds the same file.
+`DecoderGraph`: one forward of m4.model.decoder.Decoder against caches that the runtime
+owns, for B contexts at once. Inputs: `inputs_embeds` (B, T, H); `past_len` (B,): row b's
+cache positions [0, past_len[b]) are valid, and its new tokens take positions
+[past_len[b], past_len[b] + T); `logits_index` (K,): which of the T positions get logits
+(the last, or all); per layer `past_key.i` (B, kv, D, M) and `past_value.i` (B, kv, M, D),
+one M for all. Outputs: `logits` (B, K, vocab), `new_keys` (layers, B, kv, D, T) and
+`new_values` (layers, B, kv, T, D): only the new positions, which the runtime writes into
+its buffers. Standard ONNX ops only, so TensorRT builds the same file.
 """
 
 import torch
@@ -41,24 +41,26 @@ class PastCache:
         self.new_keys, self.new_values = [], []
 
     def mask(self, input_pos: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive masks: past positions below past_len (one row for all queries); new
-        positions causally, tiled over the query heads that share a kv head."""
+        """Additive masks: each row's past positions below its past_len (B, 1, 1, M: one row
+        for all its queries); new positions causally, tiled over the query heads that share
+        a kv head."""
         dtype, device = self.past[1].dtype, input_pos.device
         zero, hidden = torch.tensor(0.0, dtype=dtype), torch.tensor(float("-inf"), dtype=dtype)
-        steps = torch.arange(input_pos.shape[0], device=device)
-        return (torch.where(torch.arange(self.past[1].shape[2], device=device) < self.past_len, zero, hidden),
+        steps = torch.arange(input_pos.shape[-1], device=device)
+        past = torch.arange(self.past[1].shape[2], device=device) < self.past_len[:, None]
+        return (torch.where(past, zero, hidden)[:, None, None],
                 torch.where(steps[None, :] <= steps[:, None], zero, hidden).repeat(groups, 1))
 
     def attend(self, layer: int, q, k, v, input_pos, mask) -> torch.Tensor:
         past_kt, past_v = self.past[2 * layer], self.past[2 * layer + 1]
-        _, h, t, d = q.shape
+        b, h, t, d = q.shape
         kt = k.transpose(2, 3)
-        q = q.reshape(1, k.shape[1], -1, d)  # a kv head's query heads as rows of one matmul
+        q = q.reshape(b, k.shape[1], -1, d)  # a kv head's query heads as rows of one matmul
         scores = torch.cat([q @ past_kt + mask[0], q @ kt + mask[1]], dim=-1)
         p_past, p_new = scores.float().softmax(-1).to(q.dtype).split([past_kt.shape[3], t], dim=-1)
         self.new_keys.append(kt)
         self.new_values.append(v)
-        return (p_past @ past_v + p_new @ v).reshape(1, h, t, d)
+        return (p_past @ past_v + p_new @ v).reshape(b, h, t, d)
 
 
 def fold_query_scale(text: Decoder) -> Decoder:
@@ -88,6 +90,6 @@ class DecoderGraph(nn.Module):
 
     def forward(self, inputs_embeds, past_len, logits_index, past: list[torch.Tensor]):
         cache = PastCache(past, past_len)
-        input_pos = past_len + torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        input_pos = past_len[:, None] + torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         logits = self.text(inputs_embeds, input_pos, cache, logits_index)
-        return logits, torch.cat(cache.new_keys), torch.cat(cache.new_values)
+        return logits, torch.stack(cache.new_keys), torch.stack(cache.new_values)

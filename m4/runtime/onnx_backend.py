@@ -1,17 +1,18 @@
 """The ONNX Runtime backend: a bundle run with onnxruntime and numpy only (no torch).
 
-The cache is two preallocated numpy arrays per context, indexed by position, so a context
-may roll back or re-prefill from any earlier position. Which decoder runs decides their
-layout:
+A context's cache is two preallocated numpy arrays, indexed by position, so a context may
+roll back or re-prefill from any earlier position; caches of one size are slots of a page
+(`Page`), so that a decode step of several contexts runs as one batch. Which decoder runs
+decides their layout:
 
 - decoder_ort.onnx (ONNX Runtime's fused contrib ops; on the CPU, where the bundle has it):
   keys and values (layers, kv, max_len, D). Each layer's buffer is bound as both the past
   input and the present output of its GroupQueryAttention, which reads rows [0, pos) and
   writes the new rows in place: no step copies the cache, and attention costs the filled
   length, not max_len. Every forward is an IO binding; a decode step's is made once.
-- decoder.onnx (standard ops; other providers, older bundles): keys transposed
-  (layers, kv, D, max_len), values (layers, kv, max_len, D). The graph (m4/export/graphs.py)
-  reads each layer's slice where it lies and returns only the new positions' keys and
+- decoder.onnx (standard ops; other providers, head sizes the fused kernel refuses): keys
+  transposed (layers, kv, D, max_len), values (layers, kv, max_len, D). The graph
+  (m4/export/graphs.py) reads each layer's slice where it lies and returns only the new positions' keys and
   values, which are written in at [pos, pos + T). A decode step attends over the whole
   buffer (masked past the filled length), so contexts size their cache to what they will
   hold. Prefill chunks attend over a compact copy of the filled prefix (their attention then
@@ -94,12 +95,13 @@ class Bound:
         bind(bound, "logits", self.logits, output=True)
         for name, a in zip(past_names(len(layers) // 2), layers):
             bind(bound, name, a)
-        if transposed:
-            k, v = layers[0], layers[1]
-            self.new_k = np.zeros((len(layers) // 2, k.shape[1], k.shape[2], t), dtype)
-            self.new_v = np.zeros((len(layers) // 2, v.shape[1], t, v.shape[3]), dtype)
-            bind(bound, "new_keys", self.new_k, output=True)
-            bind(bound, "new_values", self.new_v, output=True)
+        if transposed:  # decoder.onnx: the new positions' keys and values, (layers, B, ...)
+            k, v, n = layers[0], layers[1], len(layers) // 2
+            self.new_k = np.zeros((n, b, k.shape[1], k.shape[2], t), dtype)
+            self.new_v = np.zeros((n, b, v.shape[1], t, v.shape[3]), dtype)
+            unbatched = (lambda a: a[:, 0]) if not batched else (lambda a: a)  # older graphs: no B axis
+            bind(bound, "new_keys", unbatched(self.new_k), output=True)
+            bind(bound, "new_values", unbatched(self.new_v), output=True)
         else:
             for name, a in zip(present_names(len(layers) // 2), layers):
                 bind(bound, name, a, output=True)
@@ -112,23 +114,25 @@ def layer_views(k: np.ndarray, v: np.ndarray) -> list[np.ndarray]:
 
 class Page:
     """SLOTS caches of one size, laid out one after another so that the first n slots are one
-    (n, kv, size + 1, D) array per layer: the batch a decode step binds. A context's cache is
-    a slot; a step binds slots [0, n) for its rows' highest slot n - 1, and a slot in that
-    range whose context is not in the step runs a dummy row that writes its slot's spare last
-    position (`size`), which no context reads. Lowest free slots are taken first, which keeps
-    the batches short. Zeroed lazily by the OS (calloc): a slot costs memory once written."""
+    (n, kv, size + 1, D) array per layer (keys (n, kv, D, size + 1) for decoder.onnx): the
+    batch a decode step binds. A context's cache is a slot; a step binds slots [0, n) for its
+    rows' highest slot n - 1, and a slot in that range whose context is not in the step runs
+    a dummy row at its slot's spare last position (`size`), which no context reads
+    (decoder_ort.onnx writes it there; decoder.onnx's new keys of such a row are not kept).
+    Lowest free slots are taken first, which keeps the batches short. Zeroed lazily by the OS
+    (calloc): a slot costs memory once written, to within a huge page at its edges."""
 
-    def __init__(self, shape: tuple, size: int, dtype: np.dtype):
+    def __init__(self, shape: tuple, size: int, dtype: np.dtype, transposed: bool):
         layers, kv, d = shape
-        self.size = size
-        self.k = np.zeros((layers, SLOTS, kv, size + 1, d), dtype)
+        self.size, self.transposed = size, transposed
+        self.k = np.zeros((layers, SLOTS, kv, d, size + 1) if transposed else (layers, SLOTS, kv, size + 1, d), dtype)
         self.v = np.zeros((layers, SLOTS, kv, size + 1, d), dtype)
         self.free = list(range(SLOTS))
         self.steps: dict[int, Bound] = {}  # decode steps over slots [0, n), by n
 
     def take(self) -> OrtCache:
         s = self.free.pop(0)
-        cache = OrtCache(self.k[:, s], self.v[:, s], transposed=False, page=self, slot=s)
+        cache = OrtCache(self.k[:, s], self.v[:, s], self.transposed, page=self, slot=s)
         weakref.finalize(cache, self.release, s).atexit = False
         return cache
 
@@ -179,8 +183,8 @@ class OnnxBackend(BundleBackend):
         if outputs != expected:
             raise M4Error(f"{f} has outputs {outputs[:3]}, not the ones this m4 runs: re-export the bundle")
         self.past = past_names(layers)
-        # a decoder_ort.onnx with a batch dimension (bundles before it ran one context a step)
-        self.batched = self.fused and len(self.decoder.get_inputs()[1].shape) == 1
+        # a decoder with a batch dimension (bundles before it ran one context a step)
+        self.batched = len(self.decoder.get_inputs()[1].shape) == 1
         self.pages: list[Page] = []
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -196,7 +200,7 @@ class OnnxBackend(BundleBackend):
         if self.batched and max_len <= size:
             page = next((p for p in self.pages if p.size == size and p.free), None)
             if page is None:
-                page = Page((a.layers, a.kv_heads, a.head_dim), size, self.dtype)
+                page = Page((a.layers, a.kv_heads, a.head_dim), size, self.dtype, transposed=not self.fused)
                 self.pages.append(page)
             return page.take()
         shape = (a.layers, a.kv_heads, max_len, a.head_dim)
@@ -240,7 +244,7 @@ class OnnxBackend(BundleBackend):
             n = max(caches[i].slot for i in rows) + 1
             if n not in page.steps:
                 page.steps[n] = self.binding([a[i, :n] for i in range(len(page.k)) for a in (page.k, page.v)],
-                                             False, 1, np.zeros(1))
+                                             page.transposed, 1, np.zeros(1))
             step = page.steps[n]
             step.past_len[:] = page.size  # slots not in this step write their spare position
             for i in rows:
@@ -249,6 +253,8 @@ class OnnxBackend(BundleBackend):
                 step.rows[caches[i].slot, 0] = embeds[i]
                 step.past_len[caches[i].slot] = positions[i]
             self.decoder.run_with_iobinding(step.binding)
+            for i in rows if page.transposed else ():  # decoder.onnx returned the new keys: into each slot
+                caches[i].write(positions[i], step.new_k[:, caches[i].slot], step.new_v[:, caches[i].slot])
             out[rows] = step.logits[[caches[i].slot for i in rows], 0]
         return out
 
@@ -257,7 +263,7 @@ class OnnxBackend(BundleBackend):
         s.past_len[...] = pos
         self.decoder.run_with_iobinding(s.binding)
         if cache.transposed:
-            cache.write(pos, s.new_k, s.new_v)
+            cache.write(pos, s.new_k[:, 0], s.new_v[:, 0])
         return s.logits[0].astype(np.float32)
 
     def prefill(self, embeds: np.ndarray, pos: int, cache: OrtCache, keep: np.ndarray) -> np.ndarray:
@@ -269,10 +275,11 @@ class OnnxBackend(BundleBackend):
             past = layer_views(cache.k, cache.v)
         else:
             past = layer_views(np.ascontiguousarray(cache.k[..., :pos]), np.ascontiguousarray(cache.v[:, :, :pos]))
-        feed = {"inputs_embeds": embeds[None].astype(self.dtype), "past_len": np.array(pos, np.int64),
+        feed = {"inputs_embeds": embeds[None].astype(self.dtype),
+                "past_len": np.array([pos] if self.batched else pos, np.int64),
                 "logits_index": keep.astype(np.int64), **dict(zip(self.past, past))}
         logits, k, v = self.decoder.run(None, feed)
-        cache.write(pos, k, v)
+        cache.write(pos, *((k[:, 0], v[:, 0]) if self.batched else (k, v)))
         return logits[0].astype(np.float32)
 
     def shift(self, cache: OrtCache, start: int, end: int, by: int) -> None:
