@@ -8,10 +8,12 @@ A live source is read in its own thread that keeps only the newest frame: frames
 arrive while the model is busy are dropped and counted, never queued.
 
 Several sources (`--video cam0 cam1 demo`) run through one model, each with its own live
-context. Each round takes the newest frame of every source that has one and encodes them in
-one vision call; the questions then due, of all sources, are answered together, one batched
-decode step for all (each answer is the one its source gets alone). Every event and answer
-carries the source's label; answered together, a text answer is printed whole when it ends.
+context. Each round takes the newest frame of every source that has one and is not
+answering, encoding them in one vision call; starts the questions then due; and runs one
+decode step for every answer under way, batched (each answer is the one its source gets
+alone). So a source's frames keep entering while others answer. Every event and answer
+carries the source's label; with several sources a text answer is printed whole when it
+ends.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
-from m4 import api
 from m4.errors import M4Error
 from m4.histogram import Histogram
 from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
+from m4.runtime.answer import Answer, Batch
 from m4.runtime.live import add_frames
 
 RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
@@ -101,7 +103,7 @@ def answer(pieces: Iterable[str], question: str, stats: dict, out: Out, log: Str
             sys.stdout.flush()
         sys.stdout.write("\n")
     if log is not None:
-        log.add(**{k: stats[k] for k in ("ttft_ms", "decode_tok_s") if k in stats})
+        log.answered(stats)
 
 
 def run_still(model, prompts: list[str], inputs: dict, out: Out, generation: dict) -> None:
@@ -245,6 +247,9 @@ class StreamLog:
             self.taken += 1
             yield f
 
+    def answered(self, stats: dict) -> None:
+        self.add(**{k: stats[k] for k in ("ttft_ms", "decode_tok_s") if k in stats})
+
     def add(self, **values) -> None:
         for k, v in values.items():
             self.stages.setdefault(k, Histogram()).add(v)
@@ -276,6 +281,8 @@ class Feed:
         generation = dict(c.generation)
         self.live = model.stream(window=c.window, exact=c.exact, max_new_tokens=generation.pop("max_new_tokens"))
         self.generation = generation  # temperature, top_p, seed
+        self.questions: list[str] = []  # due, not yet asked
+        self.asking: Asking | None = None  # the question being answered
         self.opened, self.out, self.c = opened, out, c
         self.log, self.last_ask, self.t = StreamLog(), 0.0, 0.0
         self.ended = self.limited = self.closed = self.finished = False
@@ -350,53 +357,108 @@ def open_feeds(model, specs: list[str], c: StreamConfig, wake: threading.Event) 
         raise
 
 
-def go_round(feeds: list[Feed], typed: queue.Queue | None, wake: threading.Event) -> None:
-    """Until every source has ended: the newest frame of each source that has one, encoded
-    together; then the questions due, answered together. A live source's frames that come
-    meanwhile are dropped by its reader, never queued."""
-    active = list(feeds)
-    while active:
-        wake.clear()  # before looking: a frame that comes after it wakes the wait below
-        taken = [(feed, f) for feed in active if (f := feed.next()) is not None]
+@dataclass
+class Asking:
+    """A source's question being answered in the round's batch: its text so far."""
+
+    question: str
+    answer: Answer
+    piece: Callable[[int], str]
+    text: list[str] = field(default_factory=list)
+
+
+class Rounds:
+    """The streaming run over its sources: frames in, questions asked, one batched decode
+    step a round for every answer under way. A live source's frames that come meanwhile
+    are dropped by its reader, never queued."""
+
+    def __init__(self, feeds: list[Feed], typed: queue.Queue | None, wake: threading.Event):
+        self.feeds, self.typed, self.wake = feeds, typed, wake
+        self.batch = Batch()
+        self.streaming = len(feeds) == 1 and not feeds[0].c.as_json  # one source's text streams as it comes
+
+    def run(self) -> None:
+        while any(not f.finished or f.questions or f.asking for f in self.feeds):
+            self.wake.clear()  # before looking: a frame that comes after it wakes the wait below
+            taken = self.take_frames()
+            for feed in self.feeds:
+                if feed.ended and not feed.finished:
+                    feed.questions += feed.finish()
+                if feed.questions and not feed.asking:
+                    self.ask(feed, feed.questions.pop(0))
+            if len(self.batch):
+                self.step()
+            elif not taken and any(not f.ended for f in self.feeds):
+                self.wake.wait(0.5)
+
+    def take_frames(self) -> bool:
+        """The newest frame of every source that has one and has no question open (the
+        questions due at one frame are all asked about the same window), encoded together;
+        the questions then due (and any typed meanwhile) queued."""
+        taken = [(feed, f) for feed in self.feeds if not (feed.ended or feed.asking or feed.questions)
+                 and (f := feed.next()) is not None]
         add_frames([(feed.live, f.image) for feed, f in taken])
-        due = [(feed, feed.took(f)) for feed, f in taken]
-        if taken and typed is not None:
-            while not typed.empty():  # asked of every source with frames
-                q = typed.get()
-                due += [(feed, [q]) for feed in active if feed.log.frames]
-        due += [(feed, feed.finish()) for feed in active if feed.ended]
-        ask_together(due)
-        active = [feed for feed in active if not feed.ended]
-        if active and not taken:
-            wake.wait(0.5)
+        for feed, f in taken:
+            feed.questions += feed.took(f)
+        while taken and self.typed is not None and not self.typed.empty():  # asked of every source with frames
+            q = self.typed.get()
+            for feed in self.feeds:
+                if feed.log.frames and not feed.ended:
+                    feed.questions.append(q)
+        return bool(taken)
 
+    def ask(self, feed: Feed, question: str) -> None:
+        answer = self.batch.join(feed.live.start(question, **feed.generation))
+        feed.asking = Asking(question, answer, feed.live.tokenizer.pieces())
+        if self.streaming:
+            sys.stdout.write(feed.out.prefix)
 
-def ask_together(due: list[tuple[Feed, list[str]]]) -> None:
-    """Each source's questions in turn, the sources' together: question k of every source
-    answered in one batch (m4.ask_together). An answer alone streams its text as it comes."""
-    for k in range(max((len(qs) for _, qs in due), default=0)):
-        asked = [(feed, qs[k]) for feed, qs in due if k < len(qs)]
-        if len(asked) == 1:
-            feed, q = asked[0]
-            answer(feed.live.ask(q, stream=True, **feed.generation), q, feed.live.stats, feed.out, feed.log)
-            continue
-        texts = api.ask_together([(feed.live, q) for feed, q in asked], **asked[0][0].generation)
-        for (feed, q), text in zip(asked, texts):
-            answer([text], q, feed.live.stats, feed.out, feed.log)
+    def step(self) -> None:
+        by_answer = {id(f.asking.answer): f for f in self.feeds if f.asking}
+        for answer, token in self.batch.step():
+            feed = by_answer[id(answer)]
+            piece = feed.asking.piece(token)
+            feed.asking.text.append(piece)
+            if self.streaming and piece:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        for feed in by_answer.values():
+            if feed.asking.answer not in self.batch:  # it ended
+                self.answered(feed)
+
+    def answered(self, feed: Feed) -> None:
+        asking, feed.asking = feed.asking, None
+        if self.streaming:
+            sys.stdout.write("\n")
+            feed.log.answered(asking.answer.stats)
+        else:
+            answer(["".join(asking.text)], asking.question, asking.answer.stats, feed.out, feed.log)
+
+    def interrupt(self) -> None:
+        """Ctrl-C: answers under way dropped (their questions rolled back), every source
+        ended; `run` then asks about each source's end."""
+        for feed in self.feeds:
+            if feed.asking:
+                self.batch.leave(feed.asking.answer)
+                feed.asking = None
+            feed.questions.clear()
+            feed.close()
+            feed.ended = True
 
 
 def run_stream(model, specs: list[str], c: StreamConfig) -> None:
     wake = threading.Event()
     feeds = open_feeds(model, specs, c, wake)
-    typed = typed_questions() if not c.prompts and sys.stdin.isatty() else None
+    rounds = Rounds(feeds, typed_questions() if not c.prompts and sys.stdin.isatty() else None, wake)
     try:
-        go_round(feeds, typed, wake)
+        rounds.run()
     except KeyboardInterrupt:
         say("interrupted")
+        rounds.interrupt()
+        rounds.run()  # the end of each stream is asked about too
     finally:
         for feed in feeds:
             feed.close()
-    ask_together([(feed, feed.finish()) for feed in feeds])  # the end of each stream is asked about too
     if c.stats:
         for feed in feeds:
             feed.report()

@@ -21,7 +21,7 @@ from m4.runtime.sampling import Sampling, sample
 class Answer:
     """A context's answer being decoded: the token it chose last and what is left of it.
     Decoded alone (`alone`) or with other contexts' answers, one batched step for all
-    (m4.runtime.batch.Batch): the tokens are the same either way. The answer is kept in the
+    (`Batch` below): the tokens are the same either way. The answer is kept in the
     cache as a segment; `close` rolls the context back to `mark` where one was given (a
     question and its answer leave no trace)."""
 
