@@ -4,11 +4,16 @@ The cache holds [prefix][frame 0]...[frame n-1], and a question and its answer o
 they are asked. Under exact eviction, text between two images is tokenized whole, as the
 same prompt in one piece is ("</Image>)(image 2: <Image>" may tokenize differently in two
 pieces): frame i's segment is the text since the previous image and its image, and the
-last frame's closing text goes in front of the question. When the window is full the oldest frame goes. Exact eviction (the
-default) refills the kept frames from their cached embeddings (no frame is encoded twice),
-so an answer equals the oracle's on the same window; approximate eviction moves the kept
-frames down in the cache instead, cheaper per frame and measured for agreement.
-Memory is fixed at creation: a stream of any length runs in the same cache.
+last frame's closing text goes in front of the question. When the window is full the
+oldest frame goes. Exact eviction (the default) refills the kept frames from their cached
+embeddings (no frame is encoded twice), so an answer equals the oracle's on the same
+window; approximate eviction moves the kept frames down in the cache instead, cheaper per
+frame and measured for agreement. Memory is fixed at creation: a stream of any length runs
+in the same cache.
+
+Several live contexts share a model: `add_frames` encodes frames that arrived for several
+of them in one vision call, and `start` gives a question's Answer, which decodes alone or in
+a Batch with other contexts' (m4.runtime.answer).
 """
 
 from __future__ import annotations
