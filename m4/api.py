@@ -193,10 +193,11 @@ def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int |
     token, not N times. Each answer is the one its context gives alone; each context's
     `stats` get its own timings. For tokens as they come, drive an m4.runtime.answer.Batch
     over `live.start(...)` answers as this does."""
-    batch = Batch()
-    answers = [batch.join(live.start(q, max_new_tokens, temperature, top_p, seed)) for live, q in asked]
-    tokens: dict[int, list[int]] = {id(a): [] for a in answers}
+    batch, answers = Batch(), []
     try:
+        for live, q in asked:
+            answers.append(batch.join(live.start(q, max_new_tokens, temperature, top_p, seed)))
+        tokens: dict[int, list[int]] = {id(a): [] for a in answers}
         while len(batch):
             for a, token in batch.step():
                 tokens[id(a)].append(token)

@@ -133,3 +133,12 @@ def test_ask_together_answers_as_each_context_alone(checkpoints):
     assert m4.ask_together(list(zip(lives, questions))) == alone
     hook.remove()
     assert max(rows) == 3 and all(not live.answering for live in lives)
+
+
+def test_ask_together_refuses_one_context_twice_and_leaves_no_trace(checkpoints):
+    model = m4.load(checkpoints["gqa-tied-last-full"], backend="torch")
+    live = feed(model.stream(window=2, max_new_tokens=6), random_images(2))
+    alone = live.ask("What is happening?")
+    with pytest.raises(M4Error, match="answering"):
+        m4.ask_together([(live, "What is happening?"), (live, "Which way?")])
+    assert not live.answering and live.ask("What is happening?") == alone
