@@ -157,3 +157,14 @@ def test_memory_needs_match_the_model_layout(preset):
     assert sum(t.numel() * t.element_size() for m in decode for t in m.parameters()) == need["fp16"]["decode_bytes"]
     quantise_decoder(model.text)
     assert need["int8"]["weights"] <= weight_bytes() <= 1.02 * need["int8"]["weights"]
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied-last-full", "llama3.1-clip-gqa-untied-last-full"])
+def test_static_batched_decode_equals_each_context_alone(checkpoints, variant):
+    """The batched step a CUDA graph replays (each whole cache under its mask), run eagerly:
+    the same scenario as the eager batch (tests/test_batch.py), the same tokens as alone."""
+    from test_batch import check, scenario
+
+    model = with_backend(checkpoints[variant], decode="static")
+    got, alone, lives = scenario(model)
+    check(got, alone, lives)

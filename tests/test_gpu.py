@@ -134,3 +134,15 @@ def test_compiled_step_equals_transformers(checkpoints, cuda_oracle):
     p, pictures = model.prepare(QUESTIONS[2], images, None, None, False)
     ours = list(model.tokens(QUESTIONS[2], images=images, max_new_tokens=12))
     assert ours == oracle_tokens(cuda_oracle(path, torch.float32), model, p, pictures, 12)
+
+
+@pytest.mark.parametrize("variant", ["gqa-tied-last-full", "llama3.1-clip-gqa-untied-last-full"])
+def test_fp32_batched_graphs_equal_each_context_alone(checkpoints, variant):
+    """Several contexts' decode steps replayed from one CUDA graph per set of contexts: each
+    answer's tokens equal its tokens alone (tests/test_batch.py's scenario)."""
+    from test_batch import check, scenario
+
+    model = cuda_model(checkpoints[variant], "float32")
+    got, alone, lives = scenario(model)
+    check(got, alone, lives)
+    assert model.backend.row_graphs  # the batched steps were captured

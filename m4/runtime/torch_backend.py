@@ -36,6 +36,7 @@ PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of fr
 CACHE_BUCKET = 256  # static steps read the whole buffer: rounding up costs at most this many masked tokens
 SPARE_CACHES = 2
 CHUNK_GRAPHS = 4  # graphs of prefill chunks kept per cache (a frame, a refilled window, ...)
+ROW_GRAPHS = 8  # graphs of batched decode steps kept, one per set of contexts
 DECODE_MODES = ("eager", "static", "graph")
 
 
@@ -69,6 +70,7 @@ class TorchBackend:
         self.decoder = self.model.text  # what a static step runs (see compile)
         self.frame_graph: Graphed | None = None
         self.step_graphs: dict[tuple[int, int], Graphed] = {}  # static steps, by (data_ptr of the cache's keys, T)
+        self.row_graphs: dict[tuple[int, ...], Graphed] = {}  # batched steps, by their caches' data_ptr
         self.seen: set[tuple[int, int]] = set()  # (cache, T) of the chunks prefilled so far
         self.spare: list[KVCache] = []
 
@@ -109,6 +111,7 @@ class TorchBackend:
         if len(self.spare) > SPARE_CACHES:
             ptr = self.spare.pop(0).k.data_ptr()
             self.step_graphs = {k: g for k, g in self.step_graphs.items() if k[0] != ptr}
+            self.row_graphs = {k: g for k, g in self.row_graphs.items() if ptr not in k}
             self.seen = {k for k in self.seen if k[0] != ptr}
 
     @torch.inference_mode()
@@ -135,11 +138,34 @@ class TorchBackend:
         """One decode step of several contexts: row i's token (embeds[i], (H,)) at
         positions[i] of caches[i] -> float32 logits (B, vocab), or with `greedy` each row's
         most likely token, picked on the device. One pass over the weights for all rows;
-        attention reads each context's filled cache."""
+        eager, attention reads each context's filled cache; with static steps, each whole
+        cache under its mask, so that the step for one set of contexts replays from one
+        CUDA graph at any positions."""
         input_pos = torch.tensor(positions, device=self.device)[:, None]
-        rows = Rows([c.prefix(p + 1) for c, p in zip(caches, positions)])
-        logits = self.model.text(embeds[:, None], input_pos, rows)[:, 0]
+        if self.mode == "eager":
+            rows = Rows([c.prefix(p + 1) for c, p in zip(caches, positions)])
+            logits = self.model.text(embeds[:, None], input_pos, rows)[:, 0]
+        else:
+            logits = self.rows_step(embeds[:, None], input_pos, caches)
         return logits.argmax(-1).tolist() if greedy else logits.float().cpu().numpy()
+
+    def rows_step(self, x: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """The static batched step: run eagerly ("static"), or the graph captured for this
+        set of caches replayed ("graph"; contexts that answer together keep answering
+        together, so a set recurs; the oldest of ROW_GRAPHS sets goes)."""
+        rows = Rows(caches)
+
+        def run(x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+            return self.model.text(x, input_pos, rows)[:, 0]
+
+        if self.mode == "static":
+            return run(x, input_pos)
+        key = tuple(c.k.data_ptr() for c in caches)
+        if key not in self.row_graphs:
+            if len(self.row_graphs) >= ROW_GRAPHS:  # each holds its activations
+                del self.row_graphs[next(iter(self.row_graphs))]
+            self.row_graphs[key] = Graphed(run, x, input_pos)
+        return self.row_graphs[key](x, input_pos)
 
     def run(self, x: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
         """T tokens eagerly; attention reads only the cache's filled part, [0, pos + T)."""
@@ -151,7 +177,8 @@ class TorchBackend:
     def compile(self) -> None:
         """Static decode steps through torch.compile (Inductor fuses the norms, RoPE and the
         other small kernels of a step; the graph then replays the fused kernels). The first
-        step compiles, which takes a while; one compile serves every cache size."""
+        step compiles, which takes a while; one compile serves every cache size. Batched
+        steps run the plain model."""
         self.decoder = torch.compile(self.model.text, fullgraph=True, dynamic=True)
         self.step_graphs.clear()
 
