@@ -75,15 +75,16 @@ def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
     return paths
 
 
-def float_model(workdir: Path, preset: str) -> tuple[Path, Path]:
-    """The preset's random checkpoint and its fp32 bundle in `workdir` (checkpoint/, bundle/),
-    built once; other benchmarks share them through this."""
-    checkpoint, bundle = workdir / "checkpoint", workdir / "bundle"
+def float_model(workdir: Path, preset: str, bundle: bool = True) -> tuple[Path, Path]:
+    """The preset's random checkpoint and (unless `bundle` is False) its fp32 bundle in
+    `workdir` (checkpoint/, bundle/), built once; other benchmarks share them through this."""
+    checkpoint = workdir / "checkpoint"
     if not (checkpoint / "config.json").is_file():
         console.print(f"random {preset} checkpoint -> {checkpoint}")
         random_checkpoint(preset, checkpoint)
-    cached_bundle(str(checkpoint), bundle)  # exported again when m4's export changed
-    return checkpoint, bundle
+    if bundle:
+        cached_bundle(str(checkpoint), workdir / "bundle")  # exported again when m4's export changed
+    return checkpoint, workdir / "bundle"
 
 
 def save_qwen2(checkpoint: Path, out: Path) -> None:

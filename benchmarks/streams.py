@@ -197,20 +197,24 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs of each; the best is kept")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime intra-op and torch threads")
     ap.add_argument("--backends", nargs="+", default=["onnx", "torch"], choices=["onnx", "torch"])
+    ap.add_argument("--device", default="cpu", help="the torch backend's device: cpu (fp32) or cuda (fp16, "
+                    "decode steps replayed from CUDA graphs)")
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--quick", action="store_true", help="smoke run: demo preset, 64-token contexts, 8 tokens")
     args = ap.parse_args()
     if args.quick:
         args.preset, args.context, args.new_tokens, args.repeats = "demo", 64, 8, 1
-    checkpoint, bundle = float_model(args.workdir or cache_dir() / f"bench-decode-{args.preset}", args.preset)
+    checkpoint, bundle = float_model(args.workdir or cache_dir() / f"bench-decode-{args.preset}", args.preset,
+                                     bundle="onnx" in args.backends)
     torch.set_num_threads(args.threads)
     rows, joins = [], []
     for name in args.backends:
         if name == "onnx":
             model = m4.load(str(bundle), backend="onnx", threads=args.threads, verify=False)
         else:
-            model = m4.load(str(checkpoint), backend="torch")
+            model = m4.load(str(checkpoint), backend="torch", device=args.device)
+            name = "torch" if args.device == "cpu" else f"torch {args.device}"
         r, j = measure(name, model, args)
         rows += r
         joins.append(j)

@@ -14,6 +14,8 @@
 #   gpu_bench      benchmarks/gpu.py -> gpu-0.5b.json (m4 fp16 / int8 vs transformers, roofline)
 #   m4_bench_cuda  m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda
 #                  -> bench-cuda-0.5b.json and .png
+#   streams_cuda   benchmarks/streams.py, torch fp16 on CUDA, 1 to 16 contexts answering at once
+#                  -> streams-cuda-0.5b.json
 # ONLY="NAME ..." runs those steps alone; BUDGET (default 540) caps the seconds of the whole
 # check; PYTHON picks the interpreter (default: .venv/bin/python when present, else python3).
 set -u
@@ -45,4 +47,6 @@ step test_gpu 150 $PY -m pytest -q -s -rs tests/test_gpu.py
 TAIL=40 step gpu_bench 300 $PY benchmarks/gpu.py --json "$OUT/gpu-0.5b.json"
 step m4_bench_cuda 150 $PY -m m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda \
     --json "$OUT/bench-cuda-0.5b.json" --plot "$OUT/bench-cuda-0.5b.png"
+TAIL=20 step streams_cuda 200 $PY benchmarks/streams.py --backends torch --device cuda --streams 1 2 4 8 16 \
+    --json "$OUT/streams-cuda-0.5b.json"
 echo "results in $OUT/"
