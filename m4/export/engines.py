@@ -26,18 +26,16 @@ from m4.machine import TENSORRT_INSTALL, gpu_name
 NEEDS = f"m4 build needs TensorRT's Python API (tensorrt >= 10.3) and a CUDA GPU: {TENSORRT_INSTALL}"
 
 
-def profiles(m: dict, max_images: int, max_context: int, batched: bool = True) -> dict[str, list[dict]]:
+def profiles(m: dict, max_images: int, max_context: int) -> dict[str, list[dict]]:
     """Per graph, its optimisation profiles: input name -> (min, opt, max) shapes. The
-    engines run one context a step (batch 1); `batched`: decoder.onnx has a batch dimension
-    (bundles before it took a scalar past_len)."""
+    engines run one context a step (batch 1)."""
     a = manifest_arch(m)
     t, s = a.text, a.vision.image_size
     vision = {"pixel_values": ((1, 3, s, s), (max(1, max_images // 2), 3, s, s), (max_images, 3, s, s))}
 
     def decoder(tokens: tuple[int, int, int], keep: tuple[int, int, int]) -> dict:
-        shapes = {"inputs_embeds": tuple((1, n, t.hidden) for n in tokens), "logits_index": tuple((k,) for k in keep)}
-        if batched:
-            shapes["past_len"] = ((1,),) * 3
+        shapes = {"inputs_embeds": tuple((1, n, t.hidden) for n in tokens), "logits_index": tuple((k,) for k in keep),
+                  "past_len": ((1,),) * 3}
         cache = (1, max_context // 2, max_context)
         for name in past_names(t.layers):
             shapes[name] = tuple((1, t.kv_heads, t.head_dim, c) if "key" in name else (1, t.kv_heads, c, t.head_dim)
@@ -69,10 +67,13 @@ def build_engine(trt, logger, f: Path, shapes: list[dict], workspace: int, out: 
         raise M4Error(f"TensorRT cannot parse {f.name}: {first}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    dynamic = {x.name for x in inputs if -1 in tuple(x.shape)}  # a bundle's older decoder.onnx: a scalar past_len
     for p in shapes:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.items():
-            profile.set_shape(name, lo, opt, hi)
+            if name in dynamic:
+                profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
@@ -105,10 +106,7 @@ def build(bundle: str | Path, fp16: bool = False, workspace_gb: float = 4.0, max
         trt.Builder(logger)
     except Exception as e:  # no CUDA device or driver: the builder cannot be made
         raise M4Error(f"{NEEDS}; TensorRT {trt.__version__} found no usable GPU ({e})") from None
-    import onnx
-
-    past_len = onnx.load(str(path / "decoder.onnx"), load_external_data=False).graph.input[1]
-    shapes = profiles(m, max_images, max_context, batched=len(past_len.type.tensor_type.shape.dim) == 1)
+    shapes = profiles(m, max_images, max_context)
     with atomic_directory(path / "engines") as tmp, tempfile.TemporaryDirectory(dir=path) as half:
         for name, p in shapes.items():
             src = path / name
