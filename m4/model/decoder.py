@@ -73,15 +73,15 @@ class KVCache:
 
 @dataclass
 class Rows:
-    caches: list[KVCache]  # row b's cache, a `prefix` view ending at its last position
+    caches: list[KVCache]  # row b's cache: a `prefix` view ending at its last position, or whole
 
-    def mask(self, input_pos: torch.Tensor, groups: int) -> None:
-        return None  # one query a row, over a filled view
+    def mask(self, input_pos: torch.Tensor, groups: int) -> list[torch.Tensor | None]:
+        """Each row's mask over its own cache, made once for every layer."""
+        return [c.mask(input_pos[b], groups) for b, c in enumerate(self.caches)]
 
     def attend(self, layer: int, q, k, v, input_pos: torch.Tensor, mask) -> torch.Tensor:
-        groups = q.shape[1] // k.shape[1]
-        return torch.cat([c.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], input_pos[b],
-                                   c.mask(input_pos[b], groups)) for b, c in enumerate(self.caches)])
+        return torch.cat([c.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], input_pos[b], mask[b])
+                          for b, c in enumerate(self.caches)])
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

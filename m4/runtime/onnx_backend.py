@@ -99,9 +99,9 @@ class Bound:
             k, v, n = layers[0], layers[1], len(layers) // 2
             self.new_k = np.zeros((n, b, k.shape[1], k.shape[2], t), dtype)
             self.new_v = np.zeros((n, b, v.shape[1], t, v.shape[3]), dtype)
-            unbatched = (lambda a: a[:, 0]) if not batched else (lambda a: a)  # older graphs: no B axis
-            bind(bound, "new_keys", unbatched(self.new_k), output=True)
-            bind(bound, "new_values", unbatched(self.new_v), output=True)
+            # older graphs return them without the B axis: bound as (layers, ...) views
+            bind(bound, "new_keys", self.new_k if batched else self.new_k[:, 0], output=True)
+            bind(bound, "new_values", self.new_v if batched else self.new_v[:, 0], output=True)
         else:
             for name, a in zip(present_names(len(layers) // 2), layers):
                 bind(bound, name, a, output=True)
