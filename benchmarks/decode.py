@@ -43,7 +43,7 @@ from rich.table import Table
 
 from m4.bench import cached_bundle
 from m4.machine import machine
-from m4.model.checkpoint import random_checkpoint, read_weights
+from m4.model.checkpoint import Checkpoint, random_checkpoint
 from m4.model.config import Arch
 from m4.resolve import cache_dir
 from m4.runtime.onnx_backend import OnnxBackend
@@ -92,8 +92,9 @@ def save_qwen2(checkpoint: Path, out: Path) -> None:
     tc = dict(Arch.from_dir(checkpoint).to_hf()["text_config"])
     del tc["model_type"]
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**tc))
+    source = Checkpoint(checkpoint, Arch.from_dir(checkpoint))
     weights = {("lm_head." + k[len("text.lm_head."):]) if k.startswith("text.lm_head.") else "model." + k[5:]: w
-               for k, w in read_weights(checkpoint).items() if k.startswith("text.")}
+               for k, w in ((k, source.tensor(k)) for k in source.where) if k.startswith("text.")}
     missing, unexpected = model.load_state_dict(weights, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)  # tied: lm_head is embed
     model.save_pretrained(out)

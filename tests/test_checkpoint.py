@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import m4
 from m4.errors import M4Error
-from m4.model.checkpoint import read_weights
+from m4.model.checkpoint import Checkpoint
+from m4.model.config import Arch
 from m4.model.fused import split_weights
 
 from conftest import random_images
@@ -114,13 +115,13 @@ def test_fused_projections_hold_the_checkpoints_and_split_back(checkpoints):
     split back into the checkpoint's tensors for saving."""
     src = checkpoints["mha-untied-penult-default"]
     model = m4.load(src).backend.model
-    weights = read_weights(src)
+    weights = Checkpoint(src, Arch.from_dir(src))
     qkv = model.text.layers[1].self_attn.qkv_proj.weight
-    assert torch.equal(qkv, torch.cat([weights[f"text.layers.1.self_attn.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(qkv, torch.cat([weights.tensor(f"text.layers.1.self_attn.{p}_proj.weight") for p in "qkv"]))
     state = model.state_dict()
     split_weights(model, state)
     assert "vision.layers.0.self_attn.v_proj.bias" in state and "text.layers.0.mlp.up_proj.weight" in state
-    assert all(torch.equal(t, weights[k]) for k, t in state.items())
+    assert all(torch.equal(t, weights.tensor(k)) for k, t in state.items())
 
 
 @pytest.mark.parametrize("config, words", [

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.model.config import Arch
-from m4.model.fused import fuse_weights, split_weights
+from m4.model.fused import fused, split_weights
 from m4.model.llava import LLaVA
 from m4.tokenizer import Tokenizer
 
@@ -50,50 +51,88 @@ def m4_name(key: str) -> str | None:
     return None
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint under its m4 name (None-mapped keys dropped later)."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
-    else:
-        files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise M4Error(f"no safetensors weights in {path} (m4 loads safetensors only)")
-    weights = {}
-    for f in files:
-        try:
-            tensors = load_file(f)
-        except (SafetensorError, OSError) as e:
-            raise M4Error(f"cannot read weights {f}: {e}") from None
-        for key, t in tensors.items():
-            weights[m4_name(key) or key] = t
-    return weights
+class Checkpoint:
+    """A checkpoint's tensors under m4 names, read one at a time from memory-mapped
+    (sharded) safetensors: nothing is loaded until asked for, so export, calibration and
+    loading hold a step's tensors, not the model. The model's fused projections are
+    concatenated from their parts when asked for; a tied head is the embedding table."""
+
+    def __init__(self, path: Path, arch: Arch):
+        self.path, self.arch = Path(path), arch
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted({self.path / f for f in json.loads(index.read_text())["weight_map"].values()})
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise M4Error(f"no safetensors weights in {self.path} (m4 loads safetensors only)")
+        self.files, self.where = {}, {}
+        for f in files:
+            try:
+                self.files[f] = safe_open(f, framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise M4Error(f"cannot read weights {f}: {e}") from None
+            for key in self.files[f].keys():
+                self.where[m4_name(key) or key] = (f, key)
+        with torch.device("meta"):
+            self.model = LLaVA(arch)  # the names and shapes the weights must have
+        self.parts = {key: [f"{prefix}.{part}.{kind}" for part in module.parts]
+                      for prefix, key, kind, module in fused(self.model)}
+        self.tied = arch.text.tied or "text.lm_head.weight" not in self.where
+        self.check()
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f, key = self.where[name]
+        return tuple(self.files[f].get_slice(key).get_shape())
+
+    def stored(self, name: str) -> list[str]:
+        """The checkpoint tensors that make the model's tensor `name`."""
+        if name == "text.lm_head.weight" and self.tied:
+            return ["text.embed_tokens.weight"]
+        return self.parts.get(name, [name])
+
+    def check(self) -> None:
+        """Names and shapes against config.json, from the files' headers alone."""
+        expected = self.model.state_dict()
+        missing = [s for k in expected for s in self.stored(k) if s not in self.where]
+        used = {s for k in expected for s in self.stored(k)}
+        # the tower's pooling head, post-layernorm and unread layers are not part of LLaVA
+        unknown = [k for k in self.where if k not in used and not k.startswith("vision.")]
+        if missing or unknown:
+            what = f"missing {missing[:3]}" if missing else f"unexpected {unknown[:3]}"
+            raise M4Error(f"weights in {self.path} do not match config.json: {what}")
+        for k, ref in expected.items():
+            parts = [self.shape(s) for s in self.stored(k)]
+            if any(p[1:] != tuple(ref.shape[1:]) for p in parts):
+                raise M4Error(f"weight {self.stored(k)[0]} in {self.path} has shape {parts[0]}; config.json gives "
+                              f"{k} the shape {tuple(ref.shape)}")
+            shape = (sum(p[0] for p in parts), *parts[0][1:]) if parts[0] else ()
+            if shape != tuple(ref.shape):
+                raise M4Error(f"weight {k} in {self.path} has shape {shape}, config.json says {tuple(ref.shape)}")
+
+    def names(self) -> list[str]:
+        return list(self.model.state_dict())
+
+    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The model's tensor `name`, cast to `dtype` (a view of the mapped file where it is
+        one stored tensor already in that dtype)."""
+        parts = []
+        for s in self.stored(name):
+            f, key = self.where[s]
+            parts.append(self.files[f].get_tensor(key))
+        t = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return t if dtype is None else t.to(dtype)
 
 
 def load_model(path: Path, arch: Arch, dtype: torch.dtype = torch.float32,
                device: str = "cpu") -> LLaVA:
-    with torch.device("meta"):
-        model = LLaVA(arch)
-    expected = model.state_dict()
-    weights = read_weights(Path(path))
-    absent = fuse_weights(model, weights)
-    # Tied checkpoints may or may not store lm_head; either way it is the embedding table.
-    tied = arch.text.tied or "text.lm_head.weight" not in weights
-    if tied and "text.embed_tokens.weight" in weights:
-        weights["text.lm_head.weight"] = weights["text.embed_tokens.weight"]
-    # The tower's pooling head, post-layernorm and unread layers are not part of LLaVA.
-    unknown = [k for k in weights if k not in expected and not k.startswith("vision.")]
-    missing = absent + [k for k in expected if k not in weights]
-    if unknown or missing:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unknown[:3]}"
-        raise M4Error(f"weights in {path} do not match config.json: {what}")
-    state = {}
-    for k, ref in expected.items():
-        w = weights[k]
-        if w.shape != ref.shape:
-            raise M4Error(f"weight {k} in {path} has shape {tuple(w.shape)}, config.json says {tuple(ref.shape)}")
-        state[k] = w.to(dtype)
-    model.load_state_dict(state, assign=True)
+    """The compact model with the checkpoint's weights in `dtype` on `device`, assigned one
+    tensor at a time: no float32 copy of a half-precision checkpoint is ever made."""
+    source = Checkpoint(path, arch)
+    model = source.model
+    tied = source.tied
+    state = {k: source.tensor(k, dtype).to(device) for k in source.names() if not (tied and k == "text.lm_head.weight")}
+    model.load_state_dict(state, assign=True, strict=not tied)
     if tied:
         model.text.lm_head.weight = model.text.embed_tokens.weight
     return model.to(device).eval()

@@ -9,7 +9,6 @@ their output sizes, so loading concatenates them and saving splits them again.
 import torch
 from torch import nn
 
-from m4.errors import M4Error
 
 
 class FusedLinear(nn.Linear):
@@ -26,24 +25,6 @@ def fused(model: nn.Module):
             prefix = name.rsplit(".", 1)[0]
             for kind in ("weight", "bias") if module.bias is not None else ("weight",):
                 yield prefix, f"{name}.{kind}", kind, module
-
-
-def fuse_weights(model: nn.Module, weights: dict[str, torch.Tensor]) -> list[str]:
-    """Checkpoint tensors under m4 names -> the model's fused ones, in place. Returns the
-    parts that are not there (their fused tensor is then left out)."""
-    absent = []
-    for prefix, key, kind, module in fused(model):
-        names = [f"{prefix}.{part}.{kind}" for part in module.parts]
-        gone = [n for n in names if n not in weights]
-        if gone:
-            absent += gone
-            continue
-        for n in names:
-            if weights[n].shape[1:] != getattr(module, kind).shape[1:]:
-                raise M4Error(f"weight {n} has shape {tuple(weights[n].shape)}; config.json gives it "
-                              f"{module.in_features} inputs")
-        weights[key] = torch.cat([weights.pop(n) for n in names])
-    return absent
 
 
 def split_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
