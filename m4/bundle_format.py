@@ -15,9 +15,16 @@ from m4.errors import M4Error
 from m4.model.config import Arch
 
 MANIFEST = "m4.json"
-FORMAT_VERSION = 1
+# 2: the graphs read their weights from shared files (VISION_WEIGHTS, DECODER_WEIGHTS) and
+# decoder graphs take a batch (past_len (B,))
+FORMAT_VERSION = 2
 # ONNX element types of the graphs' floating inputs, by the manifest's dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+# The graphs' weights, as ONNX external data: vision.onnx's, and one file that decoder.onnx and
+# decoder_ort.onnx both read (the decoder's weights are stored once)
+VISION_WEIGHTS = "vision.weights"
+DECODER_WEIGHTS = "decoder.weights"
 
 # decoder.onnx's twin for ONNX Runtime on the CPU (m4/export/ort_graph.py), when the manifest
 # lists it: weight-only quantised bundles carry it quantised alike, w8a8 bundles none
@@ -67,8 +74,9 @@ def load_manifest(path: Path) -> dict:
         raise M4Error(f"cannot read {f}: {e}") from None
     version = m.get("format_version") if isinstance(m, dict) else None
     if version != FORMAT_VERSION:
-        raise M4Error(f"{f}: bundle format version {version!r} is not one this m4 reads ({FORMAT_VERSION}); "
-                      "re-export the bundle with this version of m4")
+        source = m.get("source") if isinstance(m, dict) and isinstance(m.get("source"), str) else "CHECKPOINT"
+        raise M4Error(f"{path} is a bundle of format {version!r} and this m4 reads format {FORMAT_VERSION}: "
+                      f"export it again with `m4 export {source} {path}`")
     return m
 
 

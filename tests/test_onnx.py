@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import m4
-from m4.bundle_format import ORT_DECODER
+from m4.bundle_format import FORMAT_VERSION, ORT_DECODER
 from m4.errors import M4Error
 from m4.export.bundle import OPSET, export_bundle
 from m4.info import describe
@@ -145,7 +145,7 @@ def test_cpu_decoder_other_activations(checkpoints, tmp_path, act):
 
 def test_manifest_and_info(bundles):
     m = json.loads((bundles["mha-untied-penult-default"] / "m4.json").read_text())
-    assert m["format_version"] == 1 and m["quantisation"] is None and m["template"] == "qwen_1_5"
+    assert m["format_version"] == FORMAT_VERSION and m["quantisation"] is None and m["template"] == "qwen_1_5"
     assert m["dtypes"][ORT_DECODER] == "fp32" and m["files"][ORT_DECODER]["bytes"] > 0
     assert m["tokens_per_image"] == 15  # 16 patches, "default" drops the first
     d = describe(str(bundles["mha-untied-penult-default"]))

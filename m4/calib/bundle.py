@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -24,13 +25,15 @@ from rich.table import Table
 
 import m4
 from m4.atomic import atomic_directory
-from m4.bundle_format import MANIFEST, ORT_DECODER, PREFILL_CHUNK, file_record, is_bundle
+from m4.bundle_format import (DECODER_WEIGHTS, MANIFEST, ORT_DECODER, PREFILL_CHUNK, VISION_WEIGHTS, file_record,
+                              is_bundle)
 from m4.calib import decoder as dec
 from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
 from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
 from m4.eval import evaluate, load_bench
+from m4.export.weights import BITS, Weights
 from m4.machine import machine
 from m4.media import preprocess
 from m4.version import __version__
@@ -61,13 +64,17 @@ def carried(bundle: Path, quant: dict) -> list[Path]:
     """The float bundle's files that the quantised one takes as they are: graphs left float,
     tokenizer, embeddings. Never the fused float twin of a decoder that is now quantised (the
     runtime would run it instead): weight-only schemes write a quantised twin, w8a8 none."""
-    skip = (MANIFEST, "report.json", *quant, *((ORT_DECODER,) if "decoder.onnx" in quant else ()))
+    skip = (MANIFEST, "report.json", *quant, *((ORT_DECODER, DECODER_WEIGHTS) if "decoder.onnx" in quant else ()),
+            *((VISION_WEIGHTS,) if "vision.onnx" in quant else ()))
     return [f for f in bundle.iterdir() if f.is_file() and not f.name.startswith(skip)]
 
 
 def graph_bytes(path: Path, name: str) -> int:
-    """A graph's file and its external weights, if any."""
-    return sum(f.stat().st_size for f in path.glob(name + "*"))
+    """A graph's file and the files of its external weights (a weights file two graphs
+    share counts in each)."""
+    g = onnx.load(str(path / name), load_external_data=False).graph
+    files = {e.value for t in g.initializer for e in t.external_data if e.key == "location"}
+    return sum((path / f).stat().st_size for f in {name, *files})
 
 
 def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int8", decoder: str = "int8",
@@ -83,8 +90,9 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
     m = ref.backend.manifest
     if m.get("quantisation"):
         raise M4Error(f"{bundle} is already quantised: calibrate a float bundle")
-    if m["dtype"] != "fp32":
-        raise M4Error(f"{bundle} is {m['dtype']}: calibrate an fp32 bundle (m4 export --dtype fp32)")
+    if m["dtype"] != "fp32" and (vision != "none" or decoder not in BITS):
+        raise M4Error(f"{bundle} is {m['dtype']}: calibrated INT8 needs an fp32 bundle (m4 export --dtype fp32); "
+                      "weight-only --decoder int4/int8 with --vision none takes an fp16 one")
     # read before any progress is drawn, so that bad data is the one line on stderr
     got = load_samples(data, samples + max(1, samples // 4))
     if len(got) < 2:
@@ -131,14 +139,14 @@ def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, meth
                                     bundle / "vision.onnx", tmp / "vision.onnx", pixels, method,
                                     attention_matmuls(bundle / "vision.onnx"))
     if decoder in ("int4", "int8"):
-        for g in decoder_graphs(ref.backend.manifest):
-            quant[g] = step(f"quantise {g} ({decoder} weight-only)", dec.weight_only, bundle / g, tmp / g,
-                            int(decoder[3:]))
+        with closing(Weights(tmp / DECODER_WEIGHTS)) as weights:
+            for g in decoder_graphs(ref.backend.manifest):
+                quant[g] = step(f"quantise {g} ({decoder} weight-only)", dec.weight_only, bundle / g, tmp / g,
+                                weights, BITS[decoder])
     elif decoder == "w8a8":
         a = ref.arch.text
-        feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim,
-                                  ref.backend.batched)
-        with tempfile.TemporaryDirectory(dir=tmp.parent) as work:
+        feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim)
+        with tempfile.TemporaryDirectory(dir=tmp) as work:
             quant["decoder.onnx"] = step(f"quantise decoder.onnx (w8a8 SmoothQuant, {method})", dec.w8a8,
                                          bundle / "decoder.onnx", tmp / "decoder.onnx", feeds, method, Path(work))
     return quant

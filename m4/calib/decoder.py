@@ -1,8 +1,9 @@
 """The decoder graph quantised: weight-only INT4/INT8, or W8A8 Q/DQ with SmoothQuant scaling.
 
 Weight-only: each weight MatMul becomes ONNX Runtime's MatMulNBits (block-wise symmetric
-INT4 or INT8 weights, float activations), the CPU path; onnxruntime.quantization does it,
-to decoder.onnx and to the fused decoder_ort.onnx alike.
+INT4 or INT8 weights, float activations), the CPU path, quantised by onnxruntime's kernel a
+slice at a time (m4/export/weights.py, as `m4 export --dtype int4` does), to decoder.onnx and
+to the fused decoder_ort.onnx alike, which share the quantised weights.
 
 W8A8 (for TensorRT): SmoothQuant (Xiao et al. 2023) moves activation outliers into the
 weights, per input channel c of each weight MatMul, s_c = max|X_c|^a / max|W_c|^(1-a):
@@ -20,14 +21,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 from m4.bundle_format import past_names
 from m4.calib.vision import EXTRA, METHODS, Feeds, quiet
+from m4.export.weights import Weights, matmul_nbits, quantisation_record, quantised_linear
 
-BLOCK = 32  # weights per scale: ORT's accurate default for 4-bit LLM weights
 ALPHA = 0.5  # SmoothQuant's migration strength for its OPT/Llama-style models
 EXTERNAL = 1 << 30  # graphs with more weight bytes than this keep them in a .data file (protobuf stops at 2 GB)
 
@@ -43,31 +43,64 @@ def weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [n for n in model.graph.node if n.op_type == "MatMul" and dims.get(n.input[1]) == 2]
 
 
-def weight_only(src: Path, dst: Path, bits: int) -> dict:
-    # accuracy level 4: the kernels quantise activations to int8 per block and run integer dot
-    # products; measured here (AVX512-VNNI) 8x faster decode for int8 weights than level 0's float path
-    q = MatMulNBitsQuantizer(onnx.load(str(src)), bits=bits, block_size=BLOCK, is_symmetric=True, accuracy_level=4,
-                             op_types_to_quantize=("MatMul",))
-    with quiet():  # a line per node
-        q.process()
-    save(q.model.model, dst)
-    return {"scheme": f"int{bits}-weight-only", "op": "com.microsoft.MatMulNBits", "weights":
-            f"int{bits} symmetric, blocks of {BLOCK}", "activations": "float in, int8 per block inside (accuracy_level 4)",
-            "quantised_nodes": sum(n.op_type == "MatMulNBits" for n in q.model.model.graph.node)}
+def weight_only(src: Path, dst: Path, weights: Weights, bits: int) -> dict:
+    """A float bundle's decoder graph src -> dst with every weight MatMul a MatMulNBits. Each
+    weight is read from src's external data where it lies (memory-mapped) and quantised a
+    slice at a time into `weights`, the new bundle's decoder weights file, as export does;
+    the graph's other tensors are copied there (both decoder graphs read one copy)."""
+    model = onnx.load(str(src), load_external_data=False)
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    added = []
+    for i, node in enumerate(g.node):
+        b = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
+        if b is None or len(b.dims) != 2:
+            continue
+        w = mapped(src.parent, b)  # (K, N) = W^T
+        k, n = w.shape
+        q, s = quantised_linear(weights, stored_key(b), lambda i, j, w=w: w[:, i:j].T.astype(np.float32), n, k, bits,
+                                w.dtype.type)
+        g.node[i].CopyFrom(matmul_nbits(node.input[0], q, s, node.output[0], node.name, n, k, bits))
+        added += [q, s]
+    read = {x for node in g.node for x in node.input}
+    kept = [t if not external(t) else weights.tensor(t.name, stored_key(t), lambda t=t: mapped(src.parent, t))
+            for t in g.initializer if t.name in read]
+    del g.initializer[:]
+    g.initializer.extend(kept + added)
+    onnx.save(model, str(dst))
+    return quantisation_record(bits, len(added) // 2)
 
 
-def prefill_feeds(prompts: list[np.ndarray], layers: int, kv_heads: int, head_dim: int,
-                  batched: bool = True) -> list[dict]:
+def external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def stored_key(t: onnx.TensorProto) -> str:
+    """Where an external tensor's bytes lie: tensors of two graphs at one place are one tensor."""
+    info = {e.key: e.value for e in t.external_data}
+    return f"{info['location']}@{info.get('offset', '0')}"
+
+
+def mapped(root: Path, t: onnx.TensorProto) -> np.ndarray:
+    """An external tensor as a read-only memory map of its file (an inline one as an array)."""
+    if not external(t):
+        return numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.memmap(root / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+                     shape=tuple(t.dims))
+
+
+def prefill_feeds(prompts: list[np.ndarray], layers: int, kv_heads: int, head_dim: int) -> list[dict]:
     """Decoder inputs prefilling each prompt's embeddings (T, H) from position 0, all cut to
     the shortest prompt's length (same-shape runs, see Feeds). The cache is one masked
-    position (past_len 0): the graph's cache dimension is never empty. `batched`: the graph
-    takes a batch (bundles before that took a scalar past_len)."""
+    position (past_len 0): the graph's cache dimension is never empty."""
     t = min(len(p) for p in prompts)
     past = {}
     for name in past_names(layers):
         shape = (1, kv_heads, head_dim, 1) if "key" in name else (1, kv_heads, 1, head_dim)
         past[name] = np.zeros(shape, np.float32)
-    return [{"inputs_embeds": p[None, :t].astype(np.float32), "past_len": np.array([0] if batched else 0, np.int64),
+    return [{"inputs_embeds": p[None, :t].astype(np.float32), "past_len": np.array([0], np.int64),
              "logits_index": np.array([t - 1], np.int64), **past} for p in prompts]
 
 

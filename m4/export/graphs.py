@@ -63,30 +63,21 @@ class PastCache:
         return (p_past @ past_v + p_new @ v).reshape(b, h, t, d)
 
 
-def fold_query_scale(text: Decoder) -> Decoder:
-    """The decoder with softmax's 1/sqrt(D) folded into its query weights (rotation is
-    linear), sharing every other tensor: a scale left in the graph would make ONNX Runtime
-    fuse it into a FusedMatMul, which repacks the cache on every step."""
-    state = dict(text.state_dict())
-    for name, module in text.named_modules():
-        if isinstance(module, Attention):
-            p = module.qkv_proj
-            scale = torch.ones(p.out_features, dtype=p.weight.dtype, device=p.weight.device)
-            scale[:module.heads * module.head_dim] = module.head_dim ** -0.5
-            state[f"{name}.qkv_proj.weight"] = p.weight * scale[:, None]
-            if p.bias is not None:
-                state[f"{name}.qkv_proj.bias"] = p.bias * scale
-    with torch.device("meta"):
-        folded = type(text)(text.arch)
-    folded.load_state_dict(state, assign=True)
-    folded.cos, folded.sin = text.cos, text.sin
-    return folded.eval()
+def query_scale(text: Decoder) -> torch.Tensor:
+    """Per output row of each qkv projection: softmax's 1/sqrt(D) on the query rows, 1 on the
+    keys' and values'. The bundle's decoders carry it folded into the weights (rotation is
+    linear): a scale left in decoder.onnx would make ONNX Runtime fuse it into a FusedMatMul,
+    which repacks the cache on every step."""
+    a = text.layers[0].self_attn
+    scale = torch.ones(a.qkv_proj.out_features)
+    scale[:a.heads * a.head_dim] = a.head_dim ** -0.5
+    return scale
 
 
 class DecoderGraph(nn.Module):
     def __init__(self, text: Decoder):
         super().__init__()
-        self.text = fold_query_scale(text)
+        self.text = text  # its qkv weights carry the query scale (query_scale)
 
     def forward(self, inputs_embeds, past_len, logits_index, past: list[torch.Tensor]):
         cache = PastCache(past, past_len)

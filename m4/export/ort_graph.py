@@ -26,8 +26,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from m4.bundle_format import past_names, present_names
 from m4.errors import M4Error
+from m4.export.tensors import NUMPY, Tensors
+from m4.export.weights import Weights, matmul_nbits, quantised_linear
 from m4.model.config import TextArch
-from m4.model.llava import LLaVA
 from m4.model.decoder import Decoder
 from m4.model.rope import rope_table
 
@@ -47,17 +48,20 @@ def runs_on_ort(arch: TextArch) -> bool:
 
 
 class Builder:
-    """Nodes and initializers, named in order."""
+    """Nodes and initializers, named in order. Model tensors come from the bundle's weights
+    file under the keys decoder.onnx uses (trace.attach), so the two graphs share them."""
 
-    def __init__(self, dtype: torch.dtype):
-        self.dtype, self.nodes, self.weights = dtype, [], []
+    def __init__(self, weights: Weights, tensors: Tensors, bits: int | None):
+        self.weights, self.tensors, self.bits = weights, tensors, bits
+        self.nodes, self.initializers = [], []
+        self.quantised = 0
 
-    def weight(self, name: str, w: torch.Tensor) -> str:
-        self.weights.append(numpy_helper.from_array(w.detach().to(self.dtype).contiguous().numpy(), name))
+    def param(self, name: str) -> str:
+        self.initializers.append(self.weights.tensor(name, name, lambda: self.tensors(name)))
         return name
 
     def const(self, name: str, a: np.ndarray) -> str:
-        self.weights.append(numpy_helper.from_array(a, name))
+        self.initializers.append(numpy_helper.from_array(a, name))
         return name
 
     def op(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
@@ -66,18 +70,32 @@ class Builder:
         return outs
 
     def linear(self, x: str, lin: torch.nn.Linear, name: str) -> str:
-        """x @ W^T (+ the bias where it is not all zeros): one MatMul."""
-        (y,) = self.op("MatMul", [x, self.weight(f"{name}.weight", lin.weight.T)], name)
-        if lin.bias is not None and lin.bias.count_nonzero():
-            (y,) = self.op("Add", [y, self.weight(f"{name}.bias", lin.bias)], f"{name}/bias")
+        """x @ W^T (+ the bias): one MatMul over W stored transposed, or with `bits` one
+        MatMulNBits over W quantised. `name`: the Linear's name in the model."""
+        w, out = f"{name}.weight", f"{name}/out0"
+        if self.bits:
+            n, k = lin.weight.shape
+            b, s = quantised_linear(self.weights, w, lambda i, j: self.tensors(w, rows=slice(i, j), dtype=np.float32),
+                                    n, k, self.bits)
+            self.initializers += [b, s]
+            self.nodes.append(matmul_nbits(x, b, s, out, name, n, k, self.bits))
+            self.quantised += 1
+            y = out
+        else:
+            wt = self.weights.tensor(f"{w}.T", f"{w}.T", lambda: self.tensors(w).T)
+            self.initializers.append(wt)
+            (y,) = self.op("MatMul", [x, wt.name], name)
+        if lin.bias is not None:
+            (y,) = self.op("Add", [y, self.param(f"{name}.bias")], f"{name}/bias")
         return y
 
 
-def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.ModelProto:
+def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype, g: Builder) -> onnx.ModelProto:
+    """The graph over `text`'s structure (its tensors may be on the meta device)."""
     a = text.layers[0].self_attn
     if arch.act not in ACT:
         raise M4Error(f"activation {arch.act!r} has no ONNX Runtime contrib op here")
-    g, d = Builder(dtype), a.head_dim
+    d = a.head_dim
     # GroupQueryAttention's lengths, int32: per row seqlens_k = past_len + T - 1 (B,), and the
     # longest row's total (a scalar)
     (shape,) = g.op("Shape", ["inputs_embeds"], "tokens", start=1, end=2)
@@ -86,29 +104,30 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.Mod
     (seqlens,) = g.op("Cast", [last], "seqlens_k", to=TensorProto.INT32)
     (longest,) = g.op("ReduceMax", [total], "longest", keepdims=0)
     (total_len,) = g.op("Cast", [longest], "total_sequence_length", to=TensorProto.INT32)
-    cos, sin = (g.weight(n, torch.from_numpy(t[:, :d // 2])) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
+    cos, sin = (g.const(n, t[:, :d // 2].astype(NUMPY[dtype])) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
 
     x, residual = "inputs_embeds", None
     for i, layer in enumerate(text.layers):
         at, mlp = layer.self_attn, layer.mlp
-        h, residual = norm(g, x, residual, layer.input_layernorm, f"layers.{i}.input_layernorm")
-        qkv = g.linear(h, at.qkv_proj, f"layers.{i}.qkv_proj")
+        p = f"text.layers.{i}"
+        h, residual = norm(g, x, residual, layer.input_layernorm, f"{p}.input_layernorm")
+        qkv = g.linear(h, at.qkv_proj, f"{p}.self_attn.qkv_proj")
         y, _, _ = g.op("GroupQueryAttention", [qkv, "", "", f"past_key.{i}", f"past_value.{i}", seqlens, total_len,
                                                cos, sin], f"layers.{i}.attn", outputs=3, domain=MS,
-                       num_heads=at.heads, kv_num_heads=at.kv_heads, scale=d ** -0.5, do_rotary=1)
+                       num_heads=at.heads, kv_num_heads=at.kv_heads, scale=1.0, do_rotary=1)
         g.nodes[-1].output[1:] = [f"present_key.{i}", f"present_value.{i}"]
-        x = g.linear(y, at.o_proj, f"layers.{i}.o_proj")
-        h, residual = norm(g, x, residual, layer.post_attention_layernorm, f"layers.{i}.post_attention_layernorm")
-        gate, up = g.op("Split", [g.linear(h, mlp.gate_up_proj, f"layers.{i}.gate_up_proj")],
+        x = g.linear(y, at.o_proj, f"{p}.self_attn.o_proj")
+        h, residual = norm(g, x, residual, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+        gate, up = g.op("Split", [g.linear(h, mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")],
                         f"layers.{i}.split", outputs=2, axis=-1, num_outputs=2)
         op, attrs = ACT[arch.act]
         (act,) = g.op(op, [gate], f"layers.{i}.act", domain=MS, **attrs)
         (prod,) = g.op("Mul", [act, up], f"layers.{i}.mul")
-        x = g.linear(prod, mlp.down_proj, f"layers.{i}.down_proj")
+        x = g.linear(prod, mlp.down_proj, f"{p}.mlp.down_proj")
     (x,) = g.op("Add", [x, residual], "residual")
     (x,) = g.op("Gather", [x, "logits_index"], "keep", axis=1)
-    h, _ = norm(g, x, None, text.norm, "norm")
-    g.linear(h, text.lm_head, "lm_head")
+    h, _ = norm(g, x, None, text.norm, "text.norm")
+    g.linear(h, text.lm_head, "text.lm_head")
     g.nodes[-1].output[0] = "logits"  # the lm_head has no bias: its MatMul is the last node
 
     elem, kv = ELEM[dtype], a.kv_heads
@@ -118,14 +137,14 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.Mod
               helper.make_tensor_value_info("logits_index", TensorProto.INT64, ["keep"])] + cache
     outputs = [helper.make_tensor_value_info("logits", elem, ["batch", "keep", arch.vocab])] + [
         helper.make_tensor_value_info(n, elem, ["batch", kv, "cache", d]) for n in present_names(len(text.layers))]
-    graph = helper.make_graph(g.nodes, "m4_decoder_ort", inputs, outputs, g.weights)
+    graph = helper.make_graph(g.nodes, "m4_decoder_ort", inputs, outputs, g.initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)])
 
 
 def norm(g: Builder, x: str, residual: str | None, n, name: str) -> tuple[str, str]:
     """RMSNorm of x + residual -> (normed, the sum: the next residual); the first layer's
     input has no residual yet."""
-    w = g.weight(f"{name}.weight", n.weight)
+    w = g.param(f"{name}.weight")
     if residual is None:
         (y,) = g.op("SimplifiedLayerNormalization", [x, w], name, epsilon=n.eps, axis=-1, stash_type=1)
         return y, x
@@ -133,7 +152,9 @@ def norm(g: Builder, x: str, residual: str | None, n, name: str) -> tuple[str, s
     return y, s
 
 
-def export_ort_decoder(model: LLaVA, f: Path, dtype: torch.dtype) -> None:
-    with torch.no_grad():
-        graph = decoder_graph(model.text, model.arch.text, dtype)
-    onnx.save_model(graph, f, save_as_external_data=True, all_tensors_to_one_file=True, location=f.name + ".data")
+def export_ort_decoder(text: Decoder, arch: TextArch, f: Path, dtype: torch.dtype, weights: Weights,
+                       tensors: Tensors, bits: int | None) -> int:
+    """Write decoder_ort.onnx (its weights into `weights`); how many linears it quantised."""
+    g = Builder(weights, tensors, bits)
+    onnx.save(decoder_graph(text, arch, dtype, g), f)
+    return g.quantised

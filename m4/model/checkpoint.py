@@ -106,9 +106,13 @@ class Checkpoint:
             if any(p[1:] != tuple(ref.shape[1:]) for p in parts):
                 raise M4Error(f"weight {self.stored(k)[0]} in {self.path} has shape {parts[0]}; config.json gives "
                               f"{k} the shape {tuple(ref.shape)}")
-            shape = (sum(p[0] for p in parts), *parts[0][1:]) if parts[0] else ()
-            if shape != tuple(ref.shape):
+            if (shape := self.model_shape(k)) != tuple(ref.shape):
                 raise M4Error(f"weight {k} in {self.path} has shape {shape}, config.json says {tuple(ref.shape)}")
+
+    def model_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of the model's tensor `name` (its parts stacked)."""
+        parts = [self.shape(s) for s in self.stored(name)]
+        return (sum(p[0] for p in parts), *parts[0][1:]) if parts[0] else ()
 
     def names(self) -> list[str]:
         return list(self.model.state_dict())
