@@ -79,7 +79,8 @@ def run(
 @app.command()
 def export(model: str = typer.Argument(..., help="demo, a checkpoint directory or a hub id"),
            out: Path = typer.Argument(..., help="the bundle directory to write"),
-           dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16")):
+           dtype: str = typer.Option("fp32", "--dtype",
+                                     help="fp32, fp16, or int8 / int4: the decoder weight-only quantised as written")):
     """Export a checkpoint to an ONNX bundle (vision.onnx, decoder.onnx, embeddings, tokenizer)."""
     try:
         from m4.export.bundle import export_bundle
