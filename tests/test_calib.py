@@ -401,3 +401,34 @@ def test_llama_clip_bundle_quantises(checkpoints, oracle, tmp_path, decoder, agr
     want = oracle_tokens(oracle(checkpoints[variant]), q, p, pictures, 12)
     logits = teacher_forced(q.backend, q.embed(p, pictures), want)
     assert (logits.argmax(-1) == want).mean() >= agreement
+
+
+def external_places(f) -> dict[str, tuple[str, str]]:
+    """Each external initializer of a graph -> (file, offset)."""
+    out = {}
+    for t in onnx.load(str(f), load_external_data=False).graph.initializer:
+        info = {e.key: e.value for e in t.external_data}
+        if info:
+            out[t.name] = (info["location"], info.get("offset", "0"))
+    return out
+
+
+@pytest.mark.parametrize("decoder", ["int4", "int8"])
+def test_export_writes_the_deployed_precision_directly(checkpoints, float_bundle, quantised, tmp_path, decoder):
+    """`m4 export --dtype int4` quantises each weight as it is written, with no float bundle
+    in between: its decoder is the one calibrate makes from the fp32 bundle (logits equal),
+    and its two decoder graphs read one copy of the quantised weights."""
+    out = tmp_path / decoder
+    m = export_bundle(str(checkpoints[VARIANT]), out, decoder)
+    assert m["dtype"] == "fp32" and m["quantisation"][ORT_DECODER]["scheme"] == f"{decoder}-weight-only"
+    direct, calibrated = m4.load(out), m4.load(quantised(decoder))
+    embeds = np.random.default_rng(3).normal(0, 1, (7, direct.arch.text.hidden)).astype(np.float32)
+    logits = [b.backend.forward(embeds, 0, b.backend.new_cache(8), last_only=False) for b in (direct, calibrated)]
+    np.testing.assert_array_equal(*logits)
+    nbits = {g: [n.input[1] for n in onnx.load(str(out / g), load_external_data=False).graph.node
+                 if n.op_type == "MatMulNBits"] for g in ("decoder.onnx", ORT_DECODER)}
+    places = {g: external_places(out / g) for g in nbits}
+    assert len(nbits["decoder.onnx"]) == len(nbits[ORT_DECODER]) > 0
+    assert {places["decoder.onnx"][b] for b in nbits["decoder.onnx"]} == {places[ORT_DECODER][b] for b in nbits[ORT_DECODER]}
+    assert {f for p in places.values() for f, _ in p.values()} == {DECODER_WEIGHTS}
+    assert not list(out.glob("*.data"))
