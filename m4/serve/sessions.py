@@ -1,7 +1,7 @@
 """Live sessions: each a LiveContext over the one shared model, fed by pushed frames or by a
 source read in a thread of its own (a camera, an rtsp/http stream, or the demo scene).
 
-A source is read as `m4 run` reads it (m4.run.Latest: the newest frame kept, a dropped
+A source is read as `m4 run` reads it (m4.media.Latest: the newest frame kept, a dropped
 stream reopened), sampled at the session's fps, and each frame offered to the model: one
 that arrives while the session's previous frame still waits for the model, or that reaches
 the model while the session is answering a question, is dropped and counted, never queued.
@@ -19,8 +19,7 @@ import time
 from collections.abc import Iterator
 
 from m4.histogram import Histogram
-from m4.media import Frame, Source, is_live, open_source, sample_rate
-from m4.run import Latest
+from m4.media import Frame, Latest, Source, is_live, open_source, sample_rate
 from m4.serve.errors import ApiError
 from m4.serve.inputs import check_host
 from m4.serve.metrics import Metrics
