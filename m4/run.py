@@ -24,6 +24,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 
 from m4.histogram import Histogram
 from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
@@ -179,8 +180,30 @@ class StreamConfig:
     stats: bool = False
 
 
+class Stage(Enum):
+    """Where a source of a streaming run is: frames are taken while it is READING, its source is
+    open while it is READING or ENDED, and why it stopped is told once, when it FINISHES."""
+
+    READING = "reading"
+    ENDED = "ended"  # its frames ran out or its stream failed: the reader's error is told
+    LIMITED = "limited"  # it reached --max-frames or --duration, and was closed there: nothing to tell
+    STOPPED = "stopped"  # closed before its end: the run was interrupted, or failed
+    FINISHED = "finished"  # its end told, closed
+
+
+# the stages each stage moves on to; a move to another is no move (closing what is closed)
+MOVES = {
+    Stage.READING: {Stage.ENDED, Stage.LIMITED, Stage.STOPPED},
+    Stage.ENDED: {Stage.STOPPED, Stage.FINISHED},
+    Stage.LIMITED: {Stage.FINISHED},
+    Stage.STOPPED: {Stage.FINISHED},
+    Stage.FINISHED: set(),
+}
+OPEN = {Stage.READING, Stage.ENDED}
+
+
 class Feed:
-    """One source of a streaming run: its reader, sampler, live context, log and clock."""
+    """One source of a streaming run: its reader, sampler, live context, log, clock and stage."""
 
     def __init__(self, model, spec: str, opened, out: Out, c: StreamConfig, wake: threading.Event):
         generation = dict(c.generation)
@@ -190,21 +213,41 @@ class Feed:
         self.asking: Asking | None = None  # the question being answered
         self.opened, self.out, self.c = opened, out, c
         self.log, self.last_ask, self.t = StreamLog(), 0.0, 0.0
-        self.ended = self.limited = self.closed = self.finished = False
+        self.stage = Stage.READING
         self.reader = Latest(spec, opened, out.source, wake) if opened.is_live else None
         self.rate = RateSampler(c.fps)
         self.pulled = None if self.reader else sample_rate(self.log.count(opened.frames()), c.fps)
 
+    @property
+    def ended(self) -> bool:
+        """No frame is taken from it any more."""
+        return self.stage is not Stage.READING
+
+    @property
+    def finished(self) -> bool:
+        return self.stage is Stage.FINISHED
+
+    def move(self, to: Stage) -> None:
+        """The one place the stage changes: to a stage MOVES allows (else nothing), closing the
+        source where the feed leaves OPEN."""
+        if to not in MOVES[self.stage]:
+            return
+        if self.stage in OPEN and to not in OPEN:
+            (self.reader or self.opened).close()
+        self.stage = to
+
     def next(self) -> Frame | None:
-        """The next frame to take, or None when there is none yet; at the end, sets `ended`."""
+        """The next frame to take, or None when there is none yet; at the end, ENDED."""
         if self.reader is None:  # a file or the demo: read on demand, nothing is dropped
             f = next(self.pulled, None)
-            self.ended = f is None
+            if f is None:
+                self.move(Stage.ENDED)
             return f
         done = self.reader.done  # before taking: a frame may come between the two
         f = self.reader.take()
         if f is None:
-            self.ended = done
+            if done:
+                self.move(Stage.ENDED)
             return None
         self.log.taken += 1
         return f if self.rate.keep(f.t) else None
@@ -222,22 +265,20 @@ class Feed:
             self.last_ask = self.t
             due = list(c.prompts)
         if (c.max_frames and self.log.frames >= c.max_frames) or (c.duration and self.t >= c.duration):
-            self.ended = self.limited = True
+            self.move(Stage.LIMITED)
         return due
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            (self.reader or self.opened).close()
+        """Stop reading now: STOPPED, unless it stopped already."""
+        self.move(Stage.STOPPED)
 
     def finish(self) -> list[str]:
         """Say why a stream stopped and close it; the questions about its end (unless just asked)."""
         if self.finished:
             return []
-        self.finished = True
-        if self.ended and not self.limited and self.reader and self.reader.error:
+        if self.stage in (Stage.ENDED, Stage.STOPPED) and self.reader and self.reader.error:
             say(f"{self.out.source}: {self.reader.error}; stopping")
-        self.close()
+        self.move(Stage.FINISHED)
         return list(self.c.prompts) if self.log.frames and (not self.c.every or self.t > self.last_ask) else []
 
     def report(self) -> None:
@@ -348,7 +389,6 @@ class Rounds:
                 feed.asking = None
             feed.questions.clear()
             feed.close()
-            feed.ended = True
 
 
 def run_stream(model, specs: list[str], c: StreamConfig) -> None:
