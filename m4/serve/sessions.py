@@ -106,9 +106,9 @@ class Sessions:
         s = Session(source, window, fps, self.max_fps, live)
         self.open[s.id] = s
         self.metrics.sessions.set(len(self.open))
-        if opened is not None:
+        if source is not None and opened is not None:
             s.reader = Latest(source, opened)
-            threading.Thread(target=self._read, args=(s,), name=f"m4-{s.id}", daemon=True).start()
+            threading.Thread(target=self._read, args=(s, s.reader), name=f"m4-{s.id}", daemon=True).start()
         return s
 
     def _open(self, spec: str) -> Source:
@@ -181,14 +181,14 @@ class Sessions:
         self.metrics.frames.labels("ingested").inc()
         return True
 
-    def _read(self, s: Session) -> None:
-        """A source session's reader: frames at its fps, offered to the model, the late dropped."""
-        for f in sample_rate(s.reader.frames(), s.fps):
+    def _read(self, s: Session, reader: Latest) -> None:
+        """A source session's reading: frames at its fps, offered to the model, the late dropped."""
+        for f in sample_rate(reader.frames(), s.fps):
             if s.closed:
                 break
             self._offer(s, f.image)
         if not s.closed:
-            s.error = s.reader.error or "source ended"
+            s.error = reader.error or "source ended"
 
     def _offer(self, s: Session, image) -> None:
         with s.lock:
