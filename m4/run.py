@@ -22,28 +22,19 @@ import json
 import queue
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 
-from m4.errors import M4Error
 from m4.histogram import Histogram
 from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
+from m4.media.latest import Latest, say
 from m4.runtime.answer import Answer, Batch
 from m4.runtime.live import add_frames
-
-RECONNECT_TRIES = 3  # reopens in a row before a dropped stream ends the run
-RECONNECT_WAIT_S = 1.0
-STABLE_S = 60.0  # a source that ran this long since it was opened has its tries back
-CLOSE_WAIT_S = 2.0  # how long closing waits for the reader to finish its current frame
 
 
 def emit(event: str, **fields) -> None:
     print(json.dumps({"event": event, **fields}), flush=True)
-
-
-def say(message: str) -> None:
-    print(f"m4: {message}", file=sys.stderr, flush=True)
 
 
 def questions(prompts: list[str]) -> Iterator[str]:
@@ -138,91 +129,6 @@ def outs(specs: list[str], as_json: bool) -> list[Out]:
     return [Out(as_json, label, f"[{label}] " if several else "") for label in source_labels(specs)]
 
 
-class Latest:
-    """Reads a live source in a thread, keeping only the newest frame. A source that drops
-    is reopened up to RECONNECT_TRIES times, then the stream ends. `wake`, where given, is set
-    at each frame and at the end, for a reader of several sources."""
-
-    def __init__(self, spec: str, source, label: str | None = None, wake: threading.Event | None = None):
-        self.spec, self.label, self.wake, self.frame, self.done = spec, label or spec, wake, None, False
-        self.received = self.dropped = 0
-        self.start = time.monotonic()
-        self.error: str | None = None
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._read, args=(source,), daemon=True)
-        self.thread.start()
-
-    def _read(self, source) -> None:
-        tries = 0
-        while source is not None and not self.done:
-            opened = time.monotonic()
-            self._pump(source)
-            tries = 1 if time.monotonic() - opened > STABLE_S else tries + 1
-            source = self._reopen(tries)
-        with self.cond:
-            self.done = True
-            self.cond.notify()
-        self._wake()
-
-    def _wake(self) -> None:
-        if self.wake is not None:
-            self.wake.set()
-
-    def _pump(self, source) -> None:
-        """Read until the source ends or fails, keeping only the newest frame."""
-        try:
-            for f in source.frames():
-                # stamped by arrival: a reopened stream restarts its own clock
-                f = Frame(f.image, time.monotonic() - self.start, self.received)
-                with self.cond:
-                    if self.frame is not None:
-                        self.dropped += 1
-                    self.frame, self.received = f, self.received + 1
-                    self.cond.notify()
-                self._wake()
-                if self.done:
-                    return
-            self.error = "stream ended"
-        except M4Error as e:
-            self.error = str(e)
-        finally:
-            source.close()
-
-    def _reopen(self, tries: int):
-        while not self.done and tries <= RECONNECT_TRIES:
-            say(f"{self.label}: {self.error}; reopening ({tries}/{RECONNECT_TRIES})")
-            time.sleep(RECONNECT_WAIT_S)
-            try:
-                return open_source(self.spec)
-            except M4Error as e:
-                self.error = str(e)
-                tries += 1
-        return None
-
-    def frames(self) -> Iterator[Frame]:
-        while True:
-            with self.cond:
-                while self.frame is None and not self.done:
-                    self.cond.wait()
-                if self.frame is None:
-                    return
-                f, self.frame = self.frame, None
-            yield f
-
-    def take(self) -> Frame | None:
-        """The newest frame, if one came since the last; never waits."""
-        with self.cond:
-            f, self.frame = self.frame, None
-        return f
-
-    def close(self) -> None:
-        # The reader closes its source itself once it sees `done`: PyAV crashes (a segfault) when
-        # a container is closed under a decode running in another thread. A read stalled on the
-        # network outlasts the wait; the thread is a daemon and the process exits without it.
-        self.done = True
-        self.thread.join(CLOSE_WAIT_S)
-
-
 def typed_questions() -> queue.Queue:
     """Questions typed on the terminal while the video runs, read by a thread."""
     q: queue.Queue = queue.Queue()
@@ -274,8 +180,30 @@ class StreamConfig:
     stats: bool = False
 
 
+class Stage(Enum):
+    """Where a source of a streaming run is: frames are taken while it is READING, its source is
+    open while it is READING or ENDED, and why it stopped is told once, when it FINISHES."""
+
+    READING = "reading"
+    ENDED = "ended"  # its frames ran out or its stream failed: the reader's error is told
+    LIMITED = "limited"  # it reached --max-frames or --duration, and was closed there: nothing to tell
+    STOPPED = "stopped"  # closed before its end: the run was interrupted, or failed
+    FINISHED = "finished"  # its end told, closed
+
+
+# the stages each stage moves on to; a move to another is no move (closing what is closed)
+MOVES = {
+    Stage.READING: {Stage.ENDED, Stage.LIMITED, Stage.STOPPED},
+    Stage.ENDED: {Stage.STOPPED, Stage.FINISHED},
+    Stage.LIMITED: {Stage.FINISHED},
+    Stage.STOPPED: {Stage.FINISHED},
+    Stage.FINISHED: set(),
+}
+OPEN = {Stage.READING, Stage.ENDED}
+
+
 class Feed:
-    """One source of a streaming run: its reader, sampler, live context, log and clock."""
+    """One source of a streaming run: its reader, sampler, live context, log, clock and stage."""
 
     def __init__(self, model, spec: str, opened, out: Out, c: StreamConfig, wake: threading.Event):
         generation = dict(c.generation)
@@ -285,21 +213,41 @@ class Feed:
         self.asking: Asking | None = None  # the question being answered
         self.opened, self.out, self.c = opened, out, c
         self.log, self.last_ask, self.t = StreamLog(), 0.0, 0.0
-        self.ended = self.limited = self.closed = self.finished = False
+        self.stage = Stage.READING
         self.reader = Latest(spec, opened, out.source, wake) if opened.is_live else None
         self.rate = RateSampler(c.fps)
         self.pulled = None if self.reader else sample_rate(self.log.count(opened.frames()), c.fps)
 
+    @property
+    def ended(self) -> bool:
+        """No frame is taken from it any more."""
+        return self.stage is not Stage.READING
+
+    @property
+    def finished(self) -> bool:
+        return self.stage is Stage.FINISHED
+
+    def move(self, to: Stage) -> None:
+        """The one place the stage changes: to a stage MOVES allows (else nothing), closing the
+        source where the feed leaves OPEN."""
+        if to not in MOVES[self.stage]:
+            return
+        if self.stage in OPEN and to not in OPEN:
+            (self.reader or self.opened).close()
+        self.stage = to
+
     def next(self) -> Frame | None:
-        """The next frame to take, or None when there is none yet; at the end, sets `ended`."""
+        """The next frame to take, or None when there is none yet; at the end, ENDED."""
         if self.reader is None:  # a file or the demo: read on demand, nothing is dropped
             f = next(self.pulled, None)
-            self.ended = f is None
+            if f is None:
+                self.move(Stage.ENDED)
             return f
         done = self.reader.done  # before taking: a frame may come between the two
         f = self.reader.take()
         if f is None:
-            self.ended = done
+            if done:
+                self.move(Stage.ENDED)
             return None
         self.log.taken += 1
         return f if self.rate.keep(f.t) else None
@@ -317,22 +265,20 @@ class Feed:
             self.last_ask = self.t
             due = list(c.prompts)
         if (c.max_frames and self.log.frames >= c.max_frames) or (c.duration and self.t >= c.duration):
-            self.ended = self.limited = True
+            self.move(Stage.LIMITED)
         return due
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            (self.reader or self.opened).close()
+        """Stop reading now: STOPPED, unless it stopped already."""
+        self.move(Stage.STOPPED)
 
     def finish(self) -> list[str]:
         """Say why a stream stopped and close it; the questions about its end (unless just asked)."""
         if self.finished:
             return []
-        self.finished = True
-        if self.ended and not self.limited and self.reader and self.reader.error:
+        if self.stage in (Stage.ENDED, Stage.STOPPED) and self.reader and self.reader.error:
             say(f"{self.out.source}: {self.reader.error}; stopping")
-        self.close()
+        self.move(Stage.FINISHED)
         return list(self.c.prompts) if self.log.frames and (not self.c.every or self.t > self.last_ask) else []
 
     def report(self) -> None:
@@ -443,7 +389,6 @@ class Rounds:
                 feed.asking = None
             feed.questions.clear()
             feed.close()
-            feed.ended = True
 
 
 def run_stream(model, specs: list[str], c: StreamConfig) -> None:

@@ -720,3 +720,28 @@ def test_web_page_in_a_headless_browser():
             assert page.text_content("#status") == ""
         finally:
             browser.close()
+
+
+# -- the reply, item by item -----------------------------------------------------------------
+
+def test_reply_whole_and_streamed_agree_up_to_a_stop_string():
+    """A stop string cuts the text and ends the answer as "stop"; without one, an answer that
+    took its whole limit ends as "length"."""
+    from m4.serve.chat import Reply, parse
+
+    def request(**extra):
+        return parse({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
+
+    items = [("ab", 1), ("cd", 2), ("ef", 3), {"new_tokens": 3, "prompt_tokens": 5}]
+    cut = Reply("tiny", request(stop="d"), 8)
+    body = cut.whole(list(items))
+    assert body["choices"][0]["message"]["content"] == "abc" and body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    streamed = Reply("tiny", request(stop="d"), 8)
+    text = "".join(streamed.add(x) for x in items[:2]) + streamed.stop.flush()
+    assert text == "abc" and streamed.stop.hit and streamed.finish_reason() == "stop"
+    whole = Reply("tiny", request(), 3).whole(list(items))
+    assert whole["choices"][0]["message"]["content"] == "abcdef" and whole["choices"][0]["finish_reason"] == "length"
+    chunk = json.loads(streamed.chunk({"content": "x"}).removeprefix("data: "))
+    assert chunk["id"] == streamed.id and chunk["choices"][0]["delta"] == {"content": "x"}
+    assert json.loads(streamed.usage_chunk().removeprefix("data: "))["choices"] == []

@@ -20,13 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import io
 import json
 import logging
-import time
-import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -37,21 +39,35 @@ from starlette.exceptions import HTTPException
 from m4.errors import M4Error
 from m4.media import load_image
 from m4.prompt import build_chat
-from m4.serve import chat
+from m4.runtime.answer import Answer
+from m4.serve.chat import ChatRequest, Media, Reply, number, parse
 from m4.serve.errors import ApiError
 from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, video_frames
 from m4.serve.metrics import Metrics
-from m4.serve.scheduler import Busy, Decode, Scheduler
-from m4.serve.sessions import SOURCES, Sessions
+from m4.serve.scheduler import AsyncJob, Busy, Decode, Scheduler
+from m4.serve.sessions import SOURCES, Session, Sessions
 from m4.serve.settings import Settings, check_bind
+from m4.tokenizer import Tokenizer
 
 STATIC = Path(__file__).parent / "static"
 POLL_S = 0.2  # how often a waiting request checks that its client is still there
 log = logging.getLogger("m4.serve")
+T = TypeVar("T")
+Picture = tuple[Image.Image, str]  # an image opened, not yet decoded, and its request field
 
 
 class Gone(Exception):
     """The client disconnected while its answer was being made."""
+
+
+@dataclass
+class Work:
+    """An answer for the worker: `run()`, on the worker, starts it for the batch; `limit` is the
+    most tokens it may take, and it starts once `ready()` (None: at once)."""
+
+    run: Callable[[], Decode]
+    limit: int
+    ready: Callable[[], bool] | None = None
 
 
 class Server:
@@ -69,9 +85,10 @@ class Server:
 
     # -- waiting for the worker, watching the client -----------------------------------------
 
-    async def collect(self, job, request: Request) -> list:
-        """All of a job's items; if the client leaves first, the job is stopped and Gone raised."""
-        task = asyncio.ensure_future(self._all(job))
+    async def watch(self, job: AsyncJob, request: Request, waiting: Awaitable[T]) -> T:
+        """What `waiting` gives, checking meanwhile that the client is still there: if it leaves
+        first, its job is cancelled (its row freed) and Gone raised."""
+        task = asyncio.ensure_future(waiting)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=POLL_S)
@@ -83,113 +100,53 @@ class Server:
         finally:
             task.cancel()
 
-    @staticmethod
-    async def _all(job) -> list:
-        return [x async for x in job]
+    async def collect(self, job: AsyncJob, request: Request) -> list[Any]:
+        """All of a job's items."""
+        return await self.watch(job, request, items_of(job))
 
-    async def first(self, job, request: Request):
-        """A job's first item (None if it ended without one), watching the client meanwhile."""
-        task = asyncio.ensure_future(job.__anext__())
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=POLL_S)
-                if done:
-                    try:
-                        return task.result()
-                    except StopAsyncIteration:
-                        return None
-                if await request.is_disconnected():
-                    self.cancelled(job)
-                    raise Gone
-        finally:
-            task.cancel()
+    async def first(self, job: AsyncJob, request: Request) -> Any:
+        """A job's first item (None if it ended without one)."""
+        return await self.watch(job, request, anext(job, None))
 
-    def cancelled(self, job) -> None:
+    def cancelled(self, job: AsyncJob) -> None:
         job.cancel()
         self.metrics.cancelled.inc()
 
     # -- chat ------------------------------------------------------------------------------
 
     async def chat(self, request: Request) -> Response:
-        req = chat.parse(await json_body(request))
-        if req.model != self.name:
-            raise ApiError(404, f"the model {req.model!r} does not exist: this server serves {self.name!r} "
-                           "(GET /v1/models)", "model_not_found", "model")
-        if req.session is not None:
-            session = self.sessions.get(req.session)
-            n = self.room(session.live.max_new_tokens, req.max_tokens)
-            work = self.session_work(session, req.question, n, req.temperature, req.top_p, req.seed)
-        else:
-            work = await self.chat_work(req)
-        job = self.scheduler.stream(work, work.ready)
-        cid, created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        stop = chat.StopText(req.stop)
-
-        def chunk(delta: dict, finish: str | None = None, usage: dict | None = None) -> str:
-            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": self.name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}] if usage is None else []}
-            if usage is not None:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
-
-        def used(stats: dict, count: int) -> int:
-            """Tokens of the answer: all it generated, or those up to its stop string."""
-            return count if stop.hit else stats.get("new_tokens", count)
-
-        def usage(stats: dict, count: int) -> dict:
-            prompt, n = stats.get("prompt_tokens", 0), used(stats, count)
-            return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
-
-        def finished(stats: dict, count: int, limit: int) -> str:
-            self.metrics.observe_answer(stats)
-            return "stop" if stop.hit or used(stats, count) < limit else "length"
-
-        limit = work.limit
+        req = parse(await json_body(request))
+        self.check_model(req.model)
+        work = await self.chat_work(req)
+        job = self.scheduler.stream(work.run, work.ready)
+        reply = Reply(self.name, req, work.limit)
         if not req.stream:
-            items = await self.collect(job, request)
-            stats = items.pop() if items and isinstance(items[-1], dict) else {}
-            text, count = "", 0
-            for piece, count in items:
-                text += stop.feed(piece)
-                if stop.hit:
-                    break
-            text += stop.flush()
-            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": self.name,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                              "finish_reason": finished(stats, count, limit), "logprobs": None}],
-                                 "usage": usage(stats, count)})
-
+            body = reply.whole(await self.collect(job, request))
+            self.metrics.observe_answer(reply.stats)
+            return JSONResponse(body)
         head = await self.first(job, request)  # errors before the first token are an HTTP status
+        return self.event_stream(self.chat_events(reply, head, job), job)
 
-        async def events():
-            item, count, stats = head, 0, {}
-            yield chunk({"role": "assistant", "content": ""})
-            while item is not None:
-                if isinstance(item, dict):
-                    stats = item
-                else:
-                    piece, count = item
-                    text = stop.feed(piece)
-                    if text:
-                        yield chunk({"content": text})
-                    if stop.hit:
-                        job.cancel()
-                        break
-                item = await anext(job, None)
-            rest = stop.flush()
-            if rest:
-                yield chunk({"content": rest})
-            yield chunk({}, finished(stats, count, limit))
-            if req.include_usage:
-                yield chunk({}, usage=usage(stats, count))
+    def check_model(self, model: str) -> None:
+        if model != self.name:
+            raise ApiError(404, f"the model {model!r} does not exist: this server serves {self.name!r} "
+                           "(GET /v1/models)", "model_not_found", "model")
 
-        return self.event_stream(events(), job)
+    async def chat_events(self, reply: Reply, head: Any, job: AsyncJob) -> AsyncIterator[str]:
+        """A streamed answer's chunks: its role, its text as it comes, why it finished, its usage."""
+        yield reply.chunk({"role": "assistant", "content": ""})
+        async for text in reply_text(reply, head, job):
+            yield reply.chunk({"content": text})
+        self.metrics.observe_answer(reply.stats)
+        yield reply.chunk({}, reply.finish_reason())
+        if reply.include_usage:
+            yield reply.usage_chunk()
 
-    def event_stream(self, events, job) -> StreamingResponse:
+    def event_stream(self, events: AsyncIterator[str], job: AsyncJob) -> StreamingResponse:
         """Server-sent events of an answer, ending with [DONE]: an error after the first
         token (the status is sent by then) is an error event; a client that leaves before the
         end cancels the job."""
-        async def wrapped():
+        async def wrapped() -> AsyncIterator[str]:
             complete = False
             try:
                 async for event in events:
@@ -209,23 +166,18 @@ class Server:
     def room(self, cap: int, asked: int | None) -> int:
         return min(asked or self.settings.max_tokens, cap)
 
-    async def chat_work(self, req: chat.ChatRequest):
-        """The job for a chat without a session, and its prompt's length. Media are fetched and
-        checked here; image pixels are decoded on the worker, when the model needs them."""
-        if len([m for m in req.media if m.kind == "image"]) > self.settings.max_images:
-            raise ApiError(400, f"too many images: {len(req.media)}, at most {self.settings.max_images} per request "
-                           "(m4 serve --max-images)", "too_many_images")
-        images, counts = [], []  # images: (opened image, its request field)
-        for turn in req.turns:
-            n = len(images)
-            for m in turn.media:
-                data = await asyncio.to_thread(fetch_bytes, m.url, self.limits, m.where)
-                if m.kind == "image":
-                    images.append((open_image(data, self.limits, m.where), m.where))
-                else:
-                    frames = await asyncio.to_thread(video_frames, data, self.limits, m.where)
-                    images += [(Image.fromarray(f), m.where) for f in frames]
-            counts.append(len(images) - n)
+    async def chat_work(self, req: ChatRequest) -> Work:
+        """A chat's work: its question to a session's window, or its prompt with its media."""
+        if req.session is None:
+            return await self.prompt_work(req)
+        session = self.sessions.get(req.session)
+        return self.session_work(session, req.question, self.room(session.live.max_new_tokens, req.max_tokens),
+                                 req.temperature, req.top_p, req.seed)
+
+    async def prompt_work(self, req: ChatRequest) -> Work:
+        """A chat without a session: its prompt, and its images (decoded on the worker, when the
+        model needs them)."""
+        images, counts = await self.fetch_media(req)
         model = self.model
         try:
             p = build_chat(model.template, model.tokenizer, model.arch.image_token_id, model.arch.tokens_per_image,
@@ -234,31 +186,46 @@ class Server:
         except M4Error as e:
             raise ApiError(400, str(e), "context_length_exceeded", "messages") from None
 
-        def work():
+        def run() -> Decode:
             pictures = [decode(img, where) for img, where in images]
             answer = model.start(p, pictures, limit, req.temperature, req.top_p, req.seed)
             return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
-        work.limit, work.ready = limit, None
-        return work
+        return Work(run, limit)
 
-    def session_work(self, session, question: str, limit: int, temperature=0.0, top_p=1.0, seed=None):
+    async def fetch_media(self, req: ChatRequest) -> tuple[list[Picture], list[int]]:
+        """The request's images, fetched and checked here (a video's as its frames), and how many
+        each turn has."""
+        if len([m for m in req.media if m.kind == "image"]) > self.settings.max_images:
+            raise ApiError(400, f"too many images: {len(req.media)}, at most {self.settings.max_images} per request "
+                           "(m4 serve --max-images)", "too_many_images")
+        images: list[Picture] = []
+        counts = []
+        for turn in req.turns:
+            n = len(images)
+            for m in turn.media:
+                images += await self.fetch(m)
+            counts.append(len(images) - n)
+        return images, counts
+
+    async def fetch(self, m: Media) -> list[Picture]:
+        """One image or video part's images, opened: not yet decoded."""
+        data = await asyncio.to_thread(fetch_bytes, m.url, self.limits, m.where)
+        if m.kind == "image":
+            return [(open_image(data, self.limits, m.where), m.where)]
+        frames = await asyncio.to_thread(video_frames, data, self.limits, m.where)
+        return [(Image.fromarray(f), m.where) for f in frames]
+
+    def session_work(self, session: Session, question: str, limit: int, temperature: float = 0.0,
+                     top_p: float = 1.0, seed: int | None = None) -> Work:
         live = session.live
 
-        def work():
+        def run() -> Decode:
             if session.closed:
                 raise ApiError(404, f"session {session.id} was closed", "session_not_found")
             answer = live.start(question, limit, temperature, top_p, seed)
-            prompt = live.ctx.length
-
-            def end():
-                stats = dict(live.stats)
-                if "ttft_ms" in stats:
-                    session.stages["ttft"].add(stats["ttft_ms"])
-                return {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
-            return decoding(answer, live.tokenizer, end)
+            return decoding(answer, live.tokenizer, functools.partial(session_stats, session, live.ctx.length))
         # one question at a time per context: a second one waits for the answer before it
-        work.limit, work.ready = limit, lambda: not live.answering
-        return work
+        return Work(run, limit, lambda: not live.answering)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -269,8 +236,8 @@ class Server:
         source = body.get("source")
         if source is not None and not isinstance(source, str):
             raise ApiError(400, f"source must be a string or null: {SOURCES}", "invalid_source", "source")
-        window = chat.number(body, "window", 8, 1, 256, integer=True)
-        fps = chat.number(body, "fps", 2.0, 0, 1e6)
+        window = number(body, "window", 8, 1, 256, integer=True)
+        fps = number(body, "fps", 2.0, 0, 1e6)
         try:
             s = await self.sessions.create(source, window, fps)
         except M4Error as e:  # a window too large for the context, a source that does not open
@@ -297,37 +264,32 @@ class Server:
 
     async def ask(self, sid: str, request: Request) -> Response:
         body = await json_body(request)
-        if not isinstance(body, dict):
-            raise ApiError(400, "the body must be a JSON object", "invalid_request")
-        question = body.get("question")
-        if not isinstance(question, str) or not question.strip():
-            raise ApiError(400, "missing field: question", "missing_field", "question")
+        question = question_of(body)
         s = self.sessions.get(sid)
-        limit = self.room(s.live.max_new_tokens, chat.number(body, "max_tokens", None, 1, 1 << 30, integer=True))
-        work = self.session_work(s, question, limit, chat.number(body, "temperature", 0.0, 0, 2),
-                                 chat.number(body, "top_p", 1.0, 1e-9, 1),
-                                 chat.number(body, "seed", None, 0, (1 << 64) - 1, True))
-        job = self.scheduler.stream(work, work.ready)
-
-        def result(stats: dict, text: str) -> dict:
-            self.metrics.observe_answer(stats)
-            return {"text": text, "frames": stats.get("frames", 0), "tokens": stats.get("new_tokens", 0),
-                    **{k: round(stats[k], 2) for k in ("ttft_ms", "prefill_ms", "decode_tok_s") if k in stats}}
-
+        limit = self.room(s.live.max_new_tokens, number(body, "max_tokens", None, 1, 1 << 30, integer=True))
+        work = self.session_work(s, question, limit, number(body, "temperature", 0.0, 0, 2),
+                                 number(body, "top_p", 1.0, 1e-9, 1),
+                                 number(body, "seed", None, 0, (1 << 64) - 1, True))
+        job = self.scheduler.stream(work.run, work.ready)
         if not body.get("stream"):
             items = await self.collect(job, request)
-            return JSONResponse(result(items[-1], "".join(p for p, _ in items[:-1])))
+            return JSONResponse(self.session_answer(items[-1], "".join(p for p, _ in items[:-1])))
         head = await self.first(job, request)
+        return self.event_stream(self.ask_events(head, job), job)
 
-        async def events():
-            item, text = head, ""
-            while isinstance(item, tuple):
-                text += item[0]
-                yield f"data: {json.dumps({'text': item[0]})}\n\n"
-                item = await anext(job, None)
-            yield f"data: {json.dumps({'done': True, **result(item, text)})}\n\n"
+    def session_answer(self, stats: dict, text: str) -> dict:
+        self.metrics.observe_answer(stats)
+        return {"text": text, "frames": stats.get("frames", 0), "tokens": stats.get("new_tokens", 0),
+                **{k: round(stats[k], 2) for k in ("ttft_ms", "prefill_ms", "decode_tok_s") if k in stats}}
 
-        return self.event_stream(events(), job)
+    async def ask_events(self, head: Any, job: AsyncJob) -> AsyncIterator[str]:
+        """A session's streamed answer: each text piece, then the answer whole with its stats."""
+        item, text = head, ""
+        while isinstance(item, tuple):
+            text += item[0]
+            yield f"data: {json.dumps({'text': item[0]})}\n\n"
+            item = await anext(job, None)
+        yield f"data: {json.dumps({'done': True, **self.session_answer(item, text)})}\n\n"
 
     async def frame_jpeg(self, sid: str) -> Response:
         s = self.sessions.get(sid)
@@ -343,12 +305,12 @@ def jpeg(image) -> bytes:
     return out.getvalue()
 
 
-def decoding(answer, tokenizer, stats) -> Decode:
+def decoding(answer: Answer, tokenizer: Tokenizer, stats: Callable[[], dict]) -> Decode:
     """An answer for the worker's batch: its client gets (text piece, tokens so far) as its
     tokens complete text, then `stats()`."""
     feed, count = tokenizer.pieces(), 0
 
-    def token(t: int):
+    def token(t: int) -> tuple[str, int] | None:
         nonlocal count
         count += 1
         piece = feed(t)
@@ -356,7 +318,45 @@ def decoding(answer, tokenizer, stats) -> Decode:
     return Decode(answer, token, stats)
 
 
-async def json_body(request: Request):
+def session_stats(session: Session, prompt: int) -> dict:
+    """A session's answer's stats at its end (its time to first token kept for the session's
+    percentiles)."""
+    live = session.live
+    stats = dict(live.stats)
+    if "ttft_ms" in stats:
+        session.stages["ttft"].add(stats["ttft_ms"])
+    return {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
+
+
+async def items_of(job: AsyncJob) -> list[Any]:
+    return [x async for x in job]
+
+
+async def reply_text(reply: Reply, head: Any, job: AsyncJob) -> AsyncIterator[str]:
+    """A chat's answer text from its first item on, cut at a stop string (which ends its job)."""
+    item = head
+    while item is not None:
+        if text := reply.add(item):
+            yield text
+        if reply.stop.hit:
+            job.cancel()
+            break
+        item = await anext(job, None)
+    if rest := reply.stop.flush():
+        yield rest
+
+
+def question_of(body: object) -> str:
+    """The question of a session's ask body."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", "invalid_request")
+    question = body.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ApiError(400, "missing field: question", "missing_field", "question")
+    return question
+
+
+async def json_body(request: Request) -> Any:
     data = await request.body()
     try:
         return json.loads(data)
@@ -366,7 +366,7 @@ async def json_body(request: Request):
 
 # -- the application ------------------------------------------------------------------------
 
-def create_app(settings: Settings, model, name: str | None = None) -> FastAPI:
+def create_app(settings: Settings, model, name: str | None = None) -> Guard:
     """The ASGI app over a loaded model; `name` is what /v1/models calls it (default: --model)."""
     server = Server(settings, model, name or settings.model)
 

@@ -1,4 +1,5 @@
-"""OpenAI's chat completion request, read into what m4 answers.
+"""OpenAI's chat completion: its request read into what m4 answers, and m4's answer written
+back in OpenAI's shape (Reply).
 
 A user message's content is its parts in order: text as written, each `image_url` part as
 an `<image>` placeholder where it stands (so the images are interleaved exactly there, and
@@ -11,7 +12,11 @@ asked of a live session's window instead: then the request is one user message o
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from m4.prompt import IMAGE
 from m4.serve.errors import ApiError
@@ -192,3 +197,62 @@ class StopText:
     def flush(self) -> str:
         out, self.held = self.held, ""
         return out
+
+
+class Reply:
+    """One chat completion's answer in OpenAI's shape, whole or as server-sent chunks, from the
+    items of its job: (text piece, tokens so far) as the answer goes, then the answer's stats."""
+
+    def __init__(self, model: str, req: ChatRequest, limit: int):
+        self.id, self.created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
+        self.model, self.limit, self.include_usage = model, limit, req.include_usage
+        self.stop = StopText(req.stop)
+        self.count = 0  # tokens so far
+        self.stats: dict[str, Any] = {}  # the answer's, once it has ended
+
+    def add(self, item: tuple[str, int] | dict[str, Any]) -> str:
+        """The text an item adds: up to a stop string, what may begin one held back."""
+        if isinstance(item, dict):
+            self.stats = item
+            return ""
+        piece, self.count = item
+        return self.stop.feed(piece)
+
+    def used(self) -> int:
+        """Tokens of the answer: all it generated, or those up to its stop string."""
+        return self.count if self.stop.hit else self.stats.get("new_tokens", self.count)
+
+    def usage(self) -> dict[str, int]:
+        prompt, n = self.stats.get("prompt_tokens", 0), self.used()
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+    def finish_reason(self) -> str:
+        return "stop" if self.stop.hit or self.used() < self.limit else "length"
+
+    def whole(self, items: list[Any]) -> dict[str, Any]:
+        """The response to a request not streamed, from all of its job's items."""
+        if items and isinstance(items[-1], dict):
+            self.stats = items.pop()
+        text = ""
+        for item in items:
+            text += self.add(item)
+            if self.stop.hit:
+                break
+        text += self.stop.flush()
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": self.finish_reason(), "logprobs": None}],
+                "usage": self.usage()}
+
+    def chunk(self, delta: dict[str, str], finish: str | None = None) -> str:
+        return self._event([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+    def usage_chunk(self) -> str:
+        return self._event([], self.usage())
+
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body)}\n\n"

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from m4.errors import M4Error
 from m4.runtime.answer import Answer, Batch
@@ -41,13 +41,19 @@ class Decode:
     end: Callable[[], object]
 
 
+def at_once() -> bool:
+    return True
+
+
+@dataclass
 class Job:
-    def __init__(self, work: Callable[[], object], deliver: Callable[[object], None],
-                 ready: Callable[[], bool] | None):
-        self.work, self.deliver, self.ready = work, deliver, ready or (lambda: True)
-        self.decode: Decode | None = None
-        self.cancelled = False
-        self.submitted = time.perf_counter()
+    """A unit of the worker's work, as Scheduler.submit queues it."""
+
+    work: Callable[[], object]
+    deliver: Callable[[object], None]
+    ready: Callable[[], bool] = at_once
+    cancelled: bool = False  # its client left: it does not start, or its answer leaves the batch
+    submitted: float = field(default_factory=time.perf_counter)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -59,7 +65,7 @@ class Scheduler:
         self.jobs: queue.Queue = queue.Queue()
         self.held: list[Job] = []  # arrived but not ready (their context is answering): they start when ready
         self.batch = Batch()
-        self.decoding: dict[Answer, Job] = {}  # the job of each answer in the batch
+        self.decoding: dict[Answer, tuple[Job, Decode]] = {}  # each answer in the batch: its job, its Decode
         # on_start: ms a job waited; on_step: answers one decode step carried
         self.max_queue, self.on_start, self.on_step = max_queue, on_start, on_step
         self.thread = threading.Thread(target=self._run, name="m4-model", daemon=True)
@@ -76,7 +82,7 @@ class Scheduler:
         (checked on the worker); jobs behind it that are ready go first meanwhile."""
         if self.depth >= self.max_queue:
             raise Busy(f"server busy: {self.max_queue} requests are already waiting for the model; retry later")
-        job = Job(work, deliver, ready)
+        job = Job(work, deliver, ready or at_once)
         self.jobs.put(job)
         return job
 
@@ -121,8 +127,7 @@ class Scheduler:
         try:
             out = job.work()
             if isinstance(out, Decode):
-                job.decode = out
-                self.decoding[self.batch.join(out.answer)] = job
+                self.decoding[self.batch.join(out.answer)] = job, out
             else:
                 job.deliver(out)
                 job.deliver(END)
@@ -131,7 +136,7 @@ class Scheduler:
 
     def _step(self) -> None:
         """Rows whose client left leave; then one decode step for all, each token to its job."""
-        for answer, job in list(self.decoding.items()):
+        for answer, (job, _) in list(self.decoding.items()):
             if job.cancelled:
                 self._drop(answer)
         if rows := sum(a.stepping for a in self.batch.answers):  # those that just joined need no decoding
@@ -139,17 +144,17 @@ class Scheduler:
         try:
             tokens = dict(self.batch.step())
         except Exception as e:  # one step for all rows: its failure is each of theirs
-            for answer, job in list(self.decoding.items()):
+            for answer, (job, _) in list(self.decoding.items()):
                 self._drop(answer)
                 fail(job, e)
             return
-        for answer, job in list(self.decoding.items()):
+        for answer, (job, decode) in list(self.decoding.items()):
             try:
-                if answer in tokens and (item := job.decode.token(tokens[answer])) is not None:
+                if answer in tokens and (item := decode.token(tokens[answer])) is not None:
                     job.deliver(item)
                 if answer.done:  # it has left the batch
                     del self.decoding[answer]
-                    job.deliver(job.decode.end())
+                    job.deliver(decode.end())
                     job.deliver(END)
             except Exception as e:
                 self._drop(answer)
@@ -173,14 +178,18 @@ class AsyncJob:
     """A job whose items reach a coroutine through an asyncio queue."""
 
     def __init__(self, scheduler: Scheduler, work: Callable[[], object], ready: Callable[[], bool] | None):
-        loop = asyncio.get_running_loop()
-        self.items: asyncio.Queue = asyncio.Queue()
-        self.job = scheduler.submit(work, lambda x: loop.call_soon_threadsafe(self.items.put_nowait, x), ready)
+        self.loop = asyncio.get_running_loop()
+        self.items: asyncio.Queue[object] = asyncio.Queue()
+        self.job = scheduler.submit(work, self.put, ready)
 
-    def __aiter__(self):
+    def put(self, item: object) -> None:
+        """An item from the worker's thread, into the queue on the event loop's."""
+        self.loop.call_soon_threadsafe(self.items.put_nowait, item)
+
+    def __aiter__(self) -> AsyncJob:
         return self
 
-    async def __anext__(self):
+    async def __anext__(self) -> object:
         item = await self.items.get()
         if item is END:
             raise StopAsyncIteration

@@ -1,7 +1,7 @@
 """Live sessions: each a LiveContext over the one shared model, fed by pushed frames or by a
 source read in a thread of its own (a camera, an rtsp/http stream, or the demo scene).
 
-A source is read as `m4 run` reads it (m4.run.Latest: the newest frame kept, a dropped
+A source is read as `m4 run` reads it (m4.media.Latest: the newest frame kept, a dropped
 stream reopened), sampled at the session's fps, and each frame offered to the model: one
 that arrives while the session's previous frame still waits for the model, or that reaches
 the model while the session is answering a question, is dropped and counted, never queued.
@@ -19,8 +19,7 @@ import time
 from collections.abc import Iterator
 
 from m4.histogram import Histogram
-from m4.media import Frame, Source, is_live, open_source, sample_rate
-from m4.run import Latest
+from m4.media import Frame, Latest, Source, is_live, open_source, sample_rate
 from m4.serve.errors import ApiError
 from m4.serve.inputs import check_host
 from m4.serve.metrics import Metrics
@@ -107,9 +106,9 @@ class Sessions:
         s = Session(source, window, fps, self.max_fps, live)
         self.open[s.id] = s
         self.metrics.sessions.set(len(self.open))
-        if opened is not None:
+        if source is not None and opened is not None:
             s.reader = Latest(source, opened)
-            threading.Thread(target=self._read, args=(s,), name=f"m4-{s.id}", daemon=True).start()
+            threading.Thread(target=self._read, args=(s, s.reader), name=f"m4-{s.id}", daemon=True).start()
         return s
 
     def _open(self, spec: str) -> Source:
@@ -182,14 +181,14 @@ class Sessions:
         self.metrics.frames.labels("ingested").inc()
         return True
 
-    def _read(self, s: Session) -> None:
-        """A source session's reader: frames at its fps, offered to the model, the late dropped."""
-        for f in sample_rate(s.reader.frames(), s.fps):
+    def _read(self, s: Session, reader: Latest) -> None:
+        """A source session's reading: frames at its fps, offered to the model, the late dropped."""
+        for f in sample_rate(reader.frames(), s.fps):
             if s.closed:
                 break
             self._offer(s, f.image)
         if not s.closed:
-            s.error = s.reader.error or "source ended"
+            s.error = reader.error or "source ended"
 
     def _offer(self, s: Session, image) -> None:
         with s.lock:
