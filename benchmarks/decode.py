@@ -20,7 +20,7 @@ fp32): the ratio that holds on a shared machine.
                                 [--repeats 2] [--threads N] [--workdir DIR] [--json out.json] [--quick]
 
 Artifacts (checkpoint, bundle and its INT4 bundle, Qwen2 directory, genai models) are built
-once in --workdir.
+once in --workdir, each only when a chosen backend runs on it (NEEDS).
 """
 
 from __future__ import annotations
@@ -54,20 +54,27 @@ console = Console(stderr=True)
 
 # -- artifacts --------------------------------------------------------------------------
 
-def build(workdir: Path, preset: str, genai: bool) -> dict[str, Path]:
+# what each backend runs on, beside the checkpoint (which gives every backend its prompts)
+NEEDS = {"m4 onnx": {"bundle"}, "m4 torch": set(), "transformers": {"qwen2"}, "ort-genai": {"qwen2", "genai"},
+         "m4 onnx int4": {"bundle", "bundle-int4"}, "ort-genai int4": {"qwen2", "genai-int4"}}
+
+
+def build(workdir: Path, preset: str, backends: list[str]) -> dict[str, Path]:
+    """The artifacts `backends` run on, each built once."""
     paths = {k: workdir / k for k in ("checkpoint", "bundle", "bundle-int4", "qwen2", "genai", "genai-int4")}
-    float_model(workdir, preset)
+    need = set().union(*(NEEDS[b] for b in backends))
+    float_model(workdir, preset, bundle="bundle" in need)
     q, f = paths["bundle-int4"] / "m4.json", paths["bundle"] / "m4.json"
-    if not q.is_file() or q.stat().st_mtime < f.stat().st_mtime:
+    if "bundle-int4" in need and (not q.is_file() or q.stat().st_mtime < f.stat().st_mtime):
         console.print(f"m4 calibrate --decoder int4 -> {paths['bundle-int4']}")
         subprocess.run([sys.executable, "-m", "m4", "calibrate", str(paths["bundle"]), str(paths["bundle-int4"]),
                         "--data", "demo", "--vision", "none", "--decoder", "int4", "--samples", "2"], check=True,
                        stdout=subprocess.DEVNULL)
-    if not (paths["qwen2"] / "config.json").is_file():
+    if "qwen2" in need and not (paths["qwen2"] / "config.json").is_file():
         console.print(f"its decoder as a transformers Qwen2ForCausalLM -> {paths['qwen2']}")
         save_qwen2(paths["checkpoint"], paths["qwen2"])
     for precision, key, extra in (("fp32", "genai", []), ("int4", "genai-int4", ["accuracy_level=4", "block_size=32"])):
-        if genai and not (paths[key] / "genai_config.json").is_file():
+        if key in need and not (paths[key] / "genai_config.json").is_file():
             console.print(f"onnxruntime-genai model builder ({precision}, cpu) -> {paths[key]}")
             subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(paths["qwen2"]),
                             "-o", str(paths[key]), "-p", precision, "-e", "cpu", "-c", str(workdir / "genai-cache"),
@@ -313,17 +320,16 @@ def main() -> None:
     genai = importlib.util.find_spec("onnxruntime_genai") is not None
     if not genai:
         console.print("onnxruntime-genai is not installed (pip install onnxruntime-genai): left out")
-    paths = build(workdir, args.preset, genai)
+    # those asked for (default: all) that can run here
+    backends = [b for b in NEEDS if (not args.backends or b.replace(" ", "-") in args.backends)
+                and (genai or not b.startswith("ort-genai"))]
+    paths = build(workdir, args.preset, backends)
     vocab = Arch.from_dir(paths["checkpoint"]).text.vocab
     # a first prefill grows arenas and packs weights: not throughput
     warm = [int(i) for i in np.random.default_rng(1).integers(0, vocab, min(args.contexts[0], 512))]
     results = []
-
-    def picked(name: str) -> bool:
-        return not args.backends or name.replace(" ", "-") in args.backends
-
     for name, (load, run) in loaders(paths, args.threads).items():
-        if not picked(name) or (name.startswith("ort-genai") and not genai):
+        if name not in backends:
             continue
         console.print(f"{name}: loading")
         model = load()
@@ -345,7 +351,7 @@ def main() -> None:
     rs = ratios(results, args.contexts, roof)
     pairs = [("m4 onnx", "ort-genai"), ("m4 onnx int4", "ort-genai int4")] if genai else []
     pairs += [("m4 torch", "transformers"), ("m4 onnx int4", "m4 onnx")]
-    h2h = [x for pair in pairs if all(map(picked, pair))
+    h2h = [x for pair in pairs if all(b in backends for b in pair)
            for x in head_to_head(paths, args.contexts, args.new_tokens, pair, args.threads)]
     print_report(results, rs, h2h, roof)
     if args.json:

@@ -35,7 +35,7 @@ from m4.calib.bundle import (attention_matmuls, calibrate, carried, decoder_grap
                              write_manifest)
 from m4.calib.data import demo_samples
 from m4.calib.decoder import weight_only
-from m4.calib.measure import decode_seconds, measure_decoder
+from m4.calib.measure import ANSWER_TOKENS, decoding, measure_decoder
 from m4.calib.vision import OPS, quantize_vision
 from m4.export.bundle import export_bundle
 from m4.machine import machine
@@ -117,9 +117,9 @@ def linear_weight_bytes(f: Path) -> int:
 
 def decoder_numbers(ref, quant, report: dict, context: int, repeats: int, f_ref: Path, f_quant: Path) -> dict:
     e = np.random.default_rng(0).normal(0, 1, (context, ref.arch.text.hidden)).astype(np.float32) * 0.02
-    t = alternate({"float": lambda: decode_seconds(ref.backend, e), "quant": lambda: decode_seconds(quant.backend, e)},
+    t = alternate({"float": lambda: decoding(ref.backend, e)(), "quant": lambda: decoding(quant.backend, e)()},
                   repeats)
-    n = 16  # decode_seconds' steps
+    n = ANSWER_TOKENS  # decoding's steps
     d = report["decoder"]
     return {"size_ratio_graph": graph_bytes(f_quant.parent, f_quant.name) / graph_bytes(f_ref.parent, f_ref.name),
             "size_ratio_linear_weights": linear_weight_bytes(f_quant) / linear_weight_bytes(f_ref),

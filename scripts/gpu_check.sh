@@ -11,6 +11,8 @@
 #   env            nvidia-smi, torch, CUDA and transformers versions
 #   test_gpu       tests/test_gpu.py: fp32 tokens = transformers, fp16 agreement, CUDA graphs,
 #                  int8, torch.compile
+#   test_trt       tests/test_trt.py where TensorRT's Python API imports: engines built with
+#                  m4 build answer as transformers does (the TensorRT backend's first GPU run)
 #   gpu_bench      benchmarks/gpu.py -> gpu-0.5b.json (m4 fp16 / int8 vs transformers, roofline)
 #   m4_bench_cuda  m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda
 #                  -> bench-cuda-0.5b.json and .png
@@ -44,6 +46,8 @@ step() {  # NAME LIMIT_S COMMAND...: run it, log to $OUT/NAME.log, print its exi
 TAIL=8 step env 30 bash -c "nvidia-smi; $PY -c \"import torch, transformers; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, torch.cuda.get_device_name(), 'transformers', transformers.__version__)\""
 step test_gpu 150 $PY -m pytest -q -s -rs tests/test_gpu.py
+step test_trt 200 bash -c "if $PY -c 'import tensorrt' 2>/dev/null; then exec $PY -m pytest -q -s -rs tests/test_trt.py; \
+else echo 'TensorRT is not installed here: nothing run (pip install tensorrt)'; fi"
 TAIL=40 step gpu_bench 300 $PY benchmarks/gpu.py --json "$OUT/gpu-0.5b.json"
 step m4_bench_cuda 150 $PY -m m4 bench --preset 0.5b --random-weights --backends torch,hf --device cuda \
     --json "$OUT/bench-cuda-0.5b.json" --plot "$OUT/bench-cuda-0.5b.png"

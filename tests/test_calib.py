@@ -20,7 +20,6 @@ from m4.bundle_format import DECODER_WEIGHTS, ORT_DECODER, sha256
 from m4.calib.bundle import calibrate
 from m4.calib.data import load_samples
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
-from m4.calib.measure import greedy, teacher_forced
 from m4.errors import M4Error
 from m4.eval import evaluate
 from m4.export.bundle import export_bundle
@@ -32,6 +31,24 @@ from conftest import random_images
 from test_parity import QUESTIONS, oracle_tokens
 
 VARIANT = "gqa-tied-last-full"
+
+
+def greedy(backend, embeds: np.ndarray, n: int) -> list[int]:
+    """n greedy tokens after `embeds`, stop tokens included (agreement is per position)."""
+    cache = backend.new_cache(len(embeds) + n)
+    logits, out = backend.forward(embeds, 0, cache)[-1], []
+    for i in range(n):
+        out.append(int(logits.argmax()))
+        if i + 1 < n:
+            logits = backend.forward(backend.embed_tokens(out[-1:]), len(embeds) + i, cache)[-1]
+    return out
+
+
+def teacher_forced(backend, embeds: np.ndarray, answer: list[int]) -> np.ndarray:
+    """Logits predicting each answer token, (len(answer), vocab), from one prefill."""
+    seq = np.concatenate([embeds, backend.embed_tokens(answer[:-1])])
+    logits = backend.forward(seq, 0, backend.new_cache(len(seq)), last_only=False)
+    return logits[len(embeds) - 1:]
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """m4 eval: the scores (option matching, exact match, ROUGE-L), the bench's own answers scoring
-1, and the command on a real checkpoint writing DESIGN's JSON."""
+1, and the command on a real checkpoint writing the JSON docs/training.md describes."""
 
 import json
 import os

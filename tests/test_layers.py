@@ -1,5 +1,6 @@
-"""The shape of the code: pyproject.toml's import contracts hold (the layers of DESIGN.md), and
-what a bundle runs on imports neither torch nor transformers."""
+"""The shape of the code: pyproject.toml's import contracts hold (the layers of
+docs/architecture.md, "Layers of the code"), and what a bundle runs on imports neither
+torch nor transformers."""
 
 import json
 import os

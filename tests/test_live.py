@@ -46,6 +46,17 @@ def test_eight_frame_window_and_stats(checkpoints, oracle):
         assert live.stats[key] > 0, key
 
 
+def test_each_answer_reports_its_own_stats(checkpoints):
+    """The live context's stats are updated, not replaced, per answer: a one-token answer
+    after a longer one has no decode rate (it ran no decode step), not the longer one's."""
+    live = m4.load(checkpoints["gqa-tied-last-full"]).stream(window=2)
+    live.add_frame(random_images(1, seed=4)[0])
+    assert len(list(live.tokens(Q, max_new_tokens=8))) == live.stats["new_tokens"] > 1
+    assert live.stats["decode_tok_s"] > 0
+    assert len(list(live.tokens(Q, max_new_tokens=1))) == live.stats["new_tokens"] == 1
+    assert "decode_tok_s" not in live.stats and live.stats["ttft_ms"] > 0
+
+
 def test_live_contexts_share_one_model(checkpoints):
     model = m4.load(checkpoints["mha-tied-last-default"])
     a, b = model.stream(window=3), model.stream(window=3)

@@ -324,6 +324,13 @@ def test_malformed_json(url):
     good(url)
 
 
+def test_json_nested_too_deep(url):
+    """Arrays nested 100,000 deep (200 kB, under the size limit) overflow Python's parser."""
+    deep = b"[" * 100_000 + b"]" * 100_000
+    refused(chat_raw(url, b'{"model": "tiny", "messages": ' + deep + b"}"), 400, "invalid_json")
+    good(url)
+
+
 @pytest.mark.parametrize("body", [{"messages": [{"role": "user", "content": "Hi"}]}, {"model": "tiny"},
                                   {"model": "tiny", "messages": [{"role": "user"}]},
                                   {"model": "tiny", "messages": [{"content": "Hi"}]},

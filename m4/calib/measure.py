@@ -1,12 +1,13 @@
 """A quantised bundle against its float bundle on held-out inputs: the numbers of report.json.
 
 vision: cosine (mean and worst, per embedding row) and max_abs_error of the embeddings.
-decoder: fed the float vision's embeddings, so its own error shows alone. The float bundle
-answers each prompt greedily; both bundles then read prompt + answer in one prefill
-(teacher forcing), which gives logit_kl (KL(float || quantised) of the next-token
-distributions, mean over answer positions), token_agreement (share of answer positions
-where the quantised bundle's greedy choice is the float one's) and the logits' cosine and
-max_abs_error, without one early difference deciding all the later tokens.
+decoder: fed the float vision's embeddings, so its own error shows alone. Both bundles read
+each held-out prompt in one prefill (teacher forcing: the prompt's own tokens, images
+included), in chunks of at most PREFILL_CHUNK positions with the logits of every position;
+that gives logit_kl (KL(float || quantised) of the next-token distributions, mean over the
+positions), token_agreement (share of positions where the quantised bundle's greedy choice
+is the float one's) and the logits' cosine and max_abs_error, without one early difference
+deciding all the later tokens, and without a decode step per token.
 end_to_end: answers_equal, the share of held-out prompts both bundles answer identically.
 Latency: float and quantised runs interleaved, median of REPEATS, on this machine.
 """
@@ -14,43 +15,37 @@ Latency: float and quantised runs interleaved, median of REPEATS, on this machin
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-ANSWER_TOKENS = 16
+from m4.bundle_format import PREFILL_CHUNK
+
+ANSWER_TOKENS = 16  # decode steps timed, and the length of the end-to-end answers
 VISION_BATCH = 4  # images per timed vision call
 REPEATS = 5
+ROWS = 64  # logit rows compared at once, in float64 (at a 152k vocabulary, 78 MB)
+
+
+def per_row(ours: np.ndarray, ref: np.ndarray) -> dict[str, np.ndarray]:
+    a, r = ours.reshape(-1, ours.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
+    cos = (a * r).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
+    return {"cosine": cos, "abs_error": np.abs(a - r).max(-1), "abs_ref": np.abs(r).max(-1)}
+
+
+def summary(rows: dict[str, np.ndarray]) -> dict:
+    return {"cosine": float(rows["cosine"].mean()), "cosine_min": float(rows["cosine"].min()),
+            "max_abs_error": float(rows["abs_error"].max()), "max_abs_ref": float(rows["abs_ref"].max())}
 
 
 def compare(ours: np.ndarray, ref: np.ndarray) -> dict:
-    a, r = ours.reshape(-1, ours.shape[-1]).astype(np.float64), ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    cos = (a * r).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1), 1e-30)
-    return {"cosine": float(cos.mean()), "cosine_min": float(cos.min()), "max_abs_error": float(np.abs(a - r).max()),
-            "max_abs_ref": float(np.abs(r).max())}
+    return summary(per_row(ours, ref))
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def greedy(backend, embeds: np.ndarray, n: int) -> list[int]:
-    """n greedy tokens after `embeds`, stop tokens included (agreement is per position)."""
-    cache = backend.new_cache(len(embeds) + n)
-    logits, out = backend.forward(embeds, 0, cache)[-1], []
-    for i in range(n):
-        out.append(int(logits.argmax()))
-        if i + 1 < n:
-            logits = backend.forward(backend.embed_tokens(out[-1:]), len(embeds) + i, cache)[-1]
-    return out
-
-
-def teacher_forced(backend, embeds: np.ndarray, answer: list[int]) -> np.ndarray:
-    """Logits predicting each answer token, (len(answer), vocab), from one prefill."""
-    seq = np.concatenate([embeds, backend.embed_tokens(answer[:-1])])
-    logits = backend.forward(seq, 0, backend.new_cache(len(seq)), last_only=False)
-    return logits[len(embeds) - 1:]
 
 
 def measure_vision(ref, quant, pixels: np.ndarray, batch: int = VISION_BATCH) -> dict:
@@ -62,40 +57,62 @@ def measure_vision(ref, quant, pixels: np.ndarray, batch: int = VISION_BATCH) ->
             "latency_ms": {"batch": len(x), "float": f * 1e3, "quantised": q * 1e3, "speedup": f / q}}
 
 
+def every_position(ref, quant, embeds: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Both backends' float32 logits at every position of one prompt, one prefill each, a chunk
+    of at most PREFILL_CHUNK positions at a time (a prompt's logits whole would be its length
+    times the vocabulary)."""
+    caches = [ref.new_cache(len(embeds)), quant.new_cache(len(embeds))]
+    for s in range(0, len(embeds), PREFILL_CHUNK):
+        piece = embeds[s:s + PREFILL_CHUNK]
+        yield tuple(b.forward(piece, s, c, last_only=False) for b, c in zip((ref, quant), caches))
+
+
+def row_measures(r: np.ndarray, q: np.ndarray) -> dict[str, np.ndarray]:
+    """Per position: the logits' cosine and errors, the KL of the next-token distributions,
+    and whether both choose the same token."""
+    lr, lq = log_softmax(r), log_softmax(q)
+    return {**per_row(q, r), "kl": (np.exp(lr) * (lr - lq)).sum(-1), "agree": r.argmax(-1) == q.argmax(-1)}
+
+
 def measure_decoder(ref, quant, prompts: list[np.ndarray]) -> dict:
-    kl, agree, ours, refs = [], [], [], []
+    rows: dict[str, list] = {}
     for e in prompts:
-        answer = greedy(ref.backend, e, ANSWER_TOKENS)
-        r, q = teacher_forced(ref.backend, e, answer), teacher_forced(quant.backend, e, answer)
-        lr, lq = log_softmax(r), log_softmax(q)
-        kl.append((np.exp(lr) * (lr - lq)).sum(-1))
-        agree.append(q.argmax(-1) == np.array(answer))
-        ours.append(q)
-        refs.append(r)
-    e = prompts[0]
-    pf, pq = timed(lambda: prefill(ref.backend, e), lambda: prefill(quant.backend, e))
-    df, dq = np.median([(decode_seconds(ref.backend, e), decode_seconds(quant.backend, e)) for _ in range(REPEATS)], 0)
-    return {**compare(np.concatenate(ours), np.concatenate(refs)), "logit_kl": float(np.concatenate(kl).mean()),
-            "token_agreement": float(np.concatenate(agree).mean()), "prompts": len(prompts),
-            "answer_tokens": ANSWER_TOKENS,
-            "latency_ms": {"prefill_tokens": len(e), "prefill_float": pf * 1e3, "prefill_quantised": pq * 1e3,
+        for r, q in every_position(ref.backend, quant.backend, e):
+            for s in range(0, len(r), ROWS):
+                for k, v in row_measures(r[s:s + ROWS], q[s:s + ROWS]).items():
+                    rows.setdefault(k, []).append(v)
+    rows = {k: np.concatenate(v) for k, v in rows.items()}
+    x = prompts[0][:PREFILL_CHUNK]  # latency: a prefill runs a chunk at a time
+    pf, pq = timed(lambda: prefill(ref.backend, x), lambda: prefill(quant.backend, x))
+    decode = decoding(ref.backend, x), decoding(quant.backend, x)
+    df, dq = np.median([[d() for d in decode] for _ in range(REPEATS)], 0)
+    return {**summary(rows), "logit_kl": float(rows["kl"].mean()), "token_agreement": float(rows["agree"].mean()),
+            "prompts": len(prompts), "positions": len(rows["kl"]),
+            "latency_ms": {"prefill_tokens": len(x), "prefill_float": pf * 1e3, "prefill_quantised": pq * 1e3,
                            "prefill_speedup": pf / pq},
-            "decode_tok_s": {"context": len(e), "float": ANSWER_TOKENS / df, "quantised": ANSWER_TOKENS / dq, "speedup": df / dq}}
+            "decode_tok_s": {"context": len(x), "float": ANSWER_TOKENS / df, "quantised": ANSWER_TOKENS / dq,
+                             "speedup": df / dq}}
 
 
 def prefill(backend, embeds: np.ndarray) -> None:
     backend.forward(embeds, 0, backend.new_cache(len(embeds)))
 
 
-def decode_seconds(backend, embeds: np.ndarray) -> float:
-    """Seconds for ANSWER_TOKENS decode steps after the prompt (median step x steps)."""
+def decoding(backend, embeds: np.ndarray) -> Callable[[], float]:
+    """After one prefill of `embeds`: ANSWER_TOKENS greedy decode steps at the positions after
+    them, run again (over the same positions) at each call -> their seconds, as the median
+    step times the steps (the first step after the other bundle's run meets its idle threads)."""
     cache = backend.new_cache(len(embeds) + ANSWER_TOKENS)
-    logits, steps = backend.forward(embeds, 0, cache)[-1], []
-    for i in range(ANSWER_TOKENS):
-        t = time.perf_counter()
-        logits = backend.forward(backend.embed_tokens([int(logits.argmax())]), len(embeds) + i, cache)[-1]
-        steps.append(time.perf_counter() - t)
-    return float(np.median(steps)) * ANSWER_TOKENS
+    first = backend.forward(embeds, 0, cache, greedy=True)
+
+    def steps() -> float:
+        token, took = first, []
+        for i in range(ANSWER_TOKENS):
+            t = time.perf_counter()
+            token = backend.forward(backend.embed_tokens([token]), len(embeds) + i, cache, greedy=True)
+            took.append(time.perf_counter() - t)
+        return float(np.median(took)) * ANSWER_TOKENS
+    return steps
 
 
 def timed(f, q) -> tuple[float, float]:

@@ -262,7 +262,7 @@ CLIP_L_336 = VisionArch(hidden=1024, layers=24, heads=16, mlp=4096, image_size=3
 LLAMA3_8B = TextArch(hidden=4096, layers=32, heads=32, kv_heads=8, mlp=14336, vocab=128257, tied=False,
                      rope_theta=5e5, eps=1e-5, max_positions=8192, kind="llama", qkv_bias=False)
 
-# The architecture numbers of every model m4 knows by name (DESIGN's table).
+# The architecture numbers of every model m4 knows by name (docs/architecture.md names them).
 PRESETS: dict[str, Arch] = {
     # tests: GQA, tied, 16 tokens per image
     "tiny": Arch(

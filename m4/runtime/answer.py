@@ -17,6 +17,10 @@ import numpy as np
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling, sample
 
+# what an answer writes into its stats; a stats dict shared by answers (a live context's)
+# drops them when the next answer starts, so each answer reports only its own: one of a
+# single token has no decode_tok_s (no decode step ran), one that stops at once no ttft_ms
+ANSWER_STATS = ("ttft_ms", "decode_tok_s", "new_tokens")
 
 class Answer:
     """A context's answer being decoded: the token it chose last and what is left of it.
@@ -30,6 +34,8 @@ class Answer:
                  mark: int | None = None):
         self.ctx, self.left, self.stop_ids, self.sampling, self.mark = ctx, max_new_tokens, stop_ids, sampling, mark
         self.stats = {} if stats is None else stats  # ttft_ms (from `started`), decode_tok_s, new_tokens
+        for k in ANSWER_STATS:
+            self.stats.pop(k, None)
         self.started = time.perf_counter() if started is None else started
         self.rng = np.random.default_rng(sampling.seed)
         self.count, self.last, self.first_at = 0, None, 0.0

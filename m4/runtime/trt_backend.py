@@ -13,16 +13,12 @@ keys and values, which two strided device-to-device copies (cudaMemcpy2DAsync) w
 [pos, pos + T). What crosses between host and device: embeddings in, logits out, and the few
 bytes of past_len and logits_index. A decode step copies no cache.
 
-`cuda_graph` (off by default; `model.backend.cuda_graph = True`) replays a decode step's
-TensorRT launch from a CUDA graph, captured over the cache the decode context has bound and
-captured again when another cache is bound (a graph holds the shapes and addresses of its
-capture); the copies around it stay outside, as their addresses move with the position.
-
 Approximate eviction (shifting the cache) is not implemented: a live context over this
 backend evicts exactly. Each execution context allocates TensorRT's default (static)
 activation memory, sized for the largest profile: prefill and decode hold one each.
 
-Nothing here has run on a GPU yet.
+Experimental: nothing here has run on a GPU yet (tests/test_trt.py, which scripts/gpu_check.sh
+runs where TensorRT is installed, is what a first run checks).
 """
 
 from __future__ import annotations
@@ -159,14 +155,6 @@ class TrtCache:
         cuda.copy_rows(self.v.ptr + pos * d * size, m * d * size, new_v.ptr, t * d * size, layers * kv)
 
 
-class Graph:
-    """An instantiated CUDA graph, destroyed when the object goes."""
-
-    def __init__(self, cuda: Cuda, recorded):
-        self.exec = cuda("cudaGraphInstantiate", recorded, 0)
-        weakref.finalize(self, cuda.rt.cudaGraphExecDestroy, self.exec)
-
-
 class Profile:
     """An execution context of an engine on one optimisation profile, with device buffers
     for its IO tensors at the profile's largest shapes, except the `external` ones, which
@@ -186,7 +174,6 @@ class Profile:
         for n, buf in self.buffers.items():
             self.context.set_tensor_address(n, buf.ptr)
         self.bound = lambda: None  # the cache whose buffers are bound (a weak reference)
-        self.graph: Graph | None = None  # this context's launch over the bound cache, once captured
 
     def shape(self, name: str, shape: tuple) -> None:
         if self.shapes.get(name) != shape:
@@ -200,7 +187,7 @@ class Profile:
             for name, ptr, shape in cache.tensors():
                 self.shape(name, shape)
                 self.context.set_tensor_address(name, ptr)
-            self.bound, self.graph = weakref.ref(cache), None
+            self.bound = weakref.ref(cache)
 
     def execute(self) -> None:
         if not self.context.execute_async_v3(self.cuda.handle):
@@ -210,7 +197,7 @@ class Profile:
 class TrtBackend(BundleBackend):
     name = "trt"
 
-    def __init__(self, path: Path, cuda_graph: bool = False):
+    def __init__(self, path: Path):
         path = Path(path)
         super().__init__(path)
         reason = unavailable(path, self.manifest)
@@ -218,7 +205,7 @@ class TrtBackend(BundleBackend):
             raise M4Error(reason)
         import tensorrt as trt
 
-        self.cuda, self.cuda_graph = Cuda(), cuda_graph
+        self.cuda = Cuda()
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {name: self.engine(path / "engines" / f"{name}.plan") for name in ("vision", "decoder")}
@@ -267,12 +254,11 @@ class TrtBackend(BundleBackend):
         if pos + t > cache.max_len:
             raise M4Error(f"positions {pos}..{pos + t} exceed the cache's {cache.max_len}")
         if t == 1:
-            return self.run(self.decoding, embeds, pos, cache, np.zeros(1), self.cuda_graph)
+            return self.run(self.decoding, embeds, pos, cache, np.zeros(1))
         return self.chunked(embeds, pos, last_only,
                             lambda piece, at, keep: self.run(self.prefill, piece, at, cache, keep))
 
-    def run(self, p: Profile, embeds: np.ndarray, pos: int, cache: TrtCache, keep: np.ndarray,
-            graph: bool = False) -> np.ndarray:
+    def run(self, p: Profile, embeds: np.ndarray, pos: int, cache: TrtCache, keep: np.ndarray) -> np.ndarray:
         t, k = len(embeds), len(keep)
         p.bind(cache)
         p.shape("inputs_embeds", (1, t, self.arch.text.hidden))
@@ -280,26 +266,6 @@ class TrtBackend(BundleBackend):
         self.cuda.upload(p.buffers["inputs_embeds"], embeds)
         self.cuda.upload(p.buffers["past_len"], np.array(pos))
         self.cuda.upload(p.buffers["logits_index"], keep)
-        if graph and p.graph is not None:
-            self.cuda("cudaGraphLaunch", p.graph.exec, self.cuda.stream)
-        else:
-            p.execute()  # also the first graphed step: TensorRT settles its shapes before a capture
-            if graph:
-                p.graph = self.capture(p)
+        p.execute()
         cache.write(self.cuda, pos, t, p.buffers["new_keys"], p.buffers["new_values"])
         return self.cuda.download(p.buffers["logits"], (k, self.arch.text.vocab)).astype(np.float32)
-
-    def capture(self, p: Profile) -> Graph:
-        """The context's TensorRT launch as it is bound now, as a CUDA graph (recorded, not
-        run). Thread-local capture: other threads of the application may use CUDA meanwhile."""
-        c = self.cuda
-        c("cudaStreamBeginCapture", c.stream, c.rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal)
-        launched = p.context.execute_async_v3(c.handle)
-        err, recorded = c.rt.cudaStreamEndCapture(c.stream)  # ends the capture whatever happened in it
-        if not launched or err != c.rt.cudaError_t.cudaSuccess:
-            raise M4Error(f"TensorRT cannot run this decoder's step from a CUDA graph ({err.name}): "
-                          "set model.backend.cuda_graph = False")
-        try:
-            return Graph(c, recorded)
-        finally:
-            c("cudaGraphDestroy", recorded)  # the instantiated graph keeps what it needs

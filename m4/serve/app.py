@@ -42,7 +42,7 @@ from m4.prompt import build_chat
 from m4.runtime.answer import Answer
 from m4.serve.chat import ChatRequest, Media, Reply, number, parse
 from m4.serve.errors import ApiError
-from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, video_frames
+from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, parse_json, video_frames
 from m4.serve.metrics import Metrics
 from m4.serve.scheduler import AsyncJob, Busy, Decode, Scheduler
 from m4.serve.sessions import SOURCES, Session, Sessions
@@ -357,11 +357,7 @@ def question_of(body: object) -> str:
 
 
 async def json_body(request: Request) -> Any:
-    data = await request.body()
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the body is not valid JSON: {e}", "invalid_json") from None
+    return parse_json(await request.body())
 
 
 # -- the application ------------------------------------------------------------------------

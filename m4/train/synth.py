@@ -10,7 +10,7 @@ Tasks (scenario, question type):
                                                                      made out at tile resolution
 Every sample also yields a dense caption of its media (per image, frame or view): a tiny model
 trained on one-word answers alone learns the answer prior and ignores the images, so the
-captions give it a signal per object to learn to look with (DESIGN, "The demo model"). Even
+captions give it a signal per object to learn to look with (docs/demo-model.md, "Recipe"). Even
 those are too hard for a model that has never looked: from scratch the demo preset stays
 blind on them, so each sample also yields a scene, one image of 1-3 shapes and its caption,
 the first stage of the demo recipe (docs/demo-model.md).
