@@ -195,6 +195,29 @@ def train_cmd(
                       log_every=log_every, workers=workers, seed=seed, skip_bad=skip_bad))
 
 
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: seeded random ones of a preset's shapes.")
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("random")
+def checkpoint_random(preset: str = typer.Argument(..., help="tiny, demo, 0.5b, 7b, 14b, mantis-8b or mantis-8b-clip"),
+                      out: Path = typer.Argument(..., help="the checkpoint directory to write (replaced)"),
+                      dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16"),
+                      std: float = typer.Option(0.02, "--std", help="of the normal weights (transformers: 0.02)"),
+                      seed: int = typer.Option(0, "--seed"),
+                      shard_gb: float = typer.Option(5.0, "--shard-gb", help="largest shard, GB")):
+    """Write a random transformers checkpoint of a preset's shapes, a tensor at a time."""
+    from rich.progress import DownloadColumn, Progress, TimeElapsedColumn
+
+    from m4.model.checkpoint import random_checkpoint
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task(f"{preset} ({dtype})", total=None)
+        random_checkpoint(preset, out, seed, std, dtype, int(shard_gb * 1e9),
+                          lambda done, total: progress.update(task, completed=done, total=total))
+    print(f"{out}: {sum(f.stat().st_size for f in out.glob('*.safetensors')) / 1e9:.2f} GB of weights")
+
+
 data_app = typer.Typer(no_args_is_help=True, help="Data sets: M4-Synth; checking training JSON.")
 app.add_typer(data_app, name="data")
 
