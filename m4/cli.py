@@ -63,7 +63,7 @@ def run(
     from m4.media import is_live
 
     r.check_sources(video or [])
-    m = load(model, backend=backend, device=device)
+    m = load(model, backend=backend, device=device, window=window * max(1, len(video or [])))
     generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     prompts = prompt or []
     if not video:
@@ -81,6 +81,9 @@ def export(model: str = typer.Argument(..., help="demo, a checkpoint directory o
            out: Path = typer.Argument(..., help="the bundle directory to write"),
            dtype: str = typer.Option("fp32", "--dtype", help="fp32 or fp16")):
     """Export a checkpoint to an ONNX bundle (vision.onnx, decoder.onnx, embeddings, tokenizer)."""
+    from m4.plan import check_model
+
+    check_model(model, "export", dtype)
     try:
         from m4.export.bundle import export_bundle
     except ImportError as e:
@@ -102,6 +105,9 @@ def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export
               bench: Optional[Path] = typer.Option(None, "--bench", help="also score both bundles on this bench (m4 eval)"),
               bench_limit: Optional[int] = typer.Option(None, "--bench-limit", help="its first N samples")):
     """Quantise a bundle on calibration data; report.json compares it with the float bundle."""
+    from m4.plan import CALIBRATED, check_model
+
+    check_model(str(bundle), "calibrate", CALIBRATED.get(decoder, ""))
     try:
         from m4.calib.bundle import calibrate as run_calibration
     except ImportError as e:
@@ -139,12 +145,14 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="a bundle directory (m4 e
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), demo, a checkpoint or a bundle"),
+def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b, mantis-8b), demo, a checkpoint or a bundle"),
+         window: int = typer.Option(8, "--window", help="video frames in the context the plan runs with"),
          as_json: bool = typer.Option(False, "--json")):
-    """Architecture, parameters per part, tokens per image, memory at each precision."""
+    """Architecture, parameters per part, tokens per image; the plan: memory and disk to
+    export, calibrate and run it at each precision, against the memory available."""
     from m4.info import describe
 
-    d = describe(model)
+    d = describe(model, window)
     if as_json:
         print(json.dumps(d, indent=2))
     else:

@@ -132,7 +132,7 @@ def checkpoint_specs(arch: Arch, dtype: torch.dtype) -> list[TensorSpec]:
     if arch.text.tied:
         del shapes["text.lm_head.weight"]
     # SigLIP's post-layernorm (CLIP's too), which LLaVA never applies: transformers loads it
-    shapes.update({"vision.post_layernorm.weight": (arch.vision.hidden,), "vision.post_layernorm.bias": (arch.vision.hidden,)})
+    shapes.update({f"vision.post_layernorm.{k}": (arch.vision.hidden,) for k in ("weight", "bias")})
     return [TensorSpec(checkpoint_name(k), shape, dtype) for k, shape in shapes.items()]
 
 
