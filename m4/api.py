@@ -11,10 +11,11 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from m4.bundle_format import is_bundle, verify as verify_bundle
+from m4.bundle_format import is_bundle, manifest_arch, read_manifest, verify as verify_bundle
 from m4.errors import M4Error
 from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
+from m4.plan import DEFAULT_WINDOW, TORCH_PRECISIONS, bundle_precision, check_fits
 from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
 from m4.resolve import DEMO_BUNDLE, resolve
 from m4.runtime.answer import Answer, Batch
@@ -28,7 +29,8 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
-         template: str | None = None, threads: int | None = None, verify: bool | None = None) -> Model:
+         template: str | None = None, threads: int | None = None, verify: bool | None = None,
+         window: int = DEFAULT_WINDOW) -> Model:
     """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs its
     TensorRT engines where `m4 build` made them for this machine (backend auto or trt; they
     run on the GPU whatever `device` says), else ONNX Runtime (`device`; `threads`: its
@@ -41,7 +43,10 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
 
     `demo` is the shipped checkpoint under backend torch, the bundle exported from it (shipped
     beside it) under onnx or trt, and under auto the checkpoint where torch is installed, else
-    the bundle."""
+    the bundle.
+
+    On the CPU, a model whose weights and the cache of a `window` of video frames cannot fit
+    in the memory available (m4.plan) is an M4Error before any weight is read."""
     if model == "demo" and backend == "trt":
         raise M4Error(f"the demo bundle ships without TensorRT engines, which are built on the device that runs "
                       f"them: copy it (cp -r {DEMO_BUNDLE} DIR), build them (m4 build DIR), then run DIR")
@@ -49,6 +54,9 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
     if verify is None:
         verify = os.environ.get("M4_VERIFY", "1") != "0"
     if is_bundle(path):
+        if device == "cpu" and backend != "trt":
+            m = read_manifest(path)
+            check_fits(manifest_arch(m), "run", bundle_precision(m), window, str(model))
         if verify:
             verify_bundle(path)
         b = bundle_backend(str(model), path, backend, device, threads)
@@ -59,6 +67,8 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
     if backend not in ("auto", "torch"):
         raise M4Error(f"unknown backend {backend!r}: use auto, torch, onnx or trt")
     arch = Arch.from_dir(path)
+    if device == "cpu":
+        check_fits(arch, "torch", TORCH_PRECISIONS.get(dtype, "fp32"), window, str(model))
     tokenizer = Tokenizer.from_dir(path)
     try:
         from m4.runtime.torch_backend import TorchBackend

@@ -63,7 +63,7 @@ def run(
     from m4.media import is_live
 
     r.check_sources(video or [])
-    m = load(model, backend=backend, device=device)
+    m = load(model, backend=backend, device=device, window=window * max(1, len(video or [])))
     generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     prompts = prompt or []
     if not video:
@@ -82,6 +82,9 @@ def export(model: str = typer.Argument(..., help="demo, a checkpoint directory o
            dtype: str = typer.Option("fp32", "--dtype",
                                      help="fp32, fp16, or int8 / int4: the decoder weight-only quantised as written")):
     """Export a checkpoint to an ONNX bundle (vision.onnx, decoder.onnx, embeddings, tokenizer)."""
+    from m4.plan import check_model
+
+    check_model(model, "export", dtype)
     try:
         from m4.export.bundle import export_bundle
     except ImportError as e:
@@ -103,6 +106,9 @@ def calibrate(bundle: Path = typer.Argument(..., help="a float bundle (m4 export
               bench: Optional[Path] = typer.Option(None, "--bench", help="also score both bundles on this bench (m4 eval)"),
               bench_limit: Optional[int] = typer.Option(None, "--bench-limit", help="its first N samples")):
     """Quantise a bundle on calibration data; report.json compares it with the float bundle."""
+    from m4.plan import CALIBRATED, check_model
+
+    check_model(str(bundle), "calibrate", CALIBRATED.get(decoder, ""))
     try:
         from m4.calib.bundle import calibrate as run_calibration
     except ImportError as e:
@@ -140,12 +146,14 @@ def verify_cmd(bundle: Path = typer.Argument(..., help="a bundle directory (m4 e
 
 
 @app.command()
-def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b), demo, a checkpoint or a bundle"),
+def info(model: str = typer.Argument(..., help="a preset (tiny, 0.5b, 7b, 14b, mantis-8b), demo, a checkpoint or a bundle"),
+         window: int = typer.Option(8, "--window", help="video frames in the context the plan runs with"),
          as_json: bool = typer.Option(False, "--json")):
-    """Architecture, parameters per part, tokens per image, memory at each precision."""
+    """Architecture, parameters per part, tokens per image; the plan: memory and disk to
+    export, calibrate and run it at each precision, against the memory available."""
     from m4.info import describe
 
-    d = describe(model)
+    d = describe(model, window)
     if as_json:
         print(json.dumps(d, indent=2))
     else:
@@ -194,6 +202,29 @@ def train_cmd(
                       weight_decay, tune=tune, in_front_prob=in_front_prob, frames=frames, max_len=max_len,
                       precision=precision, grad_ckpt=grad_ckpt, save_every=save_every, keep=keep,
                       log_every=log_every, workers=workers, seed=seed, skip_bad=skip_bad))
+
+
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Checkpoints: seeded random ones of a preset's shapes.")
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("random")
+def checkpoint_random(preset: str = typer.Argument(..., help="tiny, demo, 0.5b, 7b, 14b, mantis-8b or mantis-8b-clip"),
+                      out: Path = typer.Argument(..., help="the checkpoint directory to write (replaced)"),
+                      dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16"),
+                      std: float = typer.Option(0.02, "--std", help="of the normal weights (transformers: 0.02)"),
+                      seed: int = typer.Option(0, "--seed"),
+                      shard_gb: float = typer.Option(5.0, "--shard-gb", help="largest shard, GB")):
+    """Write a random transformers checkpoint of a preset's shapes, a tensor at a time."""
+    from rich.progress import DownloadColumn, Progress, TimeElapsedColumn
+
+    from m4.model.checkpoint import random_checkpoint
+
+    with Progress(*Progress.get_default_columns(), DownloadColumn(), TimeElapsedColumn(), transient=True) as progress:
+        task = progress.add_task(f"{preset} ({dtype})", total=None)
+        random_checkpoint(preset, out, seed, std, dtype, int(shard_gb * 1e9),
+                          lambda done, total: progress.update(task, completed=done, total=total))
+    print(f"{out}: {sum(f.stat().st_size for f in out.glob('*.safetensors')) / 1e9:.2f} GB of weights")
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Data sets: M4-Synth; checking training JSON.")

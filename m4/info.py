@@ -4,38 +4,47 @@ from pathlib import Path
 
 from m4.bundle_format import is_bundle, manifest_arch, read_manifest
 from m4.model.config import PRESETS, Arch
+from m4.plan import DEFAULT_WINDOW, plan
 from m4.resolve import DEMO_BUNDLE, DEMO_DIR, resolve
 
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}
 
 
-def describe(spec: str) -> dict:
-    """A preset name (except `demo`, which names the demo model) or any MODEL."""
+def describe(spec: str, window: int = DEFAULT_WINDOW) -> dict:
+    """A preset name (except `demo`, which names the demo model) or any MODEL, with the plan:
+    what exporting, calibrating and running it needs with `window` video frames."""
+    arch, d = describe_model(spec)
+    d["plan"] = plan(arch, window)
+    return d
+
+
+def describe_model(spec: str) -> tuple[Arch, dict]:
     if spec in PRESETS and spec != "demo":
-        return describe_arch(PRESETS[spec], source=f"preset {spec} (shapes only, no weights)")
+        return PRESETS[spec], describe_arch(PRESETS[spec], source=f"preset {spec} (shapes only, no weights)")
     path = resolve(spec)
     if is_bundle(path):
-        d = describe_bundle(path)
+        arch, d = describe_bundle(path)
         if path == DEMO_BUNDLE:
             d["source"] = f"demo model: the demo preset trained on M4-Synth, as its fp16 bundle ({path})"
-        return d
+        return arch, d
     arch = Arch.from_dir(path)
     source = f"checkpoint {path}"
     if path == DEMO_DIR:
         source = f"demo model: the demo preset trained on M4-Synth ({path})"
     d = describe_arch(arch, source)
     d["files_bytes"] = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    return d
+    return arch, d
 
 
-def describe_bundle(path: Path) -> dict:
+def describe_bundle(path: Path) -> tuple[Arch, dict]:
     """The architecture from the manifest, and the bundle: format, dtypes, files, quantisation."""
     m = read_manifest(path)
-    d = describe_arch(manifest_arch(m), f"bundle {path} (exported from {m['source']})")
+    arch = manifest_arch(m)
+    d = describe_arch(arch, f"bundle {path} (exported from {m['source']})")
     keys = ("format_version", "exporter", "template", "dtype", "dtypes", "quantisation", "calibration", "files")
     d["bundle"] = {k: m.get(k) for k in keys}
     d["files_bytes"] = sum(f["bytes"] for f in m["files"].values())
-    return d
+    return arch, d
 
 
 def describe_arch(arch: Arch, source: str) -> dict:

@@ -7,8 +7,11 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import re
 import subprocess
 from pathlib import Path
+
+from m4.errors import M4Error
 
 # where TensorRT's Python API comes from
 TENSORRT_INSTALL = "on Jetson it comes with JetPack 6, elsewhere pip install tensorrt"
@@ -31,6 +34,37 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+# M4_MEMORY_LIMIT: bytes m4 may assume are free, in place of the machine's MemAvailable
+# (a number of bytes, or with a K, M, G or T suffix: 8G)
+MEMORY_LIMIT = "M4_MEMORY_LIMIT"
+SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def meminfo() -> dict[str, int]:
+    """/proc/meminfo in bytes (empty where there is none)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return {}
+    return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in lines) if v.split()}
+
+
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can have: M4_MEMORY_LIMIT where set, else the kernel's
+    MemAvailable; None where neither is known."""
+    limit = os.environ.get(MEMORY_LIMIT)
+    if limit:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*", limit.upper())
+        if not m:
+            raise M4Error(f"{MEMORY_LIMIT}={limit!r}: give bytes, or a number with K, M, G or T (8G)")
+        return int(float(m[1]) * SUFFIXES[m[2]])
+    return meminfo().get("MemAvailable")
+
+
+def total_memory() -> int | None:
+    return meminfo().get("MemTotal")
 
 
 @functools.cache  # one GPU per process; nvidia-smi is a subprocess, asked once

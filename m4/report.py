@@ -38,6 +38,20 @@ def print_info(d: dict) -> None:
     console.print(shape)
     if "bundle" in d:
         print_bundle(d["bundle"], console)
+    print_plan(d["plan"], console)
+
+
+def print_plan(p: dict, console: Console) -> None:
+    """Each step's peak memory and the bytes it writes, against the memory available."""
+    have = p["available"]
+    title = (f"plan: peak memory with a window of {p['window']} frames ({p['kv_tokens']:,} cached tokens); "
+             + (f"{human(have, 'B')} available" if have is not None else "available memory unknown"))
+    table = Table("step", "precision", "memory", "weights", "KV cache", "writes", "fits", title=title)
+    for s in p["steps"]:
+        cells = [human(s[k], "B") if k in s else "-" for k in ("memory", "weights", "kv_cache", "disk")]
+        fits = "-" if have is None else ("yes" if s["memory"] <= have else "[red]no[/red]")
+        table.add_row(s["step"], s["precision"], *cells, fits)
+    console.print(table)
 
 
 def print_bundle(b: dict, console: Console) -> None:

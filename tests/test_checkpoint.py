@@ -1,5 +1,6 @@
 """Checkpoint loading: sharded files, both transformers key layouts, bad checkpoints."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,8 +14,8 @@ from safetensors.torch import load_file, save_file
 
 import m4
 from m4.errors import M4Error
-from m4.model.checkpoint import Checkpoint
-from m4.model.config import Arch
+from m4.model.checkpoint import Checkpoint, random_checkpoint, random_weights
+from m4.model.config import PRESETS, Arch
 from m4.model.fused import split_weights
 
 from conftest import random_images
@@ -138,3 +139,62 @@ def test_architectures_m4_does_not_run_are_named(tmp_path, config, words):
     r = subprocess.run([sys.executable, "-m", "m4", "info", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("m4: error:") and words in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def small_mantis_clip():
+    """mantis-8b-clip's kinds and choices (CLIP tower read at its penultimate layer, class token
+    dropped; Llama 3 decoder, untied, its rope) at the tiny preset's sizes."""
+    big, tiny = PRESETS["mantis-8b-clip"], PRESETS["tiny"]
+    size = {f: getattr(tiny.vision, f) for f in ("hidden", "layers", "heads", "mlp", "image_size", "patch_size")}
+    text = {f: getattr(tiny.text, f) for f in ("hidden", "layers", "heads", "kv_heads", "mlp", "vocab")}
+    return big.replace(vision=dataclasses.replace(big.vision, **size), text=dataclasses.replace(big.text, **text))
+
+
+@pytest.mark.parametrize("arch", ["tiny", "mantis-8b-clip"])
+def test_random_checkpoint_in_shards_loads_in_transformers(oracle, tmp_path, arch):
+    """A random checkpoint written a tensor at a time, forced into several shards: transformers
+    loads every weight it expects and no other, and answers as m4 does."""
+    from test_parity import oracle_tokens
+
+    ck = tmp_path / "ck"
+    written = random_weights(PRESETS[arch] if arch == "tiny" else small_mantis_clip(), ck, std=0.2,
+                             shard_bytes=50_000)
+    index = json.loads((ck / "model.safetensors.index.json").read_text())
+    shards = sorted(ck.glob("model-*.safetensors"))
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    assert index["metadata"]["total_size"] == sum(load_file(f)[k].nbytes for f in shards for k in load_file(f))
+    _, info = transformers.LlavaForConditionalGeneration.from_pretrained(ck, output_loading_info=True)
+    assert not any(info.values()), info
+    model = m4.load(ck)
+    assert model.arch == written
+    images = random_images(2, seed=3)
+    p, pictures = model.prepare(Q, images)
+    ours = list(model.tokens(Q, images=images, max_new_tokens=10))
+    assert len(ours) == 10 and ours == oracle_tokens(oracle(ck), model, p, pictures, 10)
+
+
+def test_random_tensors_depend_on_their_name_alone(tmp_path):
+    """Each tensor from its own seed: the same in one file or in shards, a cast of the fp32
+    values in fp16; norm weights one, biases zero; a tied preset stores no lm_head."""
+    random_checkpoint("tiny", tmp_path / "one")
+    random_checkpoint("tiny", tmp_path / "shards", dtype="fp16", shard_bytes=30_000)
+    one = load_file(tmp_path / "one" / "model.safetensors")
+    shards = {k: t for f in (tmp_path / "shards").glob("model-*.safetensors") for k, t in load_file(f).items()}
+    assert one.keys() == shards.keys() and not any("lm_head" in k for k in one)
+    assert all(shards[k].dtype == torch.float16 and torch.equal(shards[k], t.half()) for k, t in one.items())
+    assert torch.all(one["language_model.model.norm.weight"] == 1)
+    assert torch.all(one["language_model.model.layers.0.self_attn.q_proj.bias"] == 0)
+    q = one["language_model.model.layers.0.self_attn.q_proj.weight"]
+    assert abs(q.std().item() - 0.02) < 0.002 and not torch.equal(q, one["language_model.model.layers.1.self_attn.q_proj.weight"])
+
+
+def test_checkpoint_command_writes_a_preset(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "m4", "checkpoint", "random", "tiny", str(tmp_path / "ck"),
+                        "--dtype", "bf16", "--seed", "3"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    weights = load_file(tmp_path / "ck" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in weights.values())
+    assert m4.load(tmp_path / "ck").arch.text == PRESETS["tiny"].text
+    r = subprocess.run([sys.executable, "-m", "m4", "checkpoint", "random", "huge", str(tmp_path / "x")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("m4: error: unknown preset 'huge'")

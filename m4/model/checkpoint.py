@@ -6,20 +6,23 @@ checkpoints' (`language_model.model.*`, `vision_tower.vision_model.*`) and trans
 >= 4.52's (`model.language_model.*`, `vision_tower.*`, `lm_head.*`); both load.
 """
 
+import hashlib
 import json
+import math
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from m4.atomic import atomic_directory
 from m4.errors import M4Error
 from m4.model.config import Arch
 from m4.model.fused import fused, split_weights
 from m4.model.llava import LLaVA
-from m4.tokenizer import Tokenizer
+from m4.model.shards import TensorSpec, write_shards
+from m4.model.vision import VisionTower
 
 # (checkpoint prefix, m4 prefix), longest first so the first match is the right one.
 PREFIXES = [
@@ -149,37 +152,86 @@ def checkpoint_name(name: str) -> str:
     raise KeyError(name)
 
 
-def save_checkpoint(model: LLaVA, tokenizer: Tokenizer, path: Path) -> None:
-    """Write `model` as a transformers checkpoint, atomically."""
-    tied = model.arch.text.tied
-    state = model.state_dict()
-    split_weights(model, state)
-    out = {checkpoint_name(k): t.contiguous() for k, t in state.items() if not (tied and k == "text.lm_head.weight")}
-    # SigLIP's post-layernorm, which LLaVA never applies: identity, so transformers loads it whole
-    hidden = model.arch.vision.hidden
-    out["vision_tower.vision_model.post_layernorm.weight"] = torch.ones(hidden)
-    out["vision_tower.vision_model.post_layernorm.bias"] = torch.zeros(hidden)
-    with atomic_directory(path) as tmp:
-        save_file(out, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(model.arch.to_hf(), indent=2))
-        tokenizer.save(tmp)
+# what random_checkpoint writes: floats in these dtypes (the hub's checkpoints are bf16 or fp16)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size
+PIECE_VALUES = 1 << 24  # values made at once: 64 MB of float32
 
 
-def random_checkpoint(preset: str, path: Path, seed: int = 0, std: float = 0.02) -> Arch:
-    """A seeded random checkpoint of a preset with its own small tokenizer. transformers
-    initialises with std 0.02; a wider one keeps random logits apart, for measuring."""
+def checkpoint_specs(arch: Arch, dtype: torch.dtype) -> list[TensorSpec]:
+    """Every tensor of a transformers checkpoint of `arch`, in its names and split layout: the
+    whole vision tower (m4 builds only the layers it reads), with SigLIP's post-layernorm;
+    a tied decoder stores no lm_head. Shapes from the meta device, nothing allocated."""
+    with torch.device("meta"):
+        model = LLaVA(arch)
+        parts = {"vision.": VisionTower(arch.vision, arch.vision.layers), "projector.": model.projector,
+                 "text.": model.text}
+    shapes = {}
+    for prefix, module in parts.items():
+        state = module.state_dict()
+        split_weights(module, state)
+        shapes.update({prefix + k: tuple(t.shape) for k, t in state.items()})
+    if arch.text.tied:
+        del shapes["text.lm_head.weight"]
+    # SigLIP's post-layernorm (CLIP's too), which LLaVA never applies: transformers loads it
+    shapes.update({f"vision.post_layernorm.{k}": (arch.vision.hidden,) for k in ("weight", "bias")})
+    return [TensorSpec(checkpoint_name(k), shape, dtype) for k, shape in shapes.items()]
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}/{name}".encode()).digest()[:8], "little") >> 1
+
+
+def random_pieces(spec: TensorSpec, seed: int, std: float) -> Iterator[torch.Tensor]:
+    """transformers' init: normal(0, std) matrices, zero biases, unit norm weights (and a zero
+    CLIP class embedding). Each tensor draws from a generator seeded by its name, so its
+    values do not depend on the other tensors or their order; it is made in blocks of rows,
+    in float32 then cast, so memory holds one block of it."""
+    if len(spec.shape) == 1:
+        yield torch.full(spec.shape, 1.0 if "norm" in spec.name and spec.name.endswith("weight") else 0.0)
+        return
+    g = torch.Generator().manual_seed(tensor_seed(seed, spec.name))
+    rows, row = spec.shape[0], math.prod(spec.shape[1:])
+    step = max(1, PIECE_VALUES // row)
+    for r in range(0, rows, step):
+        yield torch.empty((min(step, rows - r), *spec.shape[1:])).normal_(0, std, generator=g)
+
+
+def random_checkpoint(preset: str, path: Path, seed: int = 0, std: float = 0.02, dtype: str = "fp32",
+                      shard_bytes: int = SHARD_BYTES,
+                      progress: Callable[[int, int], None] = lambda done, total: None) -> Arch:
+    """A seeded random checkpoint of a preset (random_weights)."""
     from m4.model.config import PRESETS
+
+    if preset not in PRESETS:
+        raise M4Error(f"unknown preset {preset!r}: use " + ", ".join(PRESETS))
+    return random_weights(PRESETS[preset], path, seed, std, dtype, shard_bytes, progress)
+
+
+def random_weights(arch: Arch, path: Path, seed: int = 0, std: float = 0.02, dtype: str = "fp32",
+                   shard_bytes: int = SHARD_BYTES,
+                   progress: Callable[[int, int], None] = lambda done, total: None) -> Arch:
+    """A seeded random checkpoint of `arch` with its own small tokenizer, written atomically
+    a tensor at a time (any size fits in memory): sharded safetensors past `shard_bytes`,
+    config.json, the tokenizer. transformers initialises with std 0.02; a wider one keeps
+    random logits apart, for measuring. `progress(bytes written, total bytes)`. Returns the
+    architecture written (its image token is the tokenizer's)."""
     from m4.tokenizer import TOKENIZER_CORPUS, build_tokenizer
 
-    arch = PRESETS[preset]
-    tokenizer = build_tokenizer(TOKENIZER_CORPUS, arch.text.vocab)
+    if dtype not in DTYPES:
+        raise M4Error(f"unknown dtype {dtype!r}: use " + ", ".join(DTYPES))
+    tokenizer = build_tokenizer(TOKENIZER_CORPUS, arch.text.vocab, "llama3" if arch.text.kind == "llama" else "chatml")
     arch = arch.replace(image_token_id=tokenizer.token_id("<image>"))
-    torch.manual_seed(seed)
-    model = LLaVA(arch)
-    for name, w in model.named_parameters():  # transformers' init: normal weights, zero biases
-        if name.endswith("bias"):
-            torch.nn.init.zeros_(w)
-        elif w.dim() > 1:
-            torch.nn.init.normal_(w, std=std)
-    save_checkpoint(model, tokenizer, path)
+    specs = checkpoint_specs(arch, DTYPES[dtype])
+    total, done = sum(s.nbytes for s in specs), 0
+
+    def written(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(done, total)
+
+    with atomic_directory(path) as tmp:
+        write_shards(tmp, specs, lambda s: random_pieces(s, seed, std), shard_bytes, written)
+        (tmp / "config.json").write_text(json.dumps(arch.to_hf(), indent=2))
+        tokenizer.save(tmp)
     return arch
