@@ -136,22 +136,21 @@ class Model:
                            self.processing)
 
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
-               patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+               patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling()) -> Iterator[int]:
         """The answer's token ids, yielded as they are decoded; timings land in `stats`. The
         answer ends where the model's positions do, if max_new_tokens would pass them."""
         p, pictures = self.prepare(text, images, video, views, patches)
-        yield from self.generate(p, pictures, max_new_tokens, temperature, top_p, seed)
+        yield from self.generate(p, pictures, max_new_tokens, sampling)
 
-    def generate(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+    def generate(self, p: Prompt, pictures: list, max_new_tokens: int = 128,
+                 sampling: Sampling = Sampling()) -> Iterator[int]:
         """The answer's token ids to a prompt built elsewhere (m4.prompt.build_chat: several
         turns) over its decoded pictures, as `tokens` answers its own."""
         self.stats.clear()  # in place: callers may hold this dict
-        yield from self.start(p, pictures, max_new_tokens, temperature, top_p, seed, self.stats).alone()
+        yield from self.start(p, pictures, max_new_tokens, sampling, self.stats).alone()
 
-    def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None, stats: dict | None = None) -> Answer:
+    def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+              stats: dict | None = None) -> Answer:
         """The prompt encoded and prefilled in a context of its own, its first token chosen:
         an Answer to decode alone or in a Batch with others (m4.runtime.answer). Its timings
         land in `stats` (default: a dict of its own, `answer.stats`)."""
@@ -160,8 +159,7 @@ class Model:
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
         ctx = Context(self.backend, len(p.ids) + max_new_tokens)
-        sampling = Sampling(temperature, top_p, seed)
-        logits = ctx.append("prompt", embeds, greedy=sampling.greedy)
+        logits = ctx.append("prompt", embeds)
         t2 = time.perf_counter()
         stats = {} if stats is None else stats
         stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
@@ -178,16 +176,16 @@ class Model:
         return min(max_new_tokens, limit - prompt_tokens)
 
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
-            patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int | None = None, stream: bool = False):
+            patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+            stream: bool = False) -> str | Iterator[str]:
         """The answer as a string, or with stream=True an iterator of text pieces."""
-        ids = self.tokens(text, images, video, views, patches, max_new_tokens, temperature, top_p, seed)
+        ids = self.tokens(text, images, video, views, patches, max_new_tokens, sampling)
         pieces = self.tokenizer.detokenize(ids)
         return pieces if stream else "".join(pieces)
 
 
 def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+                 sampling: Sampling = Sampling()) -> list[str]:
     """Questions to several live contexts (several cameras), answered together: one batched
     decode step carries the next token of every answer, so N answers read the weights once a
     token, not N times. Each answer is the one its context gives alone; each context's
@@ -196,7 +194,7 @@ def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int |
     batch, answers = Batch(), []
     try:
         for live, q in asked:
-            answers.append(batch.join(live.start(q, max_new_tokens, temperature, top_p, seed)))
+            answers.append(batch.join(live.start(q, max_new_tokens, sampling)))
         tokens: dict[int, list[int]] = {id(a): [] for a in answers}
         while len(batch):
             for a, token in batch.step():

@@ -34,10 +34,10 @@ import onnxruntime as ort
 from m4.bundle_format import ORT_DECODER, past_names, present_names
 from m4.errors import M4Error
 from m4.model.rope import rope_table, rotate
+from m4.runtime.backend import bucketed
 from m4.runtime.bundle_backend import BundleBackend
 
 SLOTS = 8  # contexts of one cache size that can decode in one batched step
-CACHE_BUCKET = 256  # pooled caches round their size up to a multiple of this (fewer pages)
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -192,11 +192,11 @@ class OnnxBackend(BundleBackend):
         return self.vision.run(None, {"pixel_values": pixels.astype(self.dtype)})[0]
 
     def new_cache(self, max_len: int) -> OrtCache:
-        """A slot of a page of caches (rounded up to CACHE_BUCKET positions) where contexts
+        """A slot of a page of caches (rounded up to CACHE_BUCKET positions, m4.runtime.backend) where contexts
         can decode batched, else arrays of its own."""
         a = self.arch.text
         self.check_positions(max_len)
-        size = min(-(-max_len // CACHE_BUCKET) * CACHE_BUCKET, a.max_positions - 1)  # the spare needs an angle
+        size = min(bucketed(max_len), a.max_positions - 1)  # the spare needs an angle
         if self.batched and max_len <= size:
             page = next((p for p in self.pages if p.size == size and p.free), None)
             if page is None:
@@ -207,7 +207,7 @@ class OnnxBackend(BundleBackend):
         keys = shape if self.fused else (a.layers, a.kv_heads, a.head_dim, max_len)
         return OrtCache(np.zeros(keys, self.dtype), np.zeros(shape, self.dtype), transposed=not self.fused)
 
-    def logits(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool = True) -> np.ndarray:
+    def logits(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         t = embeds.shape[0]
         if pos + t > cache.max_len:
@@ -228,7 +228,7 @@ class OnnxBackend(BundleBackend):
         return Bound(self.decoder, layers, transposed, t, index, self.arch.text.hidden, self.arch.text.vocab,
                      self.batched)
 
-    def logits_of_rows(self, embeds: np.ndarray, positions: list[int], caches: list[OrtCache]) -> np.ndarray:
+    def rows(self, embeds: np.ndarray, positions: list[int], caches: list[OrtCache]) -> np.ndarray:
         """One decode step of several contexts: row i's token (embeds[i], (H,)) at
         positions[i] of caches[i] -> float32 logits (B, vocab). The rows of one page run as
         one batch; a cache of its own runs alone."""
@@ -236,7 +236,7 @@ class OnnxBackend(BundleBackend):
         by_page: dict[int, list[int]] = {}
         for i, c in enumerate(caches):
             if c.page is None:
-                out[i] = self.logits(embeds[i:i + 1], positions[i], c)[0]
+                out[i] = self.logits(embeds[i:i + 1], positions[i], c, True)[0]
             else:
                 by_page.setdefault(id(c.page), []).append(i)
         for rows in by_page.values():

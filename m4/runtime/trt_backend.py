@@ -261,7 +261,7 @@ class TrtBackend(BundleBackend):
         a = self.arch.text
         return TrtCache(self.cuda, a.layers, a.kv_heads, a.head_dim, max_len, self.prefill.buffers["new_keys"].dtype)
 
-    def logits(self, embeds: np.ndarray, pos: int, cache: TrtCache, last_only: bool = True) -> np.ndarray:
+    def logits(self, embeds: np.ndarray, pos: int, cache: TrtCache, last_only: bool) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         t = embeds.shape[0]
         if pos + t > cache.max_len:

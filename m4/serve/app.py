@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException
 from m4.errors import M4Error
 from m4.media import load_image
 from m4.prompt import build_chat
+from m4.runtime.sampling import Sampling
 from m4.serve import chat
 from m4.serve.errors import ApiError
 from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, video_frames
@@ -118,7 +119,7 @@ class Server:
         if req.session is not None:
             session = self.sessions.get(req.session)
             n = self.room(session.live.max_new_tokens, req.max_tokens)
-            work = self.session_work(session, req.question, n, req.temperature, req.top_p, req.seed)
+            work = self.session_work(session, req.question, n, Sampling(req.temperature, req.top_p, req.seed))
         else:
             work = await self.chat_work(req)
         job = self.scheduler.stream(work, work.ready)
@@ -236,18 +237,18 @@ class Server:
 
         def work():
             pictures = [decode(img, where) for img, where in images]
-            answer = model.start(p, pictures, limit, req.temperature, req.top_p, req.seed)
+            answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed))
             return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
         work.limit, work.ready = limit, None
         return work
 
-    def session_work(self, session, question: str, limit: int, temperature=0.0, top_p=1.0, seed=None):
+    def session_work(self, session, question: str, limit: int, sampling: Sampling = Sampling()):
         live = session.live
 
         def work():
             if session.closed:
                 raise ApiError(404, f"session {session.id} was closed", "session_not_found")
-            answer = live.start(question, limit, temperature, top_p, seed)
+            answer = live.start(question, limit, sampling)
             prompt = live.ctx.length
 
             def end():
@@ -304,9 +305,9 @@ class Server:
             raise ApiError(400, "missing field: question", "missing_field", "question")
         s = self.sessions.get(sid)
         limit = self.room(s.live.max_new_tokens, chat.number(body, "max_tokens", None, 1, 1 << 30, integer=True))
-        work = self.session_work(s, question, limit, chat.number(body, "temperature", 0.0, 0, 2),
-                                 chat.number(body, "top_p", 1.0, 1e-9, 1),
-                                 chat.number(body, "seed", None, 0, (1 << 64) - 1, True))
+        work = self.session_work(s, question, limit, Sampling(chat.number(body, "temperature", 0.0, 0, 2),
+                                                              chat.number(body, "top_p", 1.0, 1e-9, 1),
+                                                              chat.number(body, "seed", None, 0, (1 << 64) - 1, True)))
         job = self.scheduler.stream(work, work.ready)
 
         def result(stats: dict, text: str) -> dict:

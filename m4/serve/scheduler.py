@@ -134,7 +134,7 @@ class Scheduler:
         for answer, job in list(self.decoding.items()):
             if job.cancelled:
                 self._drop(answer)
-        if rows := sum(a.stepping for a in self.batch.answers):  # those that just joined need no decoding
+        if rows := sum(a.needs_step for a in self.batch.answers):  # those that just joined need no decoding
             self.on_step(rows)
         try:
             tokens = dict(self.batch.step())
