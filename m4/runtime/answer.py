@@ -24,10 +24,10 @@ class Answer:
     Decoded alone (`alone`) or with other contexts' answers, one batched step for all
     (`Batch` below): the tokens are the same either way. The answer is kept in the
     cache as a segment; `close` rolls the context back to `mark` where one was given (a
-    question and its answer leave no trace). `first`: the prompt's last logits (vocab,),
-    from which its first token is chosen."""
+    question and its answer leave no trace). `first`: the prompt's last logits (1, vocab)
+    (Context.append's), from which its first token is chosen."""
 
-    def __init__(self, ctx: Context, first: np.ndarray, max_new_tokens: int, stop_ids: set[int],
+    def __init__(self, ctx: Context, first: Logits, max_new_tokens: int, stop_ids: set[int],
                  sampling: Sampling = Sampling(), stats: dict[str, float] | None = None,
                  started: float | None = None, mark: int | None = None):
         self.ctx, self.remaining, self.stop_ids, self.sampling, self.mark = (ctx, max_new_tokens, stop_ids,
@@ -39,7 +39,7 @@ class Answer:
         self.last = 0  # the token given out last, which the next step feeds
         self.pending: int | None = None  # chosen, not yet given out
         self.done = False
-        self.accept(choose(first[None], [self], np.asarray)[0])
+        self.accept(choose(first, [self], ctx.backend.host)[0])
 
     def accept(self, token: int) -> None:
         """The token a step chose for it; a stop token (or no room left) ends the answer."""

@@ -3,7 +3,9 @@
 A backend encodes images and runs the decoder on embeddings against its cache (torch, ONNX
 Runtime, TensorRT). Embeddings, caches and a decode step's logits are the backend's own
 arrays (torch tensors on its device, numpy arrays, GPU buffers): nothing above it looks
-inside them, it only passes them back. `forward` (a prefill) returns float32 numpy logits.
+inside them, it only passes them back: the runtime's logits stay where the backend computed
+them, so that a greedy token is picked there; `forward` returns float32 numpy logits (for
+measurements and tests).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from m4.model.config import Arch
 
 Embeddings = Any  # (T, H) or (n, tokens_per_image, H) in the backend's arrays
 Cache = Any  # one context's preallocated KV cache, made by new_cache
-Logits = Any  # (B, vocab) logits of a decode step, where the backend computed them
+Logits = Any  # (B, vocab) logits of a prefill or a decode step, where the backend computed them
 
 # Pooled caches (torch's static steps, ONNX Runtime's pages) are sized up to a multiple of
 # this: contexts of near sizes reuse one buffer, and a step that reads the whole buffer masks
@@ -50,15 +52,20 @@ class Backend(Protocol):
         """Embeddings (T, H) at positions [pos, pos + T), written into the cache -> float32
         logits of the last position (1, vocab), or of every position (T, vocab)."""
 
+    def prefill(self, embeds: Embeddings, pos: int, cache: Cache) -> Logits:
+        """Embeddings (T, H) at positions [pos, pos + T), written into the cache -> the last
+        position's logits (1, vocab) in the backend's arrays."""
+
     def decode(self, embeds: Embeddings, positions: list[int], caches: list[Cache]) -> Logits:
         """One decode step of any number of contexts: row i's token (embeds[i]) at
         positions[i] of caches[i], written into it -> logits (B, vocab) in the backend's
-        arrays. One row runs its context's own step (on CUDA, the graph captured for its
-        cache); several read the weights once for all rows where the backend can batch them.
+        arrays. One row runs its context's own step, a prefill of one token (on CUDA, the
+        graph captured for its cache); several read the weights once for all rows where the backend can batch them.
         Each row's logits equal what `forward` gives that context alone."""
 
     def host(self, logits: Logits) -> np.ndarray:
-        """`decode`'s logits (or some of their rows) as float32 numpy, for the sampler."""
+        """`prefill`'s or `decode`'s logits (or some of their rows) as float32 numpy, for
+        the sampler."""
 
 
 @runtime_checkable

@@ -34,11 +34,16 @@ class BundleBackend(ABC):
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         return self.logits(embeds, pos, cache, last_only)
 
+    def prefill(self, embeds: np.ndarray, pos: int, cache: Any) -> np.ndarray:
+        """Embeddings (T, H) at positions [pos, pos + T) -> the last position's float32
+        logits (1, vocab)."""
+        return self.logits(embeds, pos, cache, True)
+
     def decode(self, embeds: np.ndarray, positions: list[int], caches: list[Any]) -> np.ndarray:
         """One decode step of any number of contexts -> float32 logits (B, vocab) on the host.
         One row runs its context's own step; several, as `rows` batches them."""
         if len(caches) == 1:
-            return self.logits(embeds, positions[0], caches[0], True)
+            return self.prefill(embeds, positions[0], caches[0])
         return self.rows(embeds, positions, caches)
 
     def host(self, logits: np.ndarray) -> np.ndarray:

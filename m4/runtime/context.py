@@ -7,10 +7,8 @@ so rolling back is forgetting lengths, never copying.
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from m4.errors import M4Error
-from m4.runtime.backend import Backend, Embeddings, shifting
+from m4.runtime.backend import Backend, Embeddings, Logits, shifting
 
 
 @dataclass
@@ -31,18 +29,18 @@ class Context:
         self.length = 0
 
     def append(self, kind: str, embeds: Embeddings, lengths: list[int] | None = None,
-               after: int | None = None) -> np.ndarray:
-        """Prefill `embeds` (T, H) at the end of the cache -> the last position's float32
-        logits (vocab,). `after`: the segments from that index on are dropped first (the cache
+               after: int | None = None) -> Logits:
+        """Prefill `embeds` (T, H) at the end of the cache -> the last position's logits
+        (1, vocab), where the backend computed them. `after`: the segments from that index on are dropped first (the cache
         is written over in place); `lengths` records the prefill as several segments (the
         frames of a window refilled together)."""
         if after is not None:
             self.rollback(after)
         n = embeds.shape[0]
         self.check_room(n)
-        logits = self.backend.forward(embeds, self.length, self.cache)
+        logits = self.backend.prefill(embeds, self.length, self.cache)
         self.record(kind, lengths or [n])
-        return logits[-1]
+        return logits
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.max_len:

@@ -23,7 +23,7 @@ class Graphed:
         captures it. The warm-up runs on the example inputs: it must be harmless to run
         `fn` on them (a decode step rewrites the same cache entries it will write anyway)."""
         self.inputs = [x.clone() for x in example]
-        side = torch.cuda.Stream()
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]  # torch leaves its constructor untyped
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn(*self.inputs)

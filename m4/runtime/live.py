@@ -25,7 +25,8 @@ import numpy as np
 
 from m4.errors import M4Error
 from m4.media import ImageProcessing, preprocess
-from m4.prompt import IMAGE, Template, image_parts, tokenize
+from m4.media.image import ImageLike
+from m4.prompt import IMAGE, Part, Prompt, Template, image_parts, tokenize
 from m4.runtime.answer import Answer
 from m4.runtime.backend import Backend, Embeddings, embed_parts, shifting
 from m4.runtime.context import Context
@@ -67,18 +68,19 @@ class LiveContext:
                           f"context holds {self.arch.text.max_positions}: use a smaller window")
         self.ctx = Context(backend, size)
         self.ctx.append("prefix", embed_parts(backend, self.prefix.parts, None))
-        self.frames: list = []  # embeddings of the frames in the window, oldest first
+        self.frames: list[Embeddings] = []  # embeddings of the frames in the window, oldest first
         self.stats: dict[str, float] = {"frames_seen": 0, "cache_tokens": self.ctx.length, "cache_size": size}
 
-    def _tokenize(self, parts):
+    def _tokenize(self, parts: list[Part]) -> Prompt:
+        assert self.arch.image_token_id is not None  # a loaded model's config names it
         return tokenize(parts, self.tokenizer, self.arch.image_token_id, self.arch.tokens_per_image)
 
-    def _embed_slots(self, first: int, count: int):
+    def _embed_slots(self, first: int, count: int) -> Embeddings:
         """Embeddings of window slots [first, first + count) holding their frames."""
         parts = [p for i in range(first, first + count) for p in self.slots[i].parts]
         return embed_parts(self.backend, parts, dict(enumerate(self.frames)))
 
-    def add_frame(self, frame: object) -> None:
+    def add_frame(self, frame: ImageLike) -> None:
         """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
         add_frames([(self, frame)])
 
@@ -143,20 +145,20 @@ class LiveContext:
         return pieces if stream else "".join(pieces)
 
 
-def slot_texts(parts: list) -> tuple[str, str]:
+def slot_texts(parts: list[Part]) -> tuple[str, str]:
     """An image slot's parts (text, the image's index, text) -> the text before and after it."""
     i = next(k for k, p in enumerate(parts) if isinstance(p, int))
-    return "".join(parts[:i]), "".join(parts[i + 1:])
+    return "".join(str(p) for p in parts[:i]), "".join(str(p) for p in parts[i + 1:])
 
 
-def add_frames(arrivals: list[tuple[LiveContext, object]]) -> None:
+def add_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> None:
     """Frames that arrived for several live contexts: those of one backend encoded in one
     vision call (one pass over the tower's weights), then each prefilled into its context."""
     t0 = time.perf_counter()
     for live, _ in arrivals:
         if live.answering:  # before any work: nothing enters if one cannot
             raise M4Error("a live context is answering a question: a frame enters after that answer ends")
-    by_backend: dict[int, list] = {}
+    by_backend: dict[int, list[tuple[LiveContext, ImageLike]]] = {}
     for live, frame in arrivals:
         by_backend.setdefault(id(live.backend), []).append((live, frame))
     for group in by_backend.values():

@@ -22,6 +22,7 @@ makes a context per question, and capturing a graph for each would cost more tha
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ class TorchBackend:
             quantise_decoder(self.model.text)
         elif self.device == "cpu":
             column_major(self.model.text)
-        self.decoder = self.model.text  # what a static step runs (see compile)
+        self.decoder: Callable[..., torch.Tensor] = self.model.text  # what a static step runs (see compile)
         self.frame_graph: Graphed | None = None
         self.graphs = Graphs(CHUNK_GRAPHS, ROW_GRAPHS)  # static steps (captured only in "graph" mode)
         self.spare: list[KVCache] = []
@@ -137,6 +138,12 @@ class TorchBackend:
         return self.host(self.logits(embeds, pos, cache, last_only)[0])
 
     @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """Embeddings (T, H) at positions [pos, pos + T) -> the last position's logits
+        (1, vocab) on the device."""
+        return self.logits(embeds, pos, cache, last_only=True)[0]
+
+    @torch.inference_mode()
     def decode(self, embeds: torch.Tensor, positions: list[int], caches: list[KVCache]) -> torch.Tensor:
         """One decode step of any number of contexts: row i's token (embeds[i], (H,)) at
         positions[i] of caches[i] -> logits (B, vocab) on the device. One row is its
@@ -145,17 +152,16 @@ class TorchBackend:
         each whole cache under its mask, so that the step for one set of contexts replays
         from one CUDA graph at any positions."""
         if len(caches) == 1:
-            return self.logits(embeds, positions[0], caches[0], last_only=True)[0]
+            return self.prefill(embeds, positions[0], caches[0])
         x = embeds[:, None]
         input_pos = torch.tensor(positions, device=self.device)[:, None]
-        if self.mode == "eager":
-            return self.model.text(x, input_pos, Rows([c.prefix(p + 1) for c, p in zip(caches, positions)]))[:, 0]
-        rows = Rows(caches)
+        rows = Rows([c.prefix(p + 1) for c, p in zip(caches, positions)] if self.mode == "eager" else caches)
 
         def run(x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-            return self.model.text(x, input_pos, rows)[:, 0]
+            logits: torch.Tensor = self.model.text(x, input_pos, rows)[:, 0]
+            return logits
 
-        return run(x, input_pos) if self.mode == "static" else self.graphs.run(run, caches, x, input_pos)
+        return self.graphs.run(run, caches, x, input_pos) if self.mode == "graph" else run(x, input_pos)
 
     def host(self, logits: torch.Tensor) -> np.ndarray:
         return logits.float().cpu().numpy()
