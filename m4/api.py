@@ -19,6 +19,7 @@ from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template
 from m4.resolve import DEMO_BUNDLE, resolve
 from m4.runtime.answer import Answer, Batch
 from m4.runtime.backend import Backend, embed_parts
+from m4.runtime.bundle_backend import BundleBackend
 from m4.runtime.context import Context
 from m4.runtime.live import LiveContext
 from m4.runtime.sampling import Sampling
@@ -70,7 +71,7 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
                  TEMPLATES[template] if template else detect_template(tokenizer), path)
 
 
-def bundle_backend(model: str, path: Path, backend: str, device: str, threads: int | None):
+def bundle_backend(model: str, path: Path, backend: str, device: str, threads: int | None) -> BundleBackend:
     """TensorRT where asked, or under auto where the bundle's engines run here; else ONNX Runtime."""
     if backend not in ("auto", "onnx", "trt"):
         raise M4Error(f"{model} is an ONNX bundle: use backend auto, onnx or trt")
@@ -119,6 +120,7 @@ class Model:
             tiles = [tile(p, self.arch.vision.image_size) for p in pictures]
             text = expand_placeholders(text, [len(t) for t in tiles])
             pictures = [t for ts in tiles for t in ts]
+        assert self.arch.image_token_id is not None  # a loaded model's config names it
         p = build(self.template, self.tokenizer, self.arch.image_token_id, self.arch.tokens_per_image,
                   text, len(pictures))
         return p, pictures

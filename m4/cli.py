@@ -276,7 +276,7 @@ def bench(
     from m4.report import plot_bench, print_bench
 
     names = backends.split(",")
-    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights, names), backends=names,
+    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights, tuple(names)), backends=names,
                       workloads=list(b.WORKLOADS) if workload == "all" else workload.split(","),
                       frames=frames, window=window, every=every, images=images, new_tokens=new_tokens,
                       contexts=[int(x) for x in contexts.split(",")], repeats=repeats, device=device)

@@ -144,7 +144,8 @@ class Latest:
     at each frame and at the end, for a reader of several sources."""
 
     def __init__(self, spec: str, source, label: str | None = None, wake: threading.Event | None = None):
-        self.spec, self.label, self.wake, self.frame, self.done = spec, label or spec, wake, None, False
+        self.spec, self.label, self.wake, self.done = spec, label or spec, wake, False
+        self.frame: Frame | None = None
         self.received = self.dropped = 0
         self.start = time.monotonic()
         self.error: str | None = None
@@ -293,6 +294,7 @@ class Feed:
     def next(self) -> Frame | None:
         """The next frame to take, or None when there is none yet; at the end, sets `ended`."""
         if self.reader is None:  # a file or the demo: read on demand, nothing is dropped
+            assert self.pulled is not None  # made where there is no reader
             f = next(self.pulled, None)
             self.ended = f is None
             return f
@@ -414,20 +416,21 @@ class StreamLoop:
             sys.stdout.write(feed.out.prefix)
 
     def step(self) -> None:
-        by_answer = {id(f.asking.answer): f for f in self.feeds if f.asking}
+        by_answer = {id(f.asking.answer): (f, f.asking) for f in self.feeds if f.asking}
         for answer, token in self.batch.step():
-            feed = by_answer[id(answer)]
-            piece = feed.asking.piece(token)
-            feed.asking.text.append(piece)
+            asking = by_answer[id(answer)][1]
+            piece = asking.piece(token)
+            asking.text.append(piece)
             if self.streaming and piece:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        for feed in by_answer.values():
-            if feed.asking.answer not in self.batch:  # it ended
+        for feed, asking in by_answer.values():
+            if asking.answer not in self.batch:  # it ended
                 self.answered(feed)
 
     def answered(self, feed: Feed) -> None:
         asking, feed.asking = feed.asking, None
+        assert asking is not None  # called for a feed whose answer ended
         if self.streaming:
             sys.stdout.write("\n")
             feed.log.answered(asking.answer.stats)

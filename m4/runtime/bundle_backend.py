@@ -15,6 +15,10 @@ from m4.errors import M4Error
 
 
 class BundleBackend(ABC):
+    """A Backend (m4.runtime.backend) over a bundle; its subclasses run the graphs."""
+
+    name: str
+
     def __init__(self, path: Path):
         path = Path(path)
         self.manifest = read_manifest(path)
@@ -23,6 +27,14 @@ class BundleBackend(ABC):
         # memory-mapped: a 150k-row table costs only the rows a prompt looks up
         self.table = np.load(path / "embed_tokens.npy", mmap_mode="r")
         self.chunk = PREFILL_CHUNK
+
+    @abstractmethod
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
+
+    @abstractmethod
+    def new_cache(self, max_len: int) -> Any:
+        """A cache of max_len positions."""
 
     def embed_tokens(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self.table[ids], dtype=self.dtype)
