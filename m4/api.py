@@ -179,7 +179,7 @@ class Model:
 
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
             patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-            stream: bool = False) -> str | Iterator[str]:
+            stream: bool = False):
         """The answer as a string, or with stream=True an iterator of text pieces."""
         ids = self.tokens(text, images, video, views, patches, max_new_tokens, sampling)
         pieces = self.tokenizer.detokenize(ids)

@@ -47,6 +47,7 @@ def export_onnx(module: torch.nn.Module, args: tuple, f: Path, names: list[str],
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET, input_names=names,
                                     output_names=outputs, dynamic_shapes=dynamic, verbose=False)
+    assert program is not None  # dynamo=True returns the program
     program.save(f)  # near protobuf's 2 GB limit, the weights go to f.data beside it
 
 

@@ -18,6 +18,7 @@ buffers, with each row's new positions written.
 """
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -28,13 +29,13 @@ from m4.bundle_format import past_names, present_names
 from m4.errors import M4Error
 from m4.model.config import TextArch
 from m4.model.llava import LLaVA
-from m4.model.decoder import Decoder
+from m4.model.decoder import Decoder, Layer
 from m4.model.rope import rope_table
 
 MS = "com.microsoft"
 OPSET = 18
 # the MLP's activation as one contrib op: silu is x * sigmoid(1.0 * x)
-ACT = {"silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
+ACT: dict[str, tuple[str, dict[str, Any]]] = {"silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
        "gelu": ("Gelu", {}), "gelu_pytorch_tanh": ("FastGelu", {}), "gelu_new": ("FastGelu", {})}
 ELEM = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 
@@ -50,7 +51,9 @@ class Builder:
     """Nodes and initializers, named in order."""
 
     def __init__(self, dtype: torch.dtype):
-        self.dtype, self.nodes, self.weights = dtype, [], []
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+        self.weights: list[onnx.TensorProto] = []
 
     def weight(self, name: str, w: torch.Tensor) -> str:
         self.weights.append(numpy_helper.from_array(w.detach().to(self.dtype).contiguous().numpy(), name))
@@ -60,7 +63,7 @@ class Builder:
         self.weights.append(numpy_helper.from_array(a, name))
         return name
 
-    def op(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+    def op(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs: Any) -> list[str]:
         outs = [f"{name}/out{k}" for k in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
         return outs
@@ -74,7 +77,8 @@ class Builder:
 
 
 def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.ModelProto:
-    a = text.layers[0].self_attn
+    layers = cast(list[Layer], list(text.layers))
+    a = layers[0].self_attn
     if arch.act not in ACT:
         raise M4Error(f"activation {arch.act!r} has no ONNX Runtime contrib op here")
     g, d = Builder(dtype), a.head_dim
@@ -89,7 +93,7 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.Mod
     cos, sin = (g.weight(n, torch.from_numpy(t[:, :d // 2])) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
 
     x, residual = "inputs_embeds", None
-    for i, layer in enumerate(text.layers):
+    for i, layer in enumerate(layers):
         at, mlp = layer.self_attn, layer.mlp
         h, residual = norm(g, x, residual, layer.input_layernorm, f"layers.{i}.input_layernorm")
         qkv = g.linear(h, at.qkv_proj, f"layers.{i}.qkv_proj")
@@ -105,6 +109,7 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype) -> onnx.Mod
         (act,) = g.op(op, [gate], f"layers.{i}.act", domain=MS, **attrs)
         (prod,) = g.op("Mul", [act, up], f"layers.{i}.mul")
         x = g.linear(prod, mlp.down_proj, f"layers.{i}.down_proj")
+    assert residual is not None  # the first layer's norm made one
     (x,) = g.op("Add", [x, residual], "residual")
     (x,) = g.op("Gather", [x, "logits_index"], "keep", axis=1)
     h, _ = norm(g, x, None, text.norm, "norm")

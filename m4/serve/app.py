@@ -39,6 +39,7 @@ from m4.media import load_image
 from m4.prompt import build_chat
 from m4.runtime.sampling import Sampling
 from m4.serve import chat
+from m4.serve.chat import ChatRequest
 from m4.serve.errors import ApiError
 from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, video_frames
 from m4.serve.metrics import Metrics
@@ -210,13 +211,14 @@ class Server:
     def room(self, cap: int, asked: int | None) -> int:
         return min(asked or self.settings.max_tokens, cap)
 
-    async def chat_work(self, req: chat.ChatRequest):
+    async def chat_work(self, req: ChatRequest):
         """The job for a chat without a session, and its prompt's length. Media are fetched and
         checked here; image pixels are decoded on the worker, when the model needs them."""
         if len([m for m in req.media if m.kind == "image"]) > self.settings.max_images:
             raise ApiError(400, f"too many images: {len(req.media)}, at most {self.settings.max_images} per request "
                            "(m4 serve --max-images)", "too_many_images")
-        images, counts = [], []  # images: (opened image, its request field)
+        images: list[tuple[Image.Image, str]] = []  # (opened image, its request field)
+        counts: list[int] = []
         for turn in req.turns:
             n = len(images)
             for m in turn.media:
@@ -239,7 +241,7 @@ class Server:
             pictures = [decode(img, where) for img, where in images]
             answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed))
             return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
-        work.limit, work.ready = limit, None
+        work.limit, work.ready = limit, None  # type: ignore[attr-defined]  # what the scheduler reads
         return work
 
     def session_work(self, session, question: str, limit: int, sampling: Sampling = Sampling()):
@@ -258,7 +260,7 @@ class Server:
                 return {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
             return decoding(answer, live.tokenizer, end)
         # one question at a time per context: a second one waits for the answer before it
-        work.limit, work.ready = limit, lambda: not live.answering
+        work.limit, work.ready = limit, lambda: not live.answering  # type: ignore[attr-defined]
         return work
 
     # -- sessions --------------------------------------------------------------------------
@@ -367,7 +369,7 @@ async def json_body(request: Request):
 
 # -- the application ------------------------------------------------------------------------
 
-def create_app(settings: Settings, model, name: str | None = None) -> FastAPI:
+def create_app(settings: Settings, model, name: str | None = None) -> Guard:
     """The ASGI app over a loaded model; `name` is what /v1/models calls it (default: --model)."""
     server = Server(settings, model, name or settings.model)
 

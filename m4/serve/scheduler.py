@@ -42,7 +42,7 @@ class Decode:
 
 
 class Job:
-    def __init__(self, work: Callable[[], object], deliver: Callable[[object], None],
+    def __init__(self, work: Callable[[], object], deliver: Callable[[object], object],
                  ready: Callable[[], bool] | None):
         self.work, self.deliver, self.ready = work, deliver, ready or (lambda: True)
         self.decode: Decode | None = None
@@ -69,7 +69,7 @@ class Scheduler:
     def depth(self) -> int:
         return self.jobs.qsize() + len(self.held)
 
-    def submit(self, work: Callable[[], object], deliver: Callable[[object], None],
+    def submit(self, work: Callable[[], object], deliver: Callable[[object], object],
                ready: Callable[[], bool] | None = None) -> Job:
         """Queue `work`; `deliver` gets what it returns (or, where that is a Decode, the items
         of its answer), then END; or the exception it raised. A job starts once `ready()`
@@ -144,6 +144,7 @@ class Scheduler:
                 fail(job, e)
             return
         for answer, job in list(self.decoding.items()):
+            assert job.decode is not None  # a decoding job has its Decode
             try:
                 if answer in tokens and (item := job.decode.token(tokens[answer])) is not None:
                     job.deliver(item)

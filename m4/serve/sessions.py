@@ -107,7 +107,7 @@ class Sessions:
         s = Session(source, window, fps, self.max_fps, live)
         self.open[s.id] = s
         self.metrics.sessions.set(len(self.open))
-        if opened is not None:
+        if source is not None and opened is not None:
             s.reader = Latest(source, opened)
             threading.Thread(target=self._read, args=(s,), name=f"m4-{s.id}", daemon=True).start()
         return s
@@ -184,6 +184,7 @@ class Sessions:
 
     def _read(self, s: Session) -> None:
         """A source session's reader: frames at its fps, offered to the model, the late dropped."""
+        assert s.reader is not None  # started for a session with a source
         for f in sample_rate(s.reader.frames(), s.fps):
             if s.closed:
                 break
