@@ -35,8 +35,9 @@ from m4.model.rope import rope_table
 MS = "com.microsoft"
 OPSET = 18
 # the MLP's activation as one contrib op: silu is x * sigmoid(1.0 * x)
-ACT: dict[str, tuple[str, dict[str, Any]]] = {"silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
-       "gelu": ("Gelu", {}), "gelu_pytorch_tanh": ("FastGelu", {}), "gelu_new": ("FastGelu", {})}
+ACT: dict[str, tuple[str, dict[str, Any]]] = {
+    "silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
+    "gelu": ("Gelu", {}), "gelu_pytorch_tanh": ("FastGelu", {}), "gelu_new": ("FastGelu", {})}
 ELEM = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 
 

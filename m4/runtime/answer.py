@@ -96,8 +96,10 @@ def choose(logits: Logits, answers: list[Answer], host: Callable[[Logits], np.nd
     the others are sampled on the host, `host` bringing their rows there. A constraint on
     an answer's tokens belongs here, masking its row before either."""
     greedy = [i for i, a in enumerate(answers) if a.sampling.greedy]
-    picked = logits.argmax(-1) if len(greedy) == len(answers) else logits[greedy].argmax(-1)
-    tokens = dict(zip(greedy, (int(t) for t in picked.tolist())))
+    tokens: dict[int, int] = {}
+    if greedy:
+        rows = logits if len(greedy) == len(answers) else logits[greedy]
+        tokens = dict(zip(greedy, (int(t) for t in rows.argmax(-1).tolist())))
     for i, a in enumerate(answers):
         if i not in tokens:
             tokens[i] = sample(host(logits[i]), a.sampling, a.rng)

@@ -67,7 +67,8 @@ class BundleBackend(ABC):
 
     def rows(self, embeds: np.ndarray, positions: list[int], caches: list[Any]) -> np.ndarray:
         """Here one context after another; a backend whose graph takes a batch runs them as one."""
-        return np.concatenate([self.logits(embeds[i:i + 1], p, c, True) for i, (p, c) in enumerate(zip(positions, caches))])
+        return np.concatenate([self.logits(embeds[i:i + 1], p, c, True)
+                               for i, (p, c) in enumerate(zip(positions, caches))])
 
     def check_positions(self, max_len: int) -> None:
         if max_len > self.arch.text.max_positions:

@@ -31,9 +31,9 @@ class Context:
     def append(self, kind: str, embeds: Embeddings, lengths: list[int] | None = None,
                after: int | None = None) -> Logits:
         """Prefill `embeds` (T, H) at the end of the cache -> the last position's logits
-        (1, vocab), where the backend computed them. `after`: the segments from that index on are dropped first (the cache
-        is written over in place); `lengths` records the prefill as several segments (the
-        frames of a window refilled together)."""
+        (1, vocab), where the backend computed them. `after`: the segments from that index
+        on are dropped first (the cache is written over in place); `lengths` records the
+        prefill as several segments (the frames of a window refilled together)."""
         if after is not None:
             self.rollback(after)
         n = embeds.shape[0]

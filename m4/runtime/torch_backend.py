@@ -2,8 +2,8 @@
 
 A backend does two things, encode images and run the decoder on embeddings against its
 cache; everything above it (prompts, contexts, sampling) is backend-independent. Embeddings
-stay in the backend's own arrays (here torch tensors on its device); logits come back as
-numpy for the sampler.
+and the runtime's logits stay in the backend's own arrays (here torch tensors on its
+device): a greedy token is picked there, and only sampled rows come to the host.
 
 On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or weight-only
 INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
@@ -14,9 +14,10 @@ length seen before on a cache (a live frame's tokens, the frames re-prefilled af
 eviction) through a static step and its graph like a token's: eager, such a chunk is
 launch-bound too, while a one-off prompt would not repay a capture.
 
-With static steps, caches are sized up to a multiple of CACHE_BUCKET (m4.runtime.backend) and a released one is
-kept (SPARE_CACHES of them, with their graphs) for the next context of its size: `ask`
-makes a context per question, and capturing a graph for each would cost more than decoding.
+With static steps, caches are sized up to a multiple of CACHE_BUCKET (m4.runtime.backend)
+and a released one is kept (SPARE_CACHES of them, with their graphs) for the next context of
+its size: `ask` makes a context per question, and capturing a graph for each would cost
+more than decoding.
 """
 
 from __future__ import annotations
