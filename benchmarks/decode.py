@@ -115,10 +115,11 @@ def m4_start(b, ids: list[int], n: int):
     """Prefill `ids`; a function that decodes the next greedy token (picked by the backend,
     as the runtime's answers are)."""
     cache = b.new_cache(len(ids) + n)
-    state = {"token": b.forward(b.embed_tokens(ids), 0, cache, greedy=True), "pos": len(ids)}
+    state = {"token": int(b.forward(b.embed_tokens(ids), 0, cache)[-1].argmax()), "pos": len(ids)}
 
     def step():
-        state["token"] = b.forward(b.embed_tokens([state["token"]]), state["pos"], cache, greedy=True)
+        logits = b.decode(b.embed_tokens([state["token"]]), [state["pos"]], [cache])
+        state["token"] = int(logits.argmax(-1).tolist()[0])
         state["pos"] += 1
     return step
 

@@ -45,7 +45,7 @@ from m4.media import preprocess
 from m4.model.config import PRESETS
 from m4.model.int8 import Int8Linear
 from m4.runtime.context import Context
-from m4.runtime.torch_backend import CACHE_BUCKET
+from m4.runtime.backend import CACHE_BUCKET
 
 CONTEXTS = [512, 6000]
 NEW_TOKENS = 64
@@ -104,7 +104,7 @@ def replay_ms(model, length: int, repeats: int = 200) -> float:
     ctx = Context(b, length + 1)
     ctx.append("prompt", b.embed_tokens(text_ids(model.tokenizer, length)))
     ctx.append("answer", b.embed_tokens([0]))  # captures the cache's graph
-    return cuda_us(b.step_graphs[ctx.cache.k.data_ptr(), 1].graph.replay, repeats) / 1e3
+    return cuda_us(b.graphs.graphs[b.graphs.key([ctx.cache], 1)].graph.replay, repeats) / 1e3
 
 
 def m4_vision(model, frames) -> dict:

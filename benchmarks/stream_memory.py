@@ -35,7 +35,8 @@ def caches(lives: list) -> tuple[int, int]:
     size = lives[0].stats["cache_size"]
     if getattr(lives[0].ctx.cache, "page", None) is None:
         return size, len(lives)
-    from m4.runtime.onnx_backend import CACHE_BUCKET, SLOTS
+    from m4.runtime.backend import CACHE_BUCKET
+    from m4.runtime.onnx_backend import SLOTS
 
     size = min(-(-size // CACHE_BUCKET) * CACHE_BUCKET, lives[0].arch.text.max_positions - 1) + 1
     return size, -(-len(lives) // SLOTS) * SLOTS

@@ -59,7 +59,7 @@ def start(ctx: Context, question: list[int], n: int) -> Answer:
     """The question prefilled after the history, as a live context's start does: an answer of
     exactly n tokens (no stop set) whose closing rolls the question back."""
     mark, t0 = ctx.mark(), time.perf_counter()
-    first = ctx.append("question", ctx.backend.embed_tokens(question), greedy=True)
+    first = ctx.append("question", ctx.backend.embed_tokens(question))
     return Answer(ctx, first, n, set(), stats={}, started=t0, mark=mark)
 
 

@@ -20,6 +20,7 @@ from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template
 from m4.resolve import DEMO_BUNDLE, resolve
 from m4.runtime.answer import Answer, Batch
 from m4.runtime.backend import Backend, embed_parts
+from m4.runtime.bundle_backend import BundleBackend
 from m4.runtime.context import Context
 from m4.runtime.live import LiveContext
 from m4.runtime.sampling import Sampling
@@ -80,7 +81,7 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
                  TEMPLATES[template] if template else detect_template(tokenizer), path)
 
 
-def bundle_backend(model: str, path: Path, backend: str, device: str, threads: int | None):
+def bundle_backend(model: str, path: Path, backend: str, device: str, threads: int | None) -> BundleBackend:
     """TensorRT where asked, or under auto where the bundle's engines run here; else ONNX Runtime."""
     if backend not in ("auto", "onnx", "trt"):
         raise M4Error(f"{model} is an ONNX bundle: use backend auto, onnx or trt")
@@ -129,6 +130,7 @@ class Model:
             tiles = [tile(p, self.arch.vision.image_size) for p in pictures]
             text = expand_placeholders(text, [len(t) for t in tiles])
             pictures = [t for ts in tiles for t in ts]
+        assert self.arch.image_token_id is not None  # a loaded model's config names it
         p = build(self.template, self.tokenizer, self.arch.image_token_id, self.arch.tokens_per_image,
                   text, len(pictures))
         return p, pictures
@@ -146,22 +148,21 @@ class Model:
                            self.processing)
 
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
-               patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+               patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling()) -> Iterator[int]:
         """The answer's token ids, yielded as they are decoded; timings land in `stats`. The
         answer ends where the model's positions do, if max_new_tokens would pass them."""
         p, pictures = self.prepare(text, images, video, views, patches)
-        yield from self.generate(p, pictures, max_new_tokens, temperature, top_p, seed)
+        yield from self.generate(p, pictures, max_new_tokens, sampling)
 
-    def generate(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+    def generate(self, p: Prompt, pictures: list, max_new_tokens: int = 128,
+                 sampling: Sampling = Sampling()) -> Iterator[int]:
         """The answer's token ids to a prompt built elsewhere (m4.prompt.build_chat: several
         turns) over its decoded pictures, as `tokens` answers its own."""
         self.stats.clear()  # in place: callers may hold this dict
-        yield from self.start(p, pictures, max_new_tokens, temperature, top_p, seed, self.stats).alone()
+        yield from self.start(p, pictures, max_new_tokens, sampling, self.stats).alone()
 
-    def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None, stats: dict | None = None) -> Answer:
+    def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+              stats: dict | None = None) -> Answer:
         """The prompt encoded and prefilled in a context of its own, its first token chosen:
         an Answer to decode alone or in a Batch with others (m4.runtime.answer). Its timings
         land in `stats` (default: a dict of its own, `answer.stats`)."""
@@ -170,8 +171,7 @@ class Model:
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
         ctx = Context(self.backend, len(p.ids) + max_new_tokens)
-        sampling = Sampling(temperature, top_p, seed)
-        logits = ctx.append("prompt", embeds, greedy=sampling.greedy)
+        logits = ctx.append("prompt", embeds)
         t2 = time.perf_counter()
         stats = {} if stats is None else stats
         stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
@@ -188,16 +188,16 @@ class Model:
         return min(max_new_tokens, limit - prompt_tokens)
 
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
-            patches: bool = False, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-            seed: int | None = None, stream: bool = False):
+            patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
+            stream: bool = False):
         """The answer as a string, or with stream=True an iterator of text pieces."""
-        ids = self.tokens(text, images, video, views, patches, max_new_tokens, temperature, top_p, seed)
+        ids = self.tokens(text, images, video, views, patches, max_new_tokens, sampling)
         pieces = self.tokenizer.detokenize(ids)
         return pieces if stream else "".join(pieces)
 
 
 def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int | None = None,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None) -> list[str]:
+                 sampling: Sampling = Sampling()) -> list[str]:
     """Questions to several live contexts (several cameras), answered together: one batched
     decode step carries the next token of every answer, so N answers read the weights once a
     token, not N times. Each answer is the one its context gives alone; each context's
@@ -206,7 +206,7 @@ def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int |
     batch, answers = Batch(), []
     try:
         for live, q in asked:
-            answers.append(batch.join(live.start(q, max_new_tokens, temperature, top_p, seed)))
+            answers.append(batch.join(live.start(q, max_new_tokens, sampling)))
         tokens: dict[int, list[int]] = {id(a): [] for a in answers}
         while len(batch):
             for a, token in batch.step():

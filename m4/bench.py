@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -177,11 +178,12 @@ class HF:
         from m4.tokenizer import Tokenizer
 
         self.torch, self.device = torch, device
-        self.arch = Arch.from_dir(path)
-        self.tokenizer = Tokenizer.from_dir(path)
+        self.arch = Arch.from_dir(Path(path))
+        self.tokenizer = Tokenizer.from_dir(Path(path))
         dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        # transformers types Module.to through a decorator that takes the model as its first argument
         self.model = transformers.LlavaForConditionalGeneration.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+            path, dtype=dtype, attn_implementation="sdpa").to(device).eval()  # type: ignore[arg-type]
         size = self.arch.vision.image_size
         self.processor = transformers.LlavaProcessor(
             image_processor=transformers.SiglipImageProcessorPil(size={"height": size, "width": size}),
@@ -236,6 +238,8 @@ def hf_decode(hf: HF, c: BenchConfig) -> list[dict]:
 # -- one backend in its own process ---------------------------------------------------------
 
 def worker(backend: str, c: BenchConfig) -> list[dict]:
+    runner: Any  # HF or m4's Model, which `run`'s functions take
+    run: dict[str, Callable[[Any, BenchConfig], Any]]
     if backend == "hf":
         runner, dtype = HF(c.model, c.device), None
         run = {"stream": hf_stream, "images": hf_images, "decode": hf_decode}
@@ -243,7 +247,8 @@ def worker(backend: str, c: BenchConfig) -> list[dict]:
     else:
         import m4
 
-        runner = m4.load(c.bundle if backend in ("onnx", "trt") else c.model, backend=backend, device=c.device)
+        runner = m4.load(c.bundle or c.model if backend in ("onnx", "trt") else c.model, backend=backend,
+                         device=c.device)
         run = {"stream": m4_stream, "images": m4_images, "decode": m4_decode}
         dtype = str(getattr(runner.backend, "dtype", "float32")).removeprefix("torch.").replace("float", "fp")
     records = []

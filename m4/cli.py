@@ -61,17 +61,19 @@ def run(
     from m4.api import load
     from m4 import run as r
     from m4.media import is_live
+    from m4.runtime.sampling import Sampling
 
     r.check_sources(video or [])
     m = load(model, backend=backend, device=device, window=window * max(1, len(video or [])))
-    generation = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    generation = dict(max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, seed))
     prompts = prompt or []
     if not video:
         r.run_still(m, prompts, {"images": images or None, "views": views or None, "patches": patches},
-                    r.Out(as_json), generation)
+                    r.SourceOutput(as_json), generation)
     elif any(map(is_live, video)) or every or max_frames or duration:
-        r.run_stream(m, video, r.StreamConfig(prompts, window, fps, every, max_frames, duration, not approximate,
-                                              as_json, generation, stats))
+        r.run_stream(m, video, r.StreamConfig(prompts=prompts, window=window, fps=fps, every=every,
+                                              max_frames=max_frames, duration=duration, exact=not approximate,
+                                              as_json=as_json, generation=generation, stats=stats))
     else:
         r.run_clips(m, video, prompts, window, as_json, generation)
 
@@ -306,7 +308,7 @@ def bench(
     from m4.report import plot_bench, print_bench
 
     names = backends.split(",")
-    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights, names), backends=names,
+    c = b.BenchConfig(model=b.prepare_model(model, preset, random_weights, tuple(names)), backends=names,
                       workloads=list(b.WORKLOADS) if workload == "all" else workload.split(","),
                       frames=frames, window=window, every=every, images=images, new_tokens=new_tokens,
                       contexts=[int(x) for x in contexts.split(",")], repeats=repeats, device=device)
@@ -355,9 +357,11 @@ def serve(
     """Serve the model over HTTP: OpenAI-compatible chat, live sessions, a web page at /, /metrics."""
     from m4.serve.settings import check_bind
 
-    settings = S(model, backend, device, host, port, api_key, insecure, max_sessions, session_ttl, max_fps,
-                 max_body_mb, max_pixels, max_images, max_tokens, max_queue, video_frames, allow_urls,
-                 allow_private_urls)
+    settings = S(model=model, backend=backend, device=device, host=host, port=port, api_key=api_key,
+                 insecure=insecure, max_sessions=max_sessions, session_ttl=session_ttl, max_fps=max_fps,
+                 max_body_mb=max_body_mb, max_pixels=max_pixels, max_images=max_images, max_tokens=max_tokens,
+                 max_queue=max_queue, video_frames=video_frames, allow_urls=allow_urls,
+                 allow_private_urls=allow_private_urls)
     check_bind(host, api_key, insecure)  # before the model loads: a refusal is immediate
     try:
         from m4.serve.app import serve as run_server

@@ -213,7 +213,7 @@ def summarise(rows: list[tuple[str, str, float]]) -> dict:
     def mean(scores):
         return round(sum(scores) / len(scores), 6)
 
-    groups = {"by_scenario": defaultdict(list), "by_task": defaultdict(list)}
+    groups: dict[str, defaultdict[str, list[float]]] = {"by_scenario": defaultdict(list), "by_task": defaultdict(list)}
     for task, scenario, s in rows:
         groups["by_task"][task].append(s)
         groups["by_scenario"][scenario].append(s)

@@ -47,7 +47,7 @@ class Template:
 
     def stop_ids(self, tokenizer: Tokenizer) -> set[int]:
         """The ids of the stop tokens that this tokenizer has."""
-        return {tokenizer.token_id(s) for s in self.stop} - {None}
+        return {i for s in self.stop if (i := tokenizer.token_id(s)) is not None}
 
 
 TEMPLATES = {
@@ -167,7 +167,9 @@ def tokenize(parts: list[Part], tokenizer: Tokenizer, image_token_id: int, token
             joined[-1] += p
         else:
             joined.append(p)
-    text, ids, out = [], [], []
+    text: list[str] = []
+    ids: list[int] = []
+    out: list[list[int] | int] = []
     for p in joined:
         if isinstance(p, int):
             text.append(IMAGE)

@@ -192,7 +192,7 @@ def load_records(path: Path, root: Path, skipped: Skipped | None = None) -> list
     for _, rec, bad in scan(path, root):
         if bad and skipped is None:
             raise BadRecord(path, *bad)
-        if bad:
+        if bad and skipped is not None:
             skipped.add(*bad)
         else:
             good.append(rec)

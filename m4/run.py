@@ -66,7 +66,7 @@ def source_labels(specs: list[str]) -> list[str]:
 
 
 @dataclass
-class Out:
+class SourceOutput:
     """Where one source's output goes: its JSON events carry its label, and its text answers
     and messages start with it when the run has several sources."""
 
@@ -81,7 +81,7 @@ class Out:
         say(self.prefix + message)
 
 
-def answer(pieces: Iterable[str], question: str, stats: dict, out: Out, log: StreamLog | None = None) -> None:
+def answer(pieces: Iterable[str], question: str, stats: dict, out: SourceOutput, log: StreamLog | None = None) -> None:
     """An answer's text pieces streamed, or one event with its `stats` once it has ended."""
     if out.as_json:
         text = "".join(pieces)
@@ -97,12 +97,12 @@ def answer(pieces: Iterable[str], question: str, stats: dict, out: Out, log: Str
         log.answered(stats)
 
 
-def run_still(model, prompts: list[str], inputs: dict, out: Out, generation: dict) -> None:
+def run_still(model, prompts: list[str], inputs: dict, out: SourceOutput, generation: dict) -> None:
     for q in questions(prompts):
         answer(model.ask(q, stream=True, **inputs, **generation), q, model.stats, out)
 
 
-def run_clip(model, spec: str, prompts: list[str], window: int, out: Out, generation: dict) -> None:
+def run_clip(model, spec: str, prompts: list[str], window: int, out: SourceOutput, generation: dict) -> None:
     frames = sample_uniform(spec, window)
     if out.as_json:
         for f in frames:
@@ -124,9 +124,9 @@ def run_clips(model, specs: list[str], prompts: list[str], window: int, as_json:
         run_clip(model, spec, prompts, window, out, generation)
 
 
-def outs(specs: list[str], as_json: bool) -> list[Out]:
+def outs(specs: list[str], as_json: bool) -> list[SourceOutput]:
     several = len(specs) > 1
-    return [Out(as_json, label, f"[{label}] " if several else "") for label in source_labels(specs)]
+    return [SourceOutput(as_json, label, f"[{label}] " if several else "") for label in source_labels(specs)]
 
 
 def typed_questions() -> queue.Queue:
@@ -205,10 +205,10 @@ OPEN = {Stage.READING, Stage.ENDED}
 class Feed:
     """One source of a streaming run: its reader, sampler, live context, log, clock and stage."""
 
-    def __init__(self, model, spec: str, opened, out: Out, c: StreamConfig, wake: threading.Event):
+    def __init__(self, model, spec: str, opened, out: SourceOutput, c: StreamConfig, wake: threading.Event):
         generation = dict(c.generation)
         self.live = model.stream(window=c.window, exact=c.exact, max_new_tokens=generation.pop("max_new_tokens"))
-        self.generation = generation  # temperature, top_p, seed
+        self.generation = generation  # sampling
         self.questions: list[str] = []  # due, not yet asked
         self.asking: Asking | None = None  # the question being answered
         self.opened, self.out, self.c = opened, out, c
@@ -239,6 +239,7 @@ class Feed:
     def next(self) -> Frame | None:
         """The next frame to take, or None when there is none yet; at the end, ENDED."""
         if self.reader is None:  # a file or the demo: read on demand, nothing is dropped
+            assert self.pulled is not None  # made where there is no reader
             f = next(self.pulled, None)
             if f is None:
                 self.move(Stage.ENDED)
@@ -252,7 +253,7 @@ class Feed:
         self.log.taken += 1
         return f if self.rate.keep(f.t) else None
 
-    def took(self, f: Frame) -> list[str]:
+    def frame_entered(self, f: Frame) -> list[str]:
         """Log a frame that entered the context; the questions then due; stop at the run's limits."""
         c, stats = self.c, self.live.stats
         self.log.frames += 1
@@ -313,7 +314,7 @@ class Asking:
     text: list[str] = field(default_factory=list)
 
 
-class Rounds:
+class StreamLoop:
     """The streaming run over its sources: frames in, questions asked, one batched decode
     step a round for every answer under way. A live source's frames that come meanwhile
     are dropped by its reader, never queued."""
@@ -345,7 +346,7 @@ class Rounds:
                  and (f := feed.next()) is not None]
         add_frames([(feed.live, f.image) for feed, f in taken])
         for feed, f in taken:
-            feed.questions += feed.took(f)
+            feed.questions += feed.frame_entered(f)
         while taken and self.typed is not None and not self.typed.empty():  # asked of every source with frames
             q = self.typed.get()
             for feed in self.feeds:
@@ -360,20 +361,21 @@ class Rounds:
             sys.stdout.write(feed.out.prefix)
 
     def step(self) -> None:
-        by_answer = {id(f.asking.answer): f for f in self.feeds if f.asking}
+        by_answer = {id(f.asking.answer): (f, f.asking) for f in self.feeds if f.asking}
         for answer, token in self.batch.step():
-            feed = by_answer[id(answer)]
-            piece = feed.asking.piece(token)
-            feed.asking.text.append(piece)
+            asking = by_answer[id(answer)][1]
+            piece = asking.piece(token)
+            asking.text.append(piece)
             if self.streaming and piece:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
-        for feed in by_answer.values():
-            if feed.asking.answer not in self.batch:  # it ended
+        for feed, asking in by_answer.values():
+            if asking.answer not in self.batch:  # it ended
                 self.answered(feed)
 
     def answered(self, feed: Feed) -> None:
         asking, feed.asking = feed.asking, None
+        assert asking is not None  # called for a feed whose answer ended
         if self.streaming:
             sys.stdout.write("\n")
             feed.log.answered(asking.answer.stats)
@@ -394,13 +396,13 @@ class Rounds:
 def run_stream(model, specs: list[str], c: StreamConfig) -> None:
     wake = threading.Event()
     feeds = open_feeds(model, specs, c, wake)
-    rounds = Rounds(feeds, typed_questions() if not c.prompts and sys.stdin.isatty() else None, wake)
+    loop = StreamLoop(feeds, typed_questions() if not c.prompts and sys.stdin.isatty() else None, wake)
     try:
-        rounds.run()
+        loop.run()
     except KeyboardInterrupt:
         say("interrupted")
-        rounds.interrupt()
-        rounds.run()  # the end of each stream is asked about too
+        loop.interrupt()
+        loop.run()  # the end of each stream is asked about too
     finally:
         for feed in feeds:
             feed.close()

@@ -33,7 +33,7 @@ def scenario(model):
     twin = feed(model.stream(window=2, max_new_tokens=N), frames[4:7])  # c after that frame
     p, pics = model.prepare("What changed between <image> and <image>?", images=frames[7:9])
     alone = {"a": list(a.tokens("What is happening?")), "b": list(b.tokens("Which way does it move?", 6)),
-             "c": list(twin.tokens("What colour is it?", temperature=0.8, seed=1)),
+             "c": list(twin.tokens("What colour is it?", sampling=m4.Sampling(0.8, seed=1))),
              "p": list(model.start(p, pics, N).alone())}
 
     batch, got = Batch(), {}
@@ -56,7 +56,7 @@ def scenario(model):
     step(2)
     c.add_frame(frames[6])  # evicts while the others decode
     batch.leave(pa)  # its client left: the others go on
-    join("c", c.start("What colour is it?", temperature=0.8, seed=1))  # sampled beside greedy rows
+    join("c", c.start("What colour is it?", sampling=m4.Sampling(0.8, seed=1)))  # sampled beside greedy rows
     while len(batch):
         step()
     return got, alone, (a, b, c)
@@ -69,7 +69,7 @@ def check(got, alone, lives):
     a, b, c = lives  # the batch left no trace in any of them
     assert list(a.tokens("What is happening?")) == alone["a"]
     assert list(b.tokens("Which way does it move?", 6)) == alone["b"]
-    assert list(c.tokens("What colour is it?", temperature=0.8, seed=1)) == alone["c"]
+    assert list(c.tokens("What colour is it?", sampling=m4.Sampling(0.8, seed=1))) == alone["c"]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

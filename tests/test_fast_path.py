@@ -10,6 +10,7 @@ import m4
 from m4.media import preprocess
 from m4.model.int8 import Int8Linear
 from m4.runtime import torch_backend
+from m4.runtime.backend import CACHE_BUCKET
 from m4.runtime.torch_backend import TorchBackend
 
 from conftest import VARIANTS, random_images
@@ -39,16 +40,16 @@ def test_static_caches_are_reused(checkpoints):
     b = with_backend(checkpoints["gqa-tied-last-full"], decode="static").backend
     first = b.new_cache(10)
     ptr = first.k.data_ptr()
-    assert first.max_len == torch_backend.CACHE_BUCKET
+    assert first.max_len == CACHE_BUCKET
     del first
-    again = b.new_cache(torch_backend.CACHE_BUCKET)
+    again = b.new_cache(CACHE_BUCKET)
     assert again.k.data_ptr() == ptr
     assert b.new_cache(10).k.data_ptr() != ptr  # `again` still holds it
-    bigger = b.new_cache(torch_backend.CACHE_BUCKET + 1)
-    assert bigger.max_len == 2 * torch_backend.CACHE_BUCKET
+    bigger = b.new_cache(CACHE_BUCKET + 1)
+    assert bigger.max_len == 2 * CACHE_BUCKET
     for n in (3, 4, 5):  # each let go at once: the pool keeps the latest few
-        b.new_cache(n * torch_backend.CACHE_BUCKET)
-    assert [c.max_len // torch_backend.CACHE_BUCKET for c in b.spare] == [4, 5][-torch_backend.SPARE_CACHES:]
+        b.new_cache(n * CACHE_BUCKET)
+    assert [c.max_len // CACHE_BUCKET for c in b.spare] == [4, 5][-torch_backend.SPARE_CACHES:]
 
 
 @pytest.mark.parametrize("variant", ["gqa-untied-penult-full", "mha-tied-last-default"])
@@ -78,7 +79,7 @@ def test_chunked_prefill_equals_one_pass(checkpoints, monkeypatch):
     p, pictures = model.prepare(QUESTIONS[2], random_images(2, seed=1), None, None, False)
     b, embeds = model.backend, model.embed(p, pictures)
     whole = b.forward(embeds, 0, b.new_cache(len(p.ids)), last_only=False)
-    monkeypatch.setattr(torch_backend, "PREFILL_CHUNK", 7)
+    monkeypatch.setattr(torch_backend, "TORCH_PREFILL_CHUNK", 7)
     chunked = b.forward(embeds, 0, b.new_cache(len(p.ids)), last_only=False)
     # fp32 sums in another order: 1.2e-5 apart on logits of ~3 (AMD EPYC); a wrong mask or
     # position in a chunk moves them by more than 1e-2

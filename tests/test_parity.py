@@ -125,19 +125,18 @@ def test_clip_checkpoint_reads_its_image_processor(tmp_path, oracle):
 
 
 def test_greedy_answers_pick_tokens_where_the_logits_are(checkpoints):
-    """Greedy decoding asks the backend for token ids, never for the vocabulary's logits;
-    sampling asks for logits. The greedy id is the argmax of those logits."""
+    """Greedy decoding never brings the vocabulary's logits to the host (the token id is
+    picked where they are); sampling brings them. The greedy id is the argmax of the logits."""
     model = m4.load(checkpoints["gqa-tied-last-full"], backend="torch")
-    calls, forward = [], model.backend.forward
-    model.backend.forward = lambda *a, **kw: calls.append(kw.get("greedy", False)) or forward(*a, **kw)
+    calls, host = [], model.backend.host
+    model.backend.host = lambda logits: calls.append(logits.shape) or host(logits)
     images = random_images(1, seed=3)
     greedy = list(model.tokens(QUESTIONS[1], images=images, max_new_tokens=6))
-    assert len(calls) == 6 and all(calls)
-    calls.clear()
-    list(model.tokens(QUESTIONS[1], images=images, max_new_tokens=6, temperature=0.7, seed=1))
-    assert calls and not any(calls)
+    assert len(greedy) == 6 and not calls
+    list(model.tokens(QUESTIONS[1], images=images, max_new_tokens=6, sampling=m4.Sampling(0.7, seed=1)))
+    assert calls
     b = model.backend
     p, pictures = model.prepare(QUESTIONS[1], images)
     embeds = model.embed(p, pictures)
-    assert forward(embeds, 0, b.new_cache(len(p.ids)), greedy=True) == greedy[0] == \
-        int(forward(embeds, 0, b.new_cache(len(p.ids)))[-1].argmax())
+    assert b.prefill(embeds, 0, b.new_cache(len(p.ids))).argmax(-1).tolist() == [greedy[0]] == \
+        [int(b.forward(embeds, 0, b.new_cache(len(p.ids)))[-1].argmax())]

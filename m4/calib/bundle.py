@@ -26,7 +26,7 @@ from rich.table import Table
 import m4
 from m4.atomic import atomic_directory
 from m4.bundle_format import (DECODER_WEIGHTS, MANIFEST, ORT_DECODER, PREFILL_CHUNK, VISION_WEIGHTS, file_record,
-                              is_bundle)
+                              is_bundle, read_manifest)
 from m4.calib import decoder as dec
 from m4.calib.data import load_samples
 from m4.calib.measure import answers_equal, measure_decoder, measure_vision
@@ -86,8 +86,8 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
     check(bundle, out, vision, decoder, method, samples)
     if bench is not None:
         load_bench(Path(bench))  # a bad bench is one line before any work
-    ref = m4.load(bundle)
-    m = ref.backend.manifest
+    ref = m4.load(str(bundle))
+    m = read_manifest(bundle)
     if m.get("quantisation"):
         raise M4Error(f"{bundle} is already quantised: calibrate a float bundle")
     if m["dtype"] != "fp32" and (vision != "none" or decoder not in BITS):
@@ -120,7 +120,7 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
         write_manifest(tmp, m, str(bundle), quant, record)
         report = {"bundle": str(out), "float_bundle": str(bundle), "quantisation": quant, "calibration": record,
                   "machine": machine(), "size_bytes": sizes(bundle, tmp),
-                  **measure(step, ref, m4.load(tmp), quant, test, test_prompts, test_pixels)}
+                  **measure(step, ref, m4.load(str(tmp)), quant, test, test_prompts, test_pixels)}
         if bench is not None:
             report["task_accuracy"] = step(f"score both bundles on {bench}", task_accuracy, bundle, tmp,
                                            Path(bench), bench_limit)

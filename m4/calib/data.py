@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from m4.errors import M4Error
 from m4.media import DemoScene, load_image, sample_uniform
 from m4.records import Skipped, as_list, in_front, load_records
@@ -66,7 +68,8 @@ def demo_samples(n: int) -> list[Sample]:
 def folder_samples(path: Path, n: int) -> list[Sample]:
     """Each video a clip, images one or two at a time (in name order, subfolders too)."""
     files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
-    out, pending = [], []
+    out: list[Sample] = []
+    pending: list[Image.Image] = []
     for f in files:
         if len(out) >= n:
             break
@@ -87,7 +90,8 @@ def folder_samples(path: Path, n: int) -> list[Sample]:
 
 def json_samples(path: Path, n: int) -> list[Sample]:
     """The first question of each record, with its images or video frames as training sees them."""
-    out, skipped = [], Skipped()
+    out: list[Sample] = []
+    skipped = Skipped()
     records = load_records(path, path.parent, skipped)
     if skipped.total:
         print(f"m4: warning: {path}: {skipped.summary()}", file=sys.stderr)

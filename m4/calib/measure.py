@@ -118,7 +118,8 @@ def decoding(backend, embeds: np.ndarray) -> Callable[[], float]:
 def timed(f, q) -> tuple[float, float]:
     """Median seconds of f and of q, run alternately after one warm-up each."""
     f(), q()
-    tf, tq = [], []
+    tf: list[float] = []
+    tq: list[float] = []
     for _ in range(REPEATS):
         for fn, ts in ((f, tf), (q, tq)):
             t = time.perf_counter()

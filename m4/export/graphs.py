@@ -38,7 +38,8 @@ class PastCache:
 
     def __init__(self, past: list[torch.Tensor], past_len: torch.Tensor):
         self.past, self.past_len = past, past_len
-        self.new_keys, self.new_values = [], []
+        self.new_keys: list[torch.Tensor] = []
+        self.new_values: list[torch.Tensor] = []
 
     def mask(self, input_pos: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Additive masks: each row's past positions below its past_len (B, 1, 1, M: one row

@@ -18,6 +18,7 @@ buffers, with each row's new positions written.
 """
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -29,14 +30,15 @@ from m4.errors import M4Error
 from m4.export.tensors import NUMPY, Tensors
 from m4.export.weights import Weights, matmul_nbits, quantised_linear
 from m4.model.config import TextArch
-from m4.model.decoder import Decoder
+from m4.model.decoder import Decoder, Layer
 from m4.model.rope import rope_table
 
 MS = "com.microsoft"
 OPSET = 18
 # the MLP's activation as one contrib op: silu is x * sigmoid(1.0 * x)
-ACT = {"silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
-       "gelu": ("Gelu", {}), "gelu_pytorch_tanh": ("FastGelu", {}), "gelu_new": ("FastGelu", {})}
+ACT: dict[str, tuple[str, dict[str, Any]]] = {
+    "silu": ("QuickGelu", {"alpha": 1.0}), "quick_gelu": ("QuickGelu", {"alpha": 1.702}),
+    "gelu": ("Gelu", {}), "gelu_pytorch_tanh": ("FastGelu", {}), "gelu_new": ("FastGelu", {})}
 ELEM = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16}
 
 
@@ -53,7 +55,8 @@ class Builder:
 
     def __init__(self, weights: Weights, tensors: Tensors, bits: int | None):
         self.weights, self.tensors, self.bits = weights, tensors, bits
-        self.nodes, self.initializers = [], []
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
         self.quantised = 0
 
     def param(self, name: str) -> str:
@@ -64,7 +67,7 @@ class Builder:
         self.initializers.append(numpy_helper.from_array(a, name))
         return name
 
-    def op(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs) -> list[str]:
+    def op(self, op: str, inputs: list[str], name: str, outputs: int = 1, domain: str = "", **attrs: Any) -> list[str]:
         outs = [f"{name}/out{k}" for k in range(outputs)]
         self.nodes.append(helper.make_node(op, inputs, outs, name=name, domain=domain, **attrs))
         return outs
@@ -92,7 +95,8 @@ class Builder:
 
 def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype, g: Builder) -> onnx.ModelProto:
     """The graph over `text`'s structure (its tensors may be on the meta device)."""
-    a = text.layers[0].self_attn
+    layers = cast(list[Layer], list(text.layers))
+    a = layers[0].self_attn
     if arch.act not in ACT:
         raise M4Error(f"activation {arch.act!r} has no ONNX Runtime contrib op here")
     d = a.head_dim
@@ -107,7 +111,7 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype, g: Builder)
     cos, sin = (g.const(n, t[:, :d // 2].astype(NUMPY[dtype])) for n, t in zip(("cos_cache", "sin_cache"), rope_table(arch)))
 
     x, residual = "inputs_embeds", None
-    for i, layer in enumerate(text.layers):
+    for i, layer in enumerate(layers):
         at, mlp = layer.self_attn, layer.mlp
         p = f"text.layers.{i}"
         h, residual = norm(g, x, residual, layer.input_layernorm, f"{p}.input_layernorm")
@@ -124,6 +128,7 @@ def decoder_graph(text: Decoder, arch: TextArch, dtype: torch.dtype, g: Builder)
         (act,) = g.op(op, [gate], f"layers.{i}.act", domain=MS, **attrs)
         (prod,) = g.op("Mul", [act, up], f"layers.{i}.mul")
         x = g.linear(prod, mlp.down_proj, f"{p}.mlp.down_proj")
+    assert residual is not None  # the first layer's norm made one
     (x,) = g.op("Add", [x, residual], "residual")
     (x,) = g.op("Gather", [x, "logits_index"], "keep", axis=1)
     h, _ = norm(g, x, None, text.norm, "text.norm")

@@ -192,7 +192,8 @@ def _triple(cfg: dict, field: str, default, where: str) -> tuple[float, float, f
     v = [v] * 3 if isinstance(v, (int, float)) else v
     if not (isinstance(v, (list, tuple)) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v)):
         raise M4Error(f"{where}: {field} {v!r}: expected one number or three")
-    return tuple(float(x) for x in v)
+    a, b, c = (float(x) for x in v)
+    return a, b, c
 
 
 def preprocess(images: Sequence[ImageLike] | ImageLike, processing: "ImageProcessing | int") -> np.ndarray:

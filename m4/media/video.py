@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import av
+from av.video.stream import VideoStream
 import numpy as np
 
 from m4.errors import M4Error
@@ -174,17 +175,20 @@ class RateSampler:
     def __init__(self, fps: float):
         if fps <= 0:
             raise M4Error(f"frame rate must be positive, got {fps}")
-        self.period, self.due = 1.0 / fps, None
+        self.period = 1.0 / fps
+        self.due: float | None = None
 
     def keep(self, t: float) -> bool:
-        self.due = t if self.due is None else self.due
+        due = t if self.due is None else self.due
         # tolerance: summed periods drift above exact timestamps (0.1 + 0.1 + 0.1 > 0.3)
-        if t + 1e-6 < self.due:
+        if t + 1e-6 < due:
+            self.due = due
             return False
-        self.due += self.period
+        due += self.period
         # after a gap (a stalled stream) skip the missed slots instead of bursting through them
-        while self.due <= t + 1e-6:
-            self.due += self.period
+        while due <= t + 1e-6:
+            due += self.period
+        self.due = due
         return True
 
 
@@ -201,6 +205,7 @@ def write_video(path: str | Path, frames: Iterable[np.ndarray], fps: float) -> N
     codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        assert isinstance(stream, VideoStream)  # a video codec's
         stream.height, stream.width = first.shape[:2]
         stream.pix_fmt = "yuv420p"
         for img in itertools.chain([first], frames):

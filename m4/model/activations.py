@@ -1,9 +1,11 @@
 """Activation functions by their config.json names."""
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),

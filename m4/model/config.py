@@ -12,6 +12,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from m4.errors import M4Error
 
@@ -129,7 +130,7 @@ class Arch:
 
     # -- transformers' config.json -------------------------------------------------------
 
-    def to_hf(self) -> dict:
+    def to_hf(self) -> dict[str, Any]:
         """A config.json dict that `LlavaConfig(**d)` accepts."""
         layer = self.feature_layers[0] if len(self.feature_layers) == 1 else list(self.feature_layers)
         return {
@@ -147,7 +148,7 @@ class Arch:
         }
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> Arch:
+    def from_hf(cls, cfg: dict[str, Any]) -> Arch:
         """Read a LLaVA config.json (transformers 4.x and 5.x spellings)."""
         kind = cfg.get("model_type")
         if kind in OTHER_ARCHITECTURES:
@@ -176,7 +177,7 @@ class Arch:
         except (json.JSONDecodeError, TypeError, AttributeError) as e:
             raise M4Error(f"cannot read {f}: {e}") from None
 
-    def replace(self, **kw) -> Arch:
+    def replace(self, **kw: Any) -> Arch:
         return dataclasses.replace(self, **kw)
 
 
@@ -188,14 +189,14 @@ VISION_DEFAULTS = {"siglip": {"hidden_act": "gelu_pytorch_tanh", "layer_norm_eps
                    "clip": {"hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}}
 
 
-def vision_to_hf(v: VisionArch) -> dict:
+def vision_to_hf(v: VisionArch) -> dict[str, Any]:
     return {"model_type": f"{v.kind}_vision_model", "hidden_size": v.hidden, "num_hidden_layers": v.layers,
             "num_attention_heads": v.heads, "intermediate_size": v.mlp, "image_size": v.image_size,
             "patch_size": v.patch_size, "hidden_act": v.act, "layer_norm_eps": v.eps,
             **({"vision_use_head": False} if v.kind == "siglip" else {})}
 
 
-def vision_from_hf(vc: dict) -> VisionArch:
+def vision_from_hf(vc: dict[str, Any]) -> VisionArch:
     kind = VISION_TYPES.get(vc.get("model_type", "siglip_vision_model"))
     if kind is None:
         raise M4Error(f"unsupported vision tower {vc.get('model_type')!r}: m4 runs SigLIP and CLIP")
@@ -208,7 +209,7 @@ def vision_from_hf(vc: dict) -> VisionArch:
         kind=kind)
 
 
-def text_to_hf(t: TextArch) -> dict:
+def text_to_hf(t: TextArch) -> dict[str, Any]:
     d = {"model_type": t.kind, "hidden_size": t.hidden, "num_hidden_layers": t.layers,
          "num_attention_heads": t.heads, "num_key_value_heads": t.kv_heads, "intermediate_size": t.mlp,
          "vocab_size": t.vocab, "tie_word_embeddings": t.tied, "rms_norm_eps": t.eps, "hidden_act": t.act,
@@ -224,7 +225,7 @@ def text_to_hf(t: TextArch) -> dict:
     return d
 
 
-def text_from_hf(tc: dict, cfg: dict) -> TextArch:
+def text_from_hf(tc: dict[str, Any], cfg: dict[str, Any]) -> TextArch:
     kind = tc.get("model_type", "qwen2")
     if kind not in ("qwen2", "llama"):
         raise M4Error(f"unsupported decoder {kind!r}: m4 runs Qwen2 and Llama")

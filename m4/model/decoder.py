@@ -21,6 +21,7 @@ new keys.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,8 @@ class KVCache:
             return None
         return (torch.arange(self.max_len, device=input_pos.device) <= input_pos[:, None]).repeat(groups, 1)
 
-    def attend(self, layer: int, q, k, v, input_pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
         """q (1, heads, T, D), k and v (1, kv_heads, T, D) -> (1, heads, T, D)."""
         keys, values = self.k[layer], self.v[layer]
         keys.index_copy_(2, input_pos, k)
@@ -79,9 +81,21 @@ class Rows:
         """Each row's mask over its own cache, made once for every layer."""
         return [c.mask(input_pos[b], groups) for b, c in enumerate(self.caches)]
 
-    def attend(self, layer: int, q, k, v, input_pos: torch.Tensor, mask) -> torch.Tensor:
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: list[torch.Tensor | None]) -> torch.Tensor:
         return torch.cat([c.attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], input_pos[b], mask[b])
                           for b, c in enumerate(self.caches)])
+
+
+class Cache(Protocol):
+    """Where a forward's keys and values go (KVCache, Rows, decoder.onnx's past-and-new)."""
+
+    def mask(self, input_pos: torch.Tensor, groups: int) -> Any:
+        """Made once per forward, handed to every layer's `attend`."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor,
+               mask: Any) -> torch.Tensor:
+        """Store the new keys and values; the attention output."""
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -115,13 +129,15 @@ class Attention(nn.Module):
         self.qkv_proj = FusedLinear(a.hidden, {"q_proj": q, "k_proj": kv, "v_proj": kv}, bias=a.qkv_bias)
         self.o_proj = nn.Linear(q, a.hidden, bias=a.o_bias)
 
-    def forward(self, x, cos, sin, cache, input_pos, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache, input_pos: torch.Tensor,
+                mask: Any) -> torch.Tensor:
         b, t, _ = x.shape
         h, kv = self.heads, self.kv_heads
-        qk, v = self.qkv_proj(x).view(b, t, h + 2 * kv, self.head_dim).transpose(1, 2).split([h + kv, kv], dim=1)
-        q, k = rotate(qk, cos, sin).split([h, kv], dim=1)  # queries and keys in one rotation
+        qk, v = torch.split(self.qkv_proj(x).view(b, t, h + 2 * kv, self.head_dim).transpose(1, 2), [h + kv, kv], dim=1)
+        q, k = torch.split(rotate(qk, cos, sin), [h, kv], dim=1)  # queries and keys in one rotation
         y = cache.attend(self.layer, q, k, v, input_pos, mask)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        out: torch.Tensor = self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
+        return out
 
 
 class MLP(nn.Module):
@@ -133,7 +149,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        out: torch.Tensor = self.down_proj(self.act(gate) * up)
+        return out
 
 
 class Layer(nn.Module):
@@ -144,12 +161,17 @@ class Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(a.hidden, a.eps)
         self.mlp = MLP(a)
 
-    def forward(self, x, cos, sin, cache, input_pos, mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: Cache, input_pos: torch.Tensor,
+                mask: Any) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, input_pos, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class Decoder(nn.Module):
+    cos: torch.Tensor  # buffers, registered below
+    sin: torch.Tensor
+
     def __init__(self, a: TextArch):
         super().__init__()
         self.arch, self.groups = a, a.heads // a.kv_heads
@@ -161,7 +183,7 @@ class Decoder(nn.Module):
         self.register_buffer("cos", torch.from_numpy(cos), persistent=False)
         self.register_buffer("sin", torch.from_numpy(sin), persistent=False)
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cache,
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, cache: Cache,
                 logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings (B, T, H) at positions `input_pos`, (T,) shared by the rows or (B, T),
         -> logits (B, K, vocab) of the positions `logits_index` (K,) (None: every one)."""
@@ -173,4 +195,5 @@ class Decoder(nn.Module):
             x = layer(x, cos, sin, cache, input_pos, mask)
         if logits_index is not None:
             x = x.index_select(1, logits_index)
-        return self.lm_head(self.norm(x))
+        out: torch.Tensor = self.lm_head(self.norm(x))
+        return out

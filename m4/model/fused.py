@@ -6,6 +6,8 @@ Checkpoints keep the projections apart; `parts` names them as the checkpoint doe
 their output sizes, so loading concatenates them and saving splits them again.
 """
 
+from collections.abc import Iterator
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ class FusedLinear(nn.Linear):
         self.parts = parts
 
 
-def fused(model: nn.Module):
+def fused(model: nn.Module) -> Iterator[tuple[str, str, str, FusedLinear]]:
     """(the parent module's name, the fused tensor's name, "weight" or "bias", the module)
     for every fused tensor of `model`."""
     for name, module in model.named_modules():
@@ -30,5 +32,5 @@ def fused(model: nn.Module):
 def split_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """The model's fused tensors -> the checkpoint's separate ones, in place."""
     for prefix, key, kind, module in fused(model):
-        for part, t in zip(module.parts, state.pop(key).split(list(module.parts.values()))):
+        for part, t in zip(module.parts, torch.split(state.pop(key), list(module.parts.values()))):
             state[f"{prefix}.{part}.{kind}"] = t

@@ -11,6 +11,9 @@ GEMV_ROWS = 16  # up to this many rows (decode) use the fused int8 kernel; prefi
 
 
 class Int8Linear(nn.Module):
+    weight: torch.Tensor  # buffers, registered below
+    scale: torch.Tensor
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         w = linear.weight.detach().float()

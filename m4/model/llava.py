@@ -17,7 +17,8 @@ class Projector(nn.Module):
         self.act = ACTIVATIONS[arch.projector_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(x)))
+        out: torch.Tensor = self.linear_2(self.act(self.linear_1(x)))
+        return out
 
 
 class LLaVA(nn.Module):
@@ -34,7 +35,9 @@ class LLaVA(nn.Module):
         features = torch.cat([states[k] for k in self.arch.feature_states], dim=-1)
         if self.arch.strategy == "default":  # drop the first token (CLIP's class token)
             features = features[:, 1:]
-        return self.projector(features)
+        out: torch.Tensor = self.projector(features)
+        return out
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.text.embed_tokens(ids)
+        out: torch.Tensor = self.text.embed_tokens(ids)
+        return out

@@ -42,4 +42,5 @@ def rope_table(a: TextArch, positions: np.ndarray | None = None) -> tuple[np.nda
 def rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x (..., D) rotated by the angles whose cos and sin are given: x*cos + rotate_half(x)*sin."""
     half = x.shape[-1] // 2
-    return x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+    out: np.ndarray = x * cos + np.concatenate([-x[..., half:], x[..., :half]], axis=-1) * sin
+    return out

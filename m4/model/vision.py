@@ -28,7 +28,8 @@ class Embeddings(nn.Module):
         x = self.patch_embedding(pixels).flatten(2).transpose(1, 2)
         if self.class_embedding is not None:
             x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1)
-        return x + self.position_embedding.weight
+        out: torch.Tensor = x + self.position_embedding.weight
+        return out
 
 
 class Attention(nn.Module):
@@ -42,7 +43,8 @@ class Attention(nn.Module):
         n, p, c = x.shape
         q, k, v = self.qkv_proj(x).view(n, p, 3 * self.heads, c // self.heads).transpose(1, 2).chunk(3, dim=1)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(y.transpose(1, 2).reshape(n, p, c))
+        out: torch.Tensor = self.out_proj(y.transpose(1, 2).reshape(n, p, c))
+        return out
 
 
 class MLP(nn.Module):
@@ -52,7 +54,8 @@ class MLP(nn.Module):
         self.act = ACTIVATIONS[a.act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        out: torch.Tensor = self.fc2(self.act(self.fc1(x)))
+        return out
 
 
 class Layer(nn.Module):
@@ -65,7 +68,8 @@ class Layer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        out: torch.Tensor = x + self.mlp(self.layer_norm2(x))
+        return out
 
 
 class VisionTower(nn.Module):

@@ -10,10 +10,11 @@ steps. Each answer's tokens are the ones it gets alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from m4.runtime.backend import Logits
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling, sample
 
@@ -27,47 +28,49 @@ class Answer:
     Decoded alone (`alone`) or with other contexts' answers, one batched step for all
     (`Batch` below): the tokens are the same either way. The answer is kept in the
     cache as a segment; `close` rolls the context back to `mark` where one was given (a
-    question and its answer leave no trace)."""
+    question and its answer leave no trace). `first`: the prompt's last logits (1, vocab)
+    (Context.append's), from which its first token is chosen."""
 
-    def __init__(self, ctx: Context, first: np.ndarray | int, max_new_tokens: int, stop_ids: set[int],
-                 sampling: Sampling = Sampling(), stats: dict | None = None, started: float | None = None,
-                 mark: int | None = None):
-        self.ctx, self.left, self.stop_ids, self.sampling, self.mark = ctx, max_new_tokens, stop_ids, sampling, mark
+    def __init__(self, ctx: Context, first: Logits, max_new_tokens: int, stop_ids: set[int],
+                 sampling: Sampling = Sampling(), stats: dict[str, float] | None = None,
+                 started: float | None = None, mark: int | None = None):
+        self.ctx, self.remaining, self.stop_ids, self.sampling, self.mark = (ctx, max_new_tokens, stop_ids,
+                                                                             sampling, mark)
         self.stats = {} if stats is None else stats  # ttft_ms (from `started`), decode_tok_s, new_tokens
         for k in ANSWER_STATS:
             self.stats.pop(k, None)
         self.started = time.perf_counter() if started is None else started
         self.rng = np.random.default_rng(sampling.seed)
-        self.count, self.last, self.first_at = 0, None, 0.0
+        self.count, self.first_at = 0, 0.0
+        self.last = 0  # the token given out last, which the next step feeds
         self.pending: int | None = None  # chosen, not yet given out
         self.done = False
-        self.take(first)
+        self.accept(choose(first, [self], ctx.backend.host)[0])
 
-    def take(self, out: np.ndarray | int) -> None:
-        """The next token from a step's logits (or greedy id); a stop token ends the answer."""
-        token = out if isinstance(out, (int, np.integer)) else sample(out, self.sampling, self.rng)
-        if self.left <= 0 or token in self.stop_ids:
+    def accept(self, token: int) -> None:
+        """The token a step chose for it; a stop token (or no room left) ends the answer."""
+        if self.remaining <= 0 or token in self.stop_ids:
             self.finish()
             return
         if self.count == 0:
             self.first_at = time.perf_counter()
             self.stats["ttft_ms"] = (self.first_at - self.started) * 1e3
         self.count += 1
-        self.left -= 1
-        self.pending = int(token)
+        self.remaining -= 1
+        self.pending = token
 
-    def give(self) -> int | None:
+    def next_token(self) -> int | None:
         """The token chosen last, once; the answer ends with it when no more may follow (the
         last token needs no forward pass)."""
         token, self.pending = self.pending, None
         if token is not None:
             self.last = token
-            if self.left == 0:
+            if self.remaining == 0:
                 self.finish()
         return token
 
     @property
-    def stepping(self) -> bool:
+    def needs_step(self) -> bool:
         """Whether its next token needs a decode step (its last one was given out)."""
         return not self.done and self.pending is None
 
@@ -86,28 +89,42 @@ class Answer:
             self.mark = None
 
     def alone(self) -> Iterator[int]:
-        while (token := self.give()) is not None:
+        while (token := self.next_token()) is not None:
             yield token
-            if self.stepping:
+            if self.needs_step:
                 decode_step([self])
+
+
+def choose(logits: Logits, answers: list[Answer], host: Callable[[Logits], np.ndarray]) -> list[int]:
+    """Each answer's next token from its row of `logits` (B, vocab): the one place a token
+    is chosen, the first (from the prompt's logits) and every decode step's. Greedy rows take
+    the argmax where the logits are (a GPU's stay there: the host receives one id a row);
+    the others are sampled on the host, `host` bringing their rows there. A constraint on
+    an answer's tokens belongs here, masking its row before either."""
+    greedy = [i for i, a in enumerate(answers) if a.sampling.greedy]
+    tokens: dict[int, int] = {}
+    if greedy:
+        rows = logits if len(greedy) == len(answers) else logits[greedy]
+        tokens = dict(zip(greedy, (int(t) for t in rows.argmax(-1).tolist())))
+    for i, a in enumerate(answers):
+        if i not in tokens:
+            tokens[i] = sample(host(logits[i]), a.sampling, a.rng)
+    return [tokens[i] for i in range(len(answers))]
 
 
 def decode_step(answers: list[Answer]) -> None:
     """One decode step for answers whose last token was given out, on one backend: their
-    last tokens enter their contexts and each takes its next. Several run as one batched
-    step (the weights read once); one alone runs the context's own step (on CUDA, its graph)."""
-    if len(answers) == 1:
-        a = answers[0]
-        a.take(a.ctx.append("answer", a.ctx.backend.embed_tokens([a.last]), greedy=a.sampling.greedy))
-        return
+    last tokens enter their contexts and each takes its next, through the backend's one
+    decode entry (one answer alone: its context's own step, on CUDA its graph; several: one
+    batched step, the weights read once)."""
     backend = answers[0].ctx.backend
     for a in answers:
         a.ctx.check_room(1)
-    out = backend.decode(backend.embed_tokens([a.last for a in answers]), [a.ctx.length for a in answers],
-                         [a.ctx.cache for a in answers], greedy=all(a.sampling.greedy for a in answers))
-    for a, o in zip(answers, out):
+    logits = backend.decode(backend.embed_tokens([a.last for a in answers]), [a.ctx.length for a in answers],
+                            [a.ctx.cache for a in answers])
+    for a, token in zip(answers, choose(logits, answers, backend.host)):
         a.ctx.record("answer", [1])
-        a.take(o)
+        a.accept(token)
 
 
 class Batch:
@@ -115,7 +132,7 @@ class Batch:
     worker, a robotics loop) alternates `step` with other model work: a frame for a context
     that is not answering, a new question's prefill that then joins."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.answers: list[Answer] = []
 
     def __len__(self) -> int:
@@ -141,11 +158,11 @@ class Batch:
         (closed)."""
         groups: dict[int, list[Answer]] = {}
         for a in self.answers:
-            if a.stepping:
+            if a.needs_step:
                 groups.setdefault(id(a.ctx.backend), []).append(a)
         for group in groups.values():
             decode_step(group)
-        tokens = [(a, t) for a in self.answers if (t := a.give()) is not None]
+        tokens = [(a, t) for a in self.answers if (t := a.next_token()) is not None]
         for a in [a for a in self.answers if a.done]:
             self.leave(a)
         return tokens

@@ -1,21 +1,35 @@
 """What a backend is: the interface the context, the live context and the API run on.
 
 A backend encodes images and runs the decoder on embeddings against its cache (torch, ONNX
-Runtime, TensorRT). Embeddings and caches are the backend's own arrays (torch tensors on its
-device, numpy arrays, GPU buffers): nothing above it looks inside them, it only passes them
-back. Logits come back as float32 numpy for the sampler.
+Runtime, TensorRT). Embeddings, caches and a decode step's logits are the backend's own
+arrays (torch tensors on its device, numpy arrays, GPU buffers): nothing above it looks
+inside them, it only passes them back: the runtime's logits stay where the backend computed
+them, so that a greedy token is picked there; `forward` returns float32 numpy logits (for
+measurements and tests).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from m4.errors import M4Error
 from m4.model.config import Arch
 
 Embeddings = Any  # (T, H) or (n, tokens_per_image, H) in the backend's arrays
 Cache = Any  # one context's preallocated KV cache, made by new_cache
+Logits = Any  # (B, vocab) logits of a prefill or a decode step, where the backend computed them
+
+# Pooled caches (torch's static steps, ONNX Runtime's pages) are sized up to a multiple of
+# this: contexts of near sizes reuse one buffer, and a step that reads the whole buffer masks
+# at most this many positions more than it needs.
+CACHE_BUCKET = 256
+
+
+def bucketed(max_len: int) -> int:
+    """max_len rounded up to a multiple of CACHE_BUCKET."""
+    return -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
 
 
 class Backend(Protocol):
@@ -38,14 +52,23 @@ class Backend(Protocol):
         """Embeddings (T, H) at positions [pos, pos + T), written into the cache -> float32
         logits of the last position (1, vocab), or of every position (T, vocab)."""
 
-    def decode(self, embeds: Embeddings, positions: list[int], caches: list[Cache],
-               greedy: bool = False) -> np.ndarray | list[int]:
-        """One decode step of several contexts: row i's token (embeds[i]) at positions[i] of
-        caches[i], written into it -> float32 logits (B, vocab), or with `greedy` each row's
-        most likely token. Each row's equal what `forward` gives that context alone; the
-        weights are read once for all rows where the backend can batch them."""
+    def prefill(self, embeds: Embeddings, pos: int, cache: Cache) -> Logits:
+        """Embeddings (T, H) at positions [pos, pos + T), written into the cache -> the last
+        position's logits (1, vocab) in the backend's arrays."""
+
+    def decode(self, embeds: Embeddings, positions: list[int], caches: list[Cache]) -> Logits:
+        """One decode step of any number of contexts: row i's token (embeds[i]) at
+        positions[i] of caches[i], written into it -> logits (B, vocab) in the backend's
+        arrays. One row runs its context's own step, a prefill of one token (on CUDA, the
+        graph captured for its cache); several read the weights once for all rows where the backend can batch them.
+        Each row's logits equal what `forward` gives that context alone."""
+
+    def host(self, logits: Logits) -> np.ndarray:
+        """`prefill`'s or `decode`'s logits (or some of their rows) as float32 numpy, for
+        the sampler."""
 
 
+@runtime_checkable
 class Shifting(Backend, Protocol):
     """A backend that can also evict approximately (Context.shift_out): not every one can."""
 
@@ -53,7 +76,14 @@ class Shifting(Backend, Protocol):
         """Move cached positions [start, end) to [start - by, end - by), keys re-rotated."""
 
 
-def embed_parts(backend: Backend, parts: list[list[int] | int], images) -> Embeddings:
+def shifting(backend: Backend) -> Shifting:
+    """The backend, as one that can evict approximately (an M4Error where it cannot)."""
+    if not isinstance(backend, Shifting):
+        raise M4Error(f"approximate eviction is not available on the {backend.name} backend")
+    return backend
+
+
+def embed_parts(backend: Backend, parts: list[list[int] | int], images: Any) -> Embeddings:
     """Prompt parts (m4.prompt) -> the decoder's input embeddings: text runs looked up, image
     slots filled from `images` (encoded embeddings, indexed by the slot's image index)."""
     return backend.concat([backend.embed_tokens(x) if isinstance(x, list) else images[x] for x in parts])

@@ -3,8 +3,10 @@ the token embedding table, and prefill in chunks. numpy only (no torch)."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -12,7 +14,11 @@ from m4.bundle_format import DTYPES, PREFILL_CHUNK, manifest_arch, read_manifest
 from m4.errors import M4Error
 
 
-class BundleBackend:
+class BundleBackend(ABC):
+    """A Backend (m4.runtime.backend) over a bundle; its subclasses run the graphs."""
+
+    name: str
+
     def __init__(self, path: Path):
         path = Path(path)
         self.manifest = read_manifest(path)
@@ -22,29 +28,47 @@ class BundleBackend:
         self.table = np.load(path / "embed_tokens.npy", mmap_mode="r")
         self.chunk = PREFILL_CHUNK
 
+    @abstractmethod
+    def encode_images(self, pixels: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
+
+    @abstractmethod
+    def new_cache(self, max_len: int) -> Any:
+        """A cache of max_len positions."""
+
     def embed_tokens(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self.table[ids], dtype=self.dtype)
 
     def concat(self, parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts)
 
-    def forward(self, embeds: np.ndarray, pos: int, cache, last_only: bool = True,
-                greedy: bool = False) -> np.ndarray | int:
-        """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab), or
-        with `greedy` the last position's most likely token (its logits are on the host)."""
-        logits = self.logits(embeds, pos, cache, last_only or greedy)
-        return int(np.argmax(logits[-1])) if greedy else logits
+    def forward(self, embeds: np.ndarray, pos: int, cache: Any, last_only: bool = True) -> np.ndarray:
+        """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
+        return self.logits(embeds, pos, cache, last_only)
 
-    def decode(self, embeds: np.ndarray, positions: list[int], caches: list,
-               greedy: bool = False) -> np.ndarray | list[int]:
-        """One decode step of several contexts -> float32 logits (B, vocab), or with `greedy`
-        each row's most likely token (the logits are on the host)."""
-        logits = self.logits_of_rows(embeds, positions, caches)
-        return logits.argmax(-1).tolist() if greedy else logits
+    def prefill(self, embeds: np.ndarray, pos: int, cache: Any) -> np.ndarray:
+        """Embeddings (T, H) at positions [pos, pos + T) -> the last position's float32
+        logits (1, vocab)."""
+        return self.logits(embeds, pos, cache, True)
 
-    def logits_of_rows(self, embeds: np.ndarray, positions: list[int], caches: list) -> np.ndarray:
+    def decode(self, embeds: np.ndarray, positions: list[int], caches: list[Any]) -> np.ndarray:
+        """One decode step of any number of contexts -> float32 logits (B, vocab) on the host.
+        One row runs its context's own step; several, as `rows` batches them."""
+        if len(caches) == 1:
+            return self.prefill(embeds, positions[0], caches[0])
+        return self.rows(embeds, positions, caches)
+
+    def host(self, logits: np.ndarray) -> np.ndarray:
+        return logits
+
+    @abstractmethod
+    def logits(self, embeds: np.ndarray, pos: int, cache: Any, last_only: bool) -> np.ndarray:
+        """Embeddings (T, H) at positions [pos, pos + T) of one context -> float32 logits."""
+
+    def rows(self, embeds: np.ndarray, positions: list[int], caches: list[Any]) -> np.ndarray:
         """Here one context after another; a backend whose graph takes a batch runs them as one."""
-        return np.concatenate([self.logits(embeds[i:i + 1], p, c) for i, (p, c) in enumerate(zip(positions, caches))])
+        return np.concatenate([self.logits(embeds[i:i + 1], p, c, True)
+                               for i, (p, c) in enumerate(zip(positions, caches))])
 
     def check_positions(self, max_len: int) -> None:
         if max_len > self.arch.text.max_positions:

@@ -7,10 +7,8 @@ so rolling back is forgetting lengths, never copying.
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from m4.errors import M4Error
-from m4.runtime.backend import Backend, Embeddings
+from m4.runtime.backend import Backend, Embeddings, Logits, shifting
 
 
 @dataclass
@@ -31,15 +29,18 @@ class Context:
         self.length = 0
 
     def append(self, kind: str, embeds: Embeddings, lengths: list[int] | None = None,
-               greedy: bool = False) -> np.ndarray | int:
-        """Prefill `embeds` (T, H) after what the cache holds; the last position's logits, or
-        with `greedy` its most likely token (picked where the backend's logits are).
-        `lengths` records one prefill as several segments (frames refilled together)."""
+               after: int | None = None) -> Logits:
+        """Prefill `embeds` (T, H) at the end of the cache -> the last position's logits
+        (1, vocab), where the backend computed them. `after`: the segments from that index
+        on are dropped first (the cache is written over in place); `lengths` records the
+        prefill as several segments (the frames of a window refilled together)."""
+        if after is not None:
+            self.rollback(after)
         n = embeds.shape[0]
         self.check_room(n)
-        out = self.backend.forward(embeds, self.length, self.cache, greedy=greedy)
+        logits = self.backend.prefill(embeds, self.length, self.cache)
         self.record(kind, lengths or [n])
-        return out if greedy else out[-1]
+        return logits
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.max_len:
@@ -56,7 +57,7 @@ class Context:
         what they saw of the dropped one, so answers can differ from a fresh prefill."""
         start = sum(s.length for s in self.segments[:index])
         gone = self.segments.pop(index).length
-        self.backend.shift(self.cache, start + gone, self.length, gone)
+        shifting(self.backend).shift(self.cache, start + gone, self.length, gone)
         self.length -= gone
 
     def mark(self) -> int:

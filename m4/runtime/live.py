@@ -25,9 +25,10 @@ import numpy as np
 
 from m4.errors import M4Error
 from m4.media import ImageProcessing, preprocess
-from m4.prompt import IMAGE, Template, image_parts, tokenize
+from m4.media.image import ImageLike
+from m4.prompt import IMAGE, Part, Prompt, Template, image_parts, tokenize
 from m4.runtime.answer import Answer
-from m4.runtime.backend import Backend, embed_parts
+from m4.runtime.backend import Backend, Embeddings, embed_parts, shifting
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
 from m4.tokenizer import Tokenizer
@@ -43,8 +44,8 @@ class LiveContext:
                  exact: bool = True, max_new_tokens: int = 128, processing: ImageProcessing | None = None):
         if window < 1:
             raise M4Error("the window must hold at least one frame")
-        if not exact and not hasattr(backend, "shift"):
-            raise M4Error(f"approximate eviction is not available on the {backend.name} backend")
+        if not exact:
+            shifting(backend)  # says in one line where it cannot
         self.backend, self.tokenizer, self.template, self.arch = backend, tokenizer, template, backend.arch
         self.window, self.exact, self.max_new_tokens = window, exact, max_new_tokens
         self.processing = processing or ImageProcessing.for_tower(self.arch.vision.kind, self.arch.vision.image_size)
@@ -67,55 +68,53 @@ class LiveContext:
                           f"context holds {self.arch.text.max_positions}: use a smaller window")
         self.ctx = Context(backend, size)
         self.ctx.append("prefix", embed_parts(backend, self.prefix.parts, None))
-        self.frames: list = []  # embeddings of the frames in the window, oldest first
+        self.frames: list[Embeddings] = []  # embeddings of the frames in the window, oldest first
         self.stats: dict[str, float] = {"frames_seen": 0, "cache_tokens": self.ctx.length, "cache_size": size}
 
-    def _tokenize(self, parts):
+    def _tokenize(self, parts: list[Part]) -> Prompt:
+        assert self.arch.image_token_id is not None  # a loaded model's config names it
         return tokenize(parts, self.tokenizer, self.arch.image_token_id, self.arch.tokens_per_image)
 
-    def _embed_slots(self, first: int, count: int):
+    def _embed_slots(self, first: int, count: int) -> Embeddings:
         """Embeddings of window slots [first, first + count) holding their frames."""
         parts = [p for i in range(first, first + count) for p in self.slots[i].parts]
         return embed_parts(self.backend, parts, dict(enumerate(self.frames)))
 
-    def add_frame(self, frame) -> None:
+    def add_frame(self, frame: ImageLike) -> None:
         """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
         add_frames([(self, frame)])
 
-    def _enter(self, embeds, started: float, preprocess_ms: float, vision_ms: float) -> None:
-        """An encoded frame into the window, evicting the oldest when it is full."""
+    def enter(self, embeds: Embeddings, started: float, preprocess_ms: float, vision_ms: float) -> None:
+        """An encoded frame into the window (add_frames encodes it), the oldest going when it
+        is full: one write into the context, of the new frame's slot, or under exact eviction
+        of every slot after the prefix, refilled from the cached embeddings."""
         t1 = time.perf_counter()
         self.frames.append(embeds)
-        if len(self.frames) <= self.window:
-            n = len(self.frames) - 1
-            self.ctx.append("frame", self._embed_slots(n, 1))
-        else:
+        full = len(self.frames) > self.window
+        if full:
             self.frames.pop(0)
-            if self.exact:  # refill the window from cached embeddings after the prefix
-                self.ctx.rollback(1)
-                self.ctx.append("frame", self._embed_slots(0, self.window),
-                                lengths=[len(s.ids) for s in self.slots])
-            else:
+        if full and self.exact:
+            self.ctx.append("frame", self._embed_slots(0, self.window), [len(s.ids) for s in self.slots], after=1)
+        else:
+            if full:
                 self.ctx.shift_out(1)
-                n = self.window - 1
-                self.ctx.append("frame", self._embed_slots(n, 1))
+            self.ctx.append("frame", self._embed_slots(len(self.frames) - 1, 1))
         t2 = time.perf_counter()
         self.stats.update(frames_seen=self.stats["frames_seen"] + 1, preprocess_ms=preprocess_ms,
                           vision_ms=vision_ms, frame_prefill_ms=(t2 - t1) * 1e3, ingest_ms=(t2 - started) * 1e3,
                           cache_tokens=self.ctx.length)
 
-    def tokens(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int | None = None) -> Iterator[int]:
+    def tokens(self, question: str, max_new_tokens: int | None = None,
+               sampling: Sampling = Sampling()) -> Iterator[int]:
         """The answer's token ids over the frames in the window; then the question and the
         answer are rolled back, so the next question sees only the frames."""
-        answer = self.start(question, max_new_tokens, temperature, top_p, seed)
+        answer = self.start(question, max_new_tokens, sampling)
         try:
             yield from answer.alone()
         finally:
             answer.close()
 
-    def start(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int | None = None) -> Answer:
+    def start(self, question: str, max_new_tokens: int | None = None, sampling: Sampling = Sampling()) -> Answer:
         """The question prefilled after the frames and its first token chosen: an Answer to
         decode alone or in a Batch with other contexts' (m4.runtime.answer). Closing it rolls
         the question and the answer back; no frame enters while it is open."""
@@ -130,8 +129,7 @@ class LiveContext:
             raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
         mark = self.ctx.mark()
         t0 = time.perf_counter()
-        sampling = Sampling(temperature, top_p, seed)
-        logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None), greedy=sampling.greedy)
+        logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None))
         t1 = time.perf_counter()
         self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
         return Answer(self.ctx, logits, n, self.stop_ids, sampling, self.stats, t0, mark)
@@ -141,26 +139,26 @@ class LiveContext:
         """Whether a question and its answer are in the cache (an Answer not yet closed)."""
         return any(s.kind == "question" for s in self.ctx.segments)
 
-    def ask(self, question: str, max_new_tokens: int | None = None, temperature: float = 0.0,
-            top_p: float = 1.0, seed: int | None = None, stream: bool = False):
-        pieces = self.tokenizer.detokenize(self.tokens(question, max_new_tokens, temperature, top_p, seed))
+    def ask(self, question: str, max_new_tokens: int | None = None, sampling: Sampling = Sampling(),
+            stream: bool = False) -> str | Iterator[str]:
+        pieces = self.tokenizer.detokenize(self.tokens(question, max_new_tokens, sampling))
         return pieces if stream else "".join(pieces)
 
 
-def slot_texts(parts: list) -> tuple[str, str]:
+def slot_texts(parts: list[Part]) -> tuple[str, str]:
     """An image slot's parts (text, the image's index, text) -> the text before and after it."""
     i = next(k for k, p in enumerate(parts) if isinstance(p, int))
-    return "".join(parts[:i]), "".join(parts[i + 1:])
+    return "".join(str(p) for p in parts[:i]), "".join(str(p) for p in parts[i + 1:])
 
 
-def add_frames(arrivals: list[tuple[LiveContext, object]]) -> None:
+def add_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> None:
     """Frames that arrived for several live contexts: those of one backend encoded in one
     vision call (one pass over the tower's weights), then each prefilled into its context."""
     t0 = time.perf_counter()
     for live, _ in arrivals:
         if live.answering:  # before any work: nothing enters if one cannot
             raise M4Error("a live context is answering a question: a frame enters after that answer ends")
-    by_backend: dict[int, list] = {}
+    by_backend: dict[int, list[tuple[LiveContext, ImageLike]]] = {}
     for live, frame in arrivals:
         by_backend.setdefault(id(live.backend), []).append((live, frame))
     for group in by_backend.values():
@@ -169,4 +167,4 @@ def add_frames(arrivals: list[tuple[LiveContext, object]]) -> None:
         embeds = group[0][0].backend.encode_images(pixels)
         t1 = time.perf_counter()
         for i, (live, _) in enumerate(group):
-            live._enter(embeds[i], t0, (tp - t0) * 1e3, (t1 - tp) * 1e3)
+            live.enter(embeds[i], t0, (tp - t0) * 1e3, (t1 - tp) * 1e3)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -34,10 +35,10 @@ import onnxruntime as ort
 from m4.bundle_format import ORT_DECODER, past_names, present_names
 from m4.errors import M4Error
 from m4.model.rope import rope_table, rotate
+from m4.runtime.backend import bucketed
 from m4.runtime.bundle_backend import BundleBackend
 
 SLOTS = 8  # contexts of one cache size that can decode in one batched step
-CACHE_BUCKET = 256  # pooled caches round their size up to a multiple of this (fewer pages)
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -122,7 +123,7 @@ class Page:
     Lowest free slots are taken first, which keeps the batches short. Zeroed lazily by the OS
     (calloc): a slot costs memory once written, to within a huge page at its edges."""
 
-    def __init__(self, shape: tuple, size: int, dtype: np.dtype, transposed: bool):
+    def __init__(self, shape: tuple[int, int, int], size: int, dtype: np.dtype[Any], transposed: bool):
         layers, kv, d = shape
         self.size, self.transposed = size, transposed
         self.k = np.zeros((layers, SLOTS, kv, d, size + 1) if transposed else (layers, SLOTS, kv, size + 1, d), dtype)
@@ -189,14 +190,15 @@ class OnnxBackend(BundleBackend):
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) float32 pixels -> (n, tokens_per_image, H) embeddings."""
-        return self.vision.run(None, {"pixel_values": pixels.astype(self.dtype)})[0]
+        embeds: np.ndarray = self.vision.run(None, {"pixel_values": pixels.astype(self.dtype)})[0]
+        return embeds
 
     def new_cache(self, max_len: int) -> OrtCache:
-        """A slot of a page of caches (rounded up to CACHE_BUCKET positions) where contexts
+        """A slot of a page of caches (rounded up to CACHE_BUCKET positions, m4.runtime.backend) where contexts
         can decode batched, else arrays of its own."""
         a = self.arch.text
         self.check_positions(max_len)
-        size = min(-(-max_len // CACHE_BUCKET) * CACHE_BUCKET, a.max_positions - 1)  # the spare needs an angle
+        size = min(bucketed(max_len), a.max_positions - 1)  # the spare needs an angle
         if self.batched and max_len <= size:
             page = next((p for p in self.pages if p.size == size and p.free), None)
             if page is None:
@@ -207,7 +209,7 @@ class OnnxBackend(BundleBackend):
         keys = shape if self.fused else (a.layers, a.kv_heads, a.head_dim, max_len)
         return OrtCache(np.zeros(keys, self.dtype), np.zeros(shape, self.dtype), transposed=not self.fused)
 
-    def logits(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool = True) -> np.ndarray:
+    def logits(self, embeds: np.ndarray, pos: int, cache: OrtCache, last_only: bool) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         t = embeds.shape[0]
         if pos + t > cache.max_len:
@@ -219,7 +221,7 @@ class OnnxBackend(BundleBackend):
         if self.fused:
             return self.chunked(embeds, pos, last_only,
                                 lambda piece, at, keep: self.run(self.bound(cache, len(piece), keep), piece, at, cache))
-        return self.chunked(embeds, pos, last_only, lambda piece, at, keep: self.prefill(piece, at, cache, keep))
+        return self.chunked(embeds, pos, last_only, lambda piece, at, keep: self.standard_chunk(piece, at, cache, keep))
 
     def bound(self, cache: OrtCache, t: int, index: np.ndarray) -> Bound:
         return self.binding(layer_views(cache.k, cache.v), cache.transposed, t, index)
@@ -228,7 +230,7 @@ class OnnxBackend(BundleBackend):
         return Bound(self.decoder, layers, transposed, t, index, self.arch.text.hidden, self.arch.text.vocab,
                      self.batched)
 
-    def logits_of_rows(self, embeds: np.ndarray, positions: list[int], caches: list[OrtCache]) -> np.ndarray:
+    def rows(self, embeds: np.ndarray, positions: list[int], caches: list[OrtCache]) -> np.ndarray:
         """One decode step of several contexts: row i's token (embeds[i], (H,)) at
         positions[i] of caches[i] -> float32 logits (B, vocab). The rows of one page run as
         one batch; a cache of its own runs alone."""
@@ -236,11 +238,12 @@ class OnnxBackend(BundleBackend):
         by_page: dict[int, list[int]] = {}
         for i, c in enumerate(caches):
             if c.page is None:
-                out[i] = self.logits(embeds[i:i + 1], positions[i], c)[0]
+                out[i] = self.logits(embeds[i:i + 1], positions[i], c, True)[0]
             else:
                 by_page.setdefault(id(c.page), []).append(i)
         for rows in by_page.values():
             page = caches[rows[0]].page
+            assert page is not None
             n = max(caches[i].slot for i in rows) + 1
             if n not in page.steps:
                 page.steps[n] = self.binding([a[i, :n] for i in range(len(page.k)) for a in (page.k, page.v)],
@@ -264,9 +267,10 @@ class OnnxBackend(BundleBackend):
         self.decoder.run_with_iobinding(s.binding)
         if cache.transposed:
             cache.write(pos, s.new_k[:, 0], s.new_v[:, 0])
-        return s.logits[0].astype(np.float32)
+        logits: np.ndarray = s.logits[0].astype(np.float32)
+        return logits
 
-    def prefill(self, embeds: np.ndarray, pos: int, cache: OrtCache, keep: np.ndarray) -> np.ndarray:
+    def standard_chunk(self, embeds: np.ndarray, pos: int, cache: OrtCache, keep: np.ndarray) -> np.ndarray:
         """decoder.onnx over a compact copy of [0, pos), or over the whole buffer where its
         unfilled tail costs less than that copy (roughly: an unfilled position costs each
         query a score, a filled one a copy of its keys and values): a short question after a
@@ -280,12 +284,13 @@ class OnnxBackend(BundleBackend):
                 "logits_index": keep.astype(np.int64), **dict(zip(self.past, past))}
         logits, k, v = self.decoder.run(None, feed)
         cache.write(pos, *((k[:, 0], v[:, 0]) if self.batched else (k, v)))
-        return logits[0].astype(np.float32)
+        out: np.ndarray = logits[0].astype(np.float32)
+        return out
 
     def shift(self, cache: OrtCache, start: int, end: int, by: int) -> None:
         """Move cached positions [start, end) to [start - by, end - by), keys rotated by -by
         (RoPE composes), as TorchBackend.shift does: approximate eviction for live contexts."""
-        cos, sin = rope_table(self.arch.text, [-by])
+        cos, sin = rope_table(self.arch.text, np.array([-by]))
         keys = cache.keys
         # a float32 copy: source and target overlap
         keys[:, :, start - by:end - by] = rotate(keys[:, :, start:end].astype(np.float32), cos[0], sin[0])

@@ -2,24 +2,28 @@
 
 A backend does two things, encode images and run the decoder on embeddings against its
 cache; everything above it (prompts, contexts, sampling) is backend-independent. Embeddings
-stay in the backend's own arrays (here torch tensors on its device); logits come back as
-numpy for the sampler.
+and the runtime's logits stay in the backend's own arrays (here torch tensors on its
+device): a greedy token is picked there, and only sampled rows come to the host.
 
 On CUDA (in the spirit of gpt-fast) the same model runs fast: fp16 weights, or weight-only
 INT8 decoder linears (dtype "int8"); decode steps with static shapes, captured in one CUDA
 graph per cache and replayed per token; a single frame's vision captured in a graph too (a
 live frame is launch-bound; a batch keeps the GPU busy while Python launches, and each graph
-would hold its own activations); prefill in chunks of PREFILL_CHUNK tokens, and a chunk
+would hold its own activations); prefill in chunks of TORCH_PREFILL_CHUNK tokens, and a chunk
 length seen before on a cache (a live frame's tokens, the frames re-prefilled after an
 eviction) through a static step and its graph like a token's: eager, such a chunk is
 launch-bound too, while a one-off prompt would not repay a capture.
 
-With static steps, caches are sized up to a multiple of CACHE_BUCKET and a released one is
-kept (SPARE_CACHES of them, with their graphs) for the next context of its size: `ask`
-makes a context per question, and capturing a graph for each would cost more than decoding.
+With static steps, caches are sized up to a multiple of CACHE_BUCKET (m4.runtime.backend)
+and a released one is kept (SPARE_CACHES of them, with their graphs) for the next context of
+its size: `ask` makes a context per question, and capturing a graph for each would cost
+more than decoding.
 """
 
+from __future__ import annotations
+
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +32,14 @@ import torch
 from m4.errors import M4Error
 from m4.model.checkpoint import load_model
 from m4.model.config import Arch
-from m4.model.int8 import quantise_decoder
 from m4.model.decoder import KVCache, Rows, rotate
-from m4.runtime.cuda_graph import Graphed
+from m4.model.int8 import quantise_decoder
+from m4.runtime.backend import bucketed
+from m4.runtime.cuda_graph import Graphed, Graphs
 
-PREFILL_CHUNK = 2048  # bounds the activations of a long prefill (a window of frames)
-CACHE_BUCKET = 256  # static steps read the whole buffer: rounding up costs at most this many masked tokens
+# Torch's own bound on a prefill's activations (a window of frames); the bundle backends
+# chunk by the bundle format's PREFILL_CHUNK, which their engines' profiles are built for.
+TORCH_PREFILL_CHUNK = 2048
 SPARE_CACHES = 2
 CHUNK_GRAPHS = 4  # graphs of prefill chunks kept per cache (a frame, a refilled window, ...)
 ROW_GRAPHS = 8  # graphs of batched decode steps kept, one per set of contexts
@@ -84,11 +90,9 @@ class TorchBackend:
             quantise_decoder(self.model.text)
         elif self.device == "cpu":
             column_major(self.model.text)
-        self.decoder = self.model.text  # what a static step runs (see compile)
+        self.decoder: Callable[..., torch.Tensor] = self.model.text  # what a static step runs (see compile)
         self.frame_graph: Graphed | None = None
-        self.step_graphs: dict[tuple[int, int], Graphed] = {}  # static steps, by (data_ptr of the cache's keys, T)
-        self.row_graphs: dict[tuple[int, ...], Graphed] = {}  # batched steps, by their caches' data_ptr
-        self.seen: set[tuple[int, int]] = set()  # (cache, T) of the chunks prefilled so far
+        self.graphs = Graphs(CHUNK_GRAPHS, ROW_GRAPHS)  # static steps (captured only in "graph" mode)
         self.spare: list[KVCache] = []
 
     @torch.inference_mode()
@@ -115,7 +119,7 @@ class TorchBackend:
     def new_cache(self, max_len: int) -> KVCache:
         if self.mode == "eager":
             return KVCache.empty(self.arch.text, max_len, self.dtype, self.device)
-        size = -(-max_len // CACHE_BUCKET) * CACHE_BUCKET
+        size = bucketed(max_len)
         i = next((i for i, c in enumerate(self.spare) if c.max_len == size), None)
         buffers = self.spare.pop(i) if i is not None else KVCache.empty(self.arch.text, size, self.dtype, self.device)
         cache = KVCache(buffers.k, buffers.v)
@@ -126,70 +130,60 @@ class TorchBackend:
         """A context let its cache go: keep it for the next one (stale entries are masked)."""
         self.spare.append(buffers)
         if len(self.spare) > SPARE_CACHES:
-            ptr = self.spare.pop(0).k.data_ptr()
-            self.step_graphs = {k: g for k, g in self.step_graphs.items() if k[0] != ptr}
-            self.row_graphs = {k: g for k, g in self.row_graphs.items() if ptr not in k}
-            self.seen = {k for k in self.seen if k[0] != ptr}
+            self.graphs.forget(self.spare.pop(0))
 
     @torch.inference_mode()
-    def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True,
-                greedy: bool = False) -> np.ndarray | int:
+    def forward(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool = True) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab) on
-        the host; or, `greedy`, the id of the last position's most likely token, chosen on
-        the device: the host then receives one number, not the vocabulary's logits."""
-        t = embeds.shape[0]
-        last_only = last_only or greedy
-        if self.mode != "eager" and last_only and self.repeated(cache, t):
-            logits = self.step(embeds[None], pos, cache)
-        else:
-            chunks = [self.run(embeds[None, i:i + PREFILL_CHUNK], pos + i, cache, last_only)
-                      for i in range(0, t, PREFILL_CHUNK)]
-            logits = chunks[-1] if last_only else torch.cat(chunks, dim=1)
-        if greedy:
-            return int(logits[0, -1].argmax())
-        return logits[0].float().cpu().numpy()
+        the host."""
+        return self.host(self.logits(embeds, pos, cache, last_only)[0])
 
     @torch.inference_mode()
-    def decode(self, embeds: torch.Tensor, positions: list[int], caches: list[KVCache],
-               greedy: bool = False) -> np.ndarray | list[int]:
-        """One decode step of several contexts: row i's token (embeds[i], (H,)) at
-        positions[i] of caches[i] -> float32 logits (B, vocab), or with `greedy` each row's
-        most likely token, picked on the device. One pass over the weights for all rows;
-        eager, attention reads each context's filled cache; with static steps, each whole
-        cache under its mask, so that the step for one set of contexts replays from one
-        CUDA graph at any positions."""
-        input_pos = torch.tensor(positions, device=self.device)[:, None]
-        if self.mode == "eager":
-            rows = Rows([c.prefix(p + 1) for c, p in zip(caches, positions)])
-            logits = self.model.text(embeds[:, None], input_pos, rows)[:, 0]
-        else:
-            logits = self.rows_step(embeds[:, None], input_pos, caches)
-        return logits.argmax(-1).tolist() if greedy else logits.float().cpu().numpy()
+    def prefill(self, embeds: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
+        """Embeddings (T, H) at positions [pos, pos + T) -> the last position's logits
+        (1, vocab) on the device."""
+        return self.logits(embeds, pos, cache, last_only=True)[0]
 
-    def rows_step(self, x: torch.Tensor, input_pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
-        """The static batched step: run eagerly ("static"), or the graph captured for this
-        set of caches replayed ("graph"; contexts that answer together keep answering
-        together, so a set recurs; the oldest of ROW_GRAPHS sets goes)."""
-        rows = Rows(caches)
+    @torch.inference_mode()
+    def decode(self, embeds: torch.Tensor, positions: list[int], caches: list[KVCache]) -> torch.Tensor:
+        """One decode step of any number of contexts: row i's token (embeds[i], (H,)) at
+        positions[i] of caches[i] -> logits (B, vocab) on the device. One row is its
+        context's step (on CUDA, its cache's graph); several, one pass over the weights for
+        all rows: eager, attention reads each context's filled cache; with static steps,
+        each whole cache under its mask, so that the step for one set of contexts replays
+        from one CUDA graph at any positions."""
+        if len(caches) == 1:
+            return self.prefill(embeds, positions[0], caches[0])
+        x = embeds[:, None]
+        input_pos = torch.tensor(positions, device=self.device)[:, None]
+        rows = Rows([c.prefix(p + 1) for c, p in zip(caches, positions)] if self.mode == "eager" else caches)
 
         def run(x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-            return self.model.text(x, input_pos, rows)[:, 0]
+            logits: torch.Tensor = self.model.text(x, input_pos, rows)[:, 0]
+            return logits
 
-        if self.mode == "static":
-            return run(x, input_pos)
-        key = tuple(c.k.data_ptr() for c in caches)
-        if key not in self.row_graphs:
-            if len(self.row_graphs) >= ROW_GRAPHS:  # each holds its activations
-                del self.row_graphs[next(iter(self.row_graphs))]
-            self.row_graphs[key] = Graphed(run, x, input_pos)
-        return self.row_graphs[key](x, input_pos)
+        return self.graphs.run(run, caches, x, input_pos) if self.mode == "graph" else run(x, input_pos)
+
+    def host(self, logits: torch.Tensor) -> np.ndarray:
+        return logits.float().cpu().numpy()
+
+    def logits(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
+        """Embeddings (T, H) at positions [pos, pos + T) -> logits (1, T or 1, vocab) on the
+        device: a static step where one serves, else eager chunks."""
+        t = embeds.shape[0]
+        if self.mode != "eager" and last_only and self.repeated(cache, t):
+            return self.step(embeds[None], pos, cache)
+        chunks = [self.run(embeds[None, i:i + TORCH_PREFILL_CHUNK], pos + i, cache, last_only)
+                  for i in range(0, t, TORCH_PREFILL_CHUNK)]
+        return chunks[-1] if last_only else torch.cat(chunks, dim=1)
 
     def run(self, x: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
         """T tokens eagerly; attention reads only the cache's filled part, [0, pos + T)."""
         t = x.shape[1]
         input_pos = torch.arange(pos, pos + t, device=self.device)
         last = torch.tensor([t - 1], device=self.device) if last_only else None
-        return self.model.text(x, input_pos, cache.prefix(pos + t), last)
+        out: torch.Tensor = self.model.text(x, input_pos, cache.prefix(pos + t), last)
+        return out
 
     def compile(self) -> None:
         """Static decode steps through torch.compile (Inductor fuses the norms, RoPE and the
@@ -197,17 +191,14 @@ class TorchBackend:
         step compiles, which takes a while; one compile serves every cache size. Batched
         steps run the plain model."""
         self.decoder = torch.compile(self.model.text, fullgraph=True, dynamic=True)
-        self.step_graphs.clear()
+        self.graphs.clear()
 
     def repeated(self, cache: KVCache, t: int) -> bool:
         """Whether T tokens go through a static step: always one token, and a chunk whose
         length this cache has prefilled before."""
-        if t == 1 or t > PREFILL_CHUNK:
+        if t == 1 or t > TORCH_PREFILL_CHUNK:
             return t == 1
-        key = (cache.k.data_ptr(), t)
-        seen = key in self.seen
-        self.seen.add(key)
-        return seen
+        return self.graphs.repeated(cache, t)
 
     def step(self, x: torch.Tensor, pos: int, cache: KVCache) -> torch.Tensor:
         """T tokens with static shapes over the whole cache (the mask hides what is not
@@ -219,17 +210,12 @@ class TorchBackend:
             # positions from a 0-d start, made inside the function: a captured graph must own
             # every tensor it reads (one made outside would be freed and its memory reused)
             steps = torch.arange(x.shape[1], device=x.device)
-            return decoder(x, start + steps, cache, steps[-1:])
+            out: torch.Tensor = decoder(x, start + steps, cache, steps[-1:])
+            return out
 
         if self.mode == "static":
             return run(x, torch.tensor(pos, device=self.device))
-        key = (cache.k.data_ptr(), x.shape[1])
-        if key not in self.step_graphs:  # captured on the first such step
-            chunks = [k for k in self.step_graphs if k[0] == key[0] and k[1] > 1]
-            if key[1] > 1 and len(chunks) >= CHUNK_GRAPHS:  # each holds its activations: the oldest goes
-                del self.step_graphs[chunks[0]]
-            self.step_graphs[key] = Graphed(run, x, torch.tensor(pos, device=self.device))
-        return self.step_graphs[key](x, pos)
+        return self.graphs.run(run, [cache], x, pos)
 
     @torch.inference_mode()
     def shift(self, cache: KVCache, start: int, end: int, by: int) -> None:

@@ -24,7 +24,9 @@ runs where TensorRT is installed, is what a first run checks).
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from m4.runtime.bundle_backend import BundleBackend
 CUDA_PYTHON = "the trt backend needs cuda-python: pip install 'm4-vlm[trt]'"
 
 
-def unavailable(path: Path, m: dict | None = None) -> str | None:
+def unavailable(path: Path, m: dict[str, Any] | None = None) -> str | None:
     """Why the bundle's engines cannot run here, or None. The order is the order of the fixes:
     no engines is said first, even where TensorRT is missing, since its fix (m4 build on this
     device) says in one line what to install when TensorRT is missing; engines built for
@@ -66,7 +68,7 @@ def unavailable(path: Path, m: dict | None = None) -> str | None:
     return None
 
 
-def cuda_runtime():
+def cuda_runtime() -> Any:
     """cuda-python's runtime API: cuda.bindings.runtime, or cuda.cudart before cuda-python 12.6."""
     try:
         from cuda.bindings import runtime
@@ -81,12 +83,12 @@ def cuda_runtime():
 class Cuda:
     """cuda-python's runtime calls, checked: each returns (error, results...)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.rt = cuda_runtime()
         self.stream = self("cudaStreamCreate")
         self.handle = int(self.stream)  # what TensorRT takes
 
-    def __call__(self, name: str, *args):
+    def __call__(self, name: str, *args: Any) -> Any:
         err, *out = getattr(self.rt, name)(*args)
         if err != self.rt.cudaError_t.cudaSuccess:
             raise M4Error(f"CUDA {name} failed: {err.name} ({self.rt.cudaGetErrorString(err)[1].decode()})")
@@ -98,7 +100,7 @@ class Cuda:
         self("cudaMemcpyAsync", buf.ptr, a.ctypes.data, a.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice,
              self.stream)
 
-    def download(self, buf: DeviceBuffer, shape) -> np.ndarray:
+    def download(self, buf: DeviceBuffer, shape: tuple[int, ...]) -> np.ndarray:
         """The front of `buf` as a host array of `shape`, once the stream's work is done."""
         out = np.empty(tuple(shape), buf.dtype)
         self("cudaMemcpyAsync", out.ctypes.data, buf.ptr, out.nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost,
@@ -117,7 +119,7 @@ class DeviceBuffer:
     masked: positions never written must hold finite numbers, or 0 * NaN spoils the
     output); freed when the object goes."""
 
-    def __init__(self, cuda: Cuda, shape, dtype):
+    def __init__(self, cuda: Cuda, shape: tuple[int, ...], dtype: Any):
         self.shape, self.dtype = tuple(int(s) for s in shape), np.dtype(dtype)
         self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
         self.ptr = int(cuda("cudaMalloc", max(self.nbytes, 1)))
@@ -128,7 +130,7 @@ class DeviceBuffer:
 class TrtCache:
     """One context's KV cache on the GPU (see the module's docstring for the layout)."""
 
-    def __init__(self, cuda: Cuda, layers: int, kv: int, d: int, max_len: int, dtype):
+    def __init__(self, cuda: Cuda, layers: int, kv: int, d: int, max_len: int, dtype: Any):
         self.k = DeviceBuffer(cuda, (layers, kv, d, max_len), dtype)
         self.v = DeviceBuffer(cuda, (layers, kv, max_len, d), dtype)
 
@@ -136,7 +138,7 @@ class TrtCache:
     def max_len(self) -> int:
         return self.v.shape[2]
 
-    def tensors(self):
+    def tensors(self) -> Iterator[tuple[str, int, tuple[int, ...]]]:
         """decoder.onnx's cache inputs: (name, address, shape) of each layer's key and value."""
         layers, kv, d, m = self.k.shape
         step = kv * d * m * self.k.dtype.itemsize
@@ -160,12 +162,12 @@ class Profile:
     for its IO tensors at the profile's largest shapes, except the `external` ones, which
     the caller binds (the cache)."""
 
-    def __init__(self, trt, cuda: Cuda, engine, index: int, external: tuple[str, ...] = ()):
+    def __init__(self, trt: Any, cuda: Cuda, engine: Any, index: int, external: tuple[str, ...] = ()):
         self.cuda, self.context = cuda, engine.create_execution_context()
         self.context.set_optimization_profile_async(index, cuda.handle)
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.shapes: dict[str, tuple] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for n in inputs:
             if -1 in tuple(engine.get_tensor_shape(n)):  # the largest shapes, so outputs take theirs
                 self.shape(n, tuple(engine.get_tensor_profile_shape(n, index)[2]))
@@ -173,9 +175,9 @@ class Profile:
                                         trt.nptype(engine.get_tensor_dtype(n))) for n in names if n not in external}
         for n, buf in self.buffers.items():
             self.context.set_tensor_address(n, buf.ptr)
-        self.bound = lambda: None  # the cache whose buffers are bound (a weak reference)
+        self.bound: Callable[[], TrtCache | None] = lambda: None  # the cache bound (a weak reference)
 
-    def shape(self, name: str, shape: tuple) -> None:
+    def shape(self, name: str, shape: tuple[int, ...]) -> None:
         if self.shapes.get(name) != shape:
             if not self.context.set_input_shape(name, shape):
                 raise M4Error(f"{name} of shape {shape} is outside the engine's profile: rebuild it with m4 build "
@@ -213,7 +215,7 @@ class TrtBackend(BundleBackend):
         self.vision = Profile(trt, self.cuda, vision, 0)
         self.max_images = tuple(vision.get_tensor_profile_shape("pixel_values", 0)[2])[0]
         past = tuple(past_names(self.arch.text.layers))
-        self.prefill, self.decoding = (Profile(trt, self.cuda, decoder, i, past) for i in (0, 1))
+        self.prefilling, self.decoding = (Profile(trt, self.cuda, decoder, i, past) for i in (0, 1))
         self.chunk = tuple(decoder.get_tensor_profile_shape("inputs_embeds", 0)[2])[1]
         self.max_context = tuple(decoder.get_tensor_profile_shape(past[1], 1)[2])[2]
         embeds = np.dtype(trt.nptype(decoder.get_tensor_dtype("inputs_embeds")))
@@ -221,7 +223,7 @@ class TrtBackend(BundleBackend):
             raise M4Error(f"{path}: the engines take {embeds} embeddings, the bundle holds {self.dtype}: "
                           f"rebuild them with m4 build {path}")
 
-    def engine(self, f: Path):
+    def engine(self, f: Path) -> Any:
         engine = self.runtime.deserialize_cuda_engine(f.read_bytes())
         if engine is None:
             raise M4Error(f"TensorRT cannot load {f} (its log above says why): "
@@ -246,9 +248,9 @@ class TrtBackend(BundleBackend):
             raise M4Error(f"a context of {max_len} tokens exceeds the engines' {self.max_context}: rebuild them "
                           "with m4 build --max-context")
         a = self.arch.text
-        return TrtCache(self.cuda, a.layers, a.kv_heads, a.head_dim, max_len, self.prefill.buffers["new_keys"].dtype)
+        return TrtCache(self.cuda, a.layers, a.kv_heads, a.head_dim, max_len, self.prefilling.buffers["new_keys"].dtype)
 
-    def logits(self, embeds: np.ndarray, pos: int, cache: TrtCache, last_only: bool = True) -> np.ndarray:
+    def logits(self, embeds: np.ndarray, pos: int, cache: TrtCache, last_only: bool) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""
         t = embeds.shape[0]
         if pos + t > cache.max_len:
@@ -256,7 +258,7 @@ class TrtBackend(BundleBackend):
         if t == 1:
             return self.run(self.decoding, embeds, pos, cache, np.zeros(1))
         return self.chunked(embeds, pos, last_only,
-                            lambda piece, at, keep: self.run(self.prefill, piece, at, cache, keep))
+                            lambda piece, at, keep: self.run(self.prefilling, piece, at, cache, keep))
 
     def run(self, p: Profile, embeds: np.ndarray, pos: int, cache: TrtCache, keep: np.ndarray) -> np.ndarray:
         t, k = len(embeds), len(keep)
@@ -268,4 +270,5 @@ class TrtBackend(BundleBackend):
         self.cuda.upload(p.buffers["logits_index"], keep)
         p.execute()
         cache.write(self.cuda, pos, t, p.buffers["new_keys"], p.buffers["new_values"])
-        return self.cuda.download(p.buffers["logits"], (k, self.arch.text.vocab)).astype(np.float32)
+        logits: np.ndarray = self.cuda.download(p.buffers["logits"], (k, self.arch.text.vocab)).astype(np.float32)
+        return logits

@@ -41,6 +41,7 @@ from m4.media import load_image
 from m4.prompt import build_chat
 from m4.runtime.answer import Answer
 from m4.serve.chat import ChatRequest, Media, Reply, number, parse
+from m4.runtime.sampling import Sampling
 from m4.serve.errors import ApiError
 from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, parse_json, video_frames
 from m4.serve.metrics import Metrics
@@ -172,7 +173,7 @@ class Server:
             return await self.prompt_work(req)
         session = self.sessions.get(req.session)
         return self.session_work(session, req.question, self.room(session.live.max_new_tokens, req.max_tokens),
-                                 req.temperature, req.top_p, req.seed)
+                                 Sampling(req.temperature, req.top_p, req.seed))
 
     async def prompt_work(self, req: ChatRequest) -> Work:
         """A chat without a session: its prompt, and its images (decoded on the worker, when the
@@ -188,7 +189,7 @@ class Server:
 
         def run() -> Decode:
             pictures = [decode(img, where) for img, where in images]
-            answer = model.start(p, pictures, limit, req.temperature, req.top_p, req.seed)
+            answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed))
             return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
         return Work(run, limit)
 
@@ -215,14 +216,13 @@ class Server:
         frames = await asyncio.to_thread(video_frames, data, self.limits, m.where)
         return [(Image.fromarray(f), m.where) for f in frames]
 
-    def session_work(self, session: Session, question: str, limit: int, temperature: float = 0.0,
-                     top_p: float = 1.0, seed: int | None = None) -> Work:
+    def session_work(self, session: Session, question: str, limit: int, sampling: Sampling = Sampling()) -> Work:
         live = session.live
 
         def run() -> Decode:
             if session.closed:
                 raise ApiError(404, f"session {session.id} was closed", "session_not_found")
-            answer = live.start(question, limit, temperature, top_p, seed)
+            answer = live.start(question, limit, sampling)
             return decoding(answer, live.tokenizer, functools.partial(session_stats, session, live.ctx.length))
         # one question at a time per context: a second one waits for the answer before it
         return Work(run, limit, lambda: not live.answering)
@@ -267,9 +267,9 @@ class Server:
         question = question_of(body)
         s = self.sessions.get(sid)
         limit = self.room(s.live.max_new_tokens, number(body, "max_tokens", None, 1, 1 << 30, integer=True))
-        work = self.session_work(s, question, limit, number(body, "temperature", 0.0, 0, 2),
-                                 number(body, "top_p", 1.0, 1e-9, 1),
-                                 number(body, "seed", None, 0, (1 << 64) - 1, True))
+        work = self.session_work(s, question, limit, Sampling(number(body, "temperature", 0.0, 0, 2),
+                                                              number(body, "top_p", 1.0, 1e-9, 1),
+                                                              number(body, "seed", None, 0, (1 << 64) - 1, True)))
         job = self.scheduler.stream(work.run, work.ready)
         if not body.get("stream"):
             items = await self.collect(job, request)

@@ -118,7 +118,7 @@ def check_host(url: str, allow_private: bool, what: str) -> None:
     except (socket.gaierror, UnicodeError, ValueError):
         raise ApiError(400, f"{what}: cannot resolve {parts.hostname}", "invalid_url") from None
     for info in infos:
-        addr = ipaddress.ip_address(info[4][0].split("%")[0])
+        addr = ipaddress.ip_address(str(info[4][0]).split("%")[0])
         addr = getattr(addr, "ipv4_mapped", None) or addr
         if not addr.is_global or addr.is_multicast:
             raise ApiError(400, f"{what}: {parts.hostname} resolves to {addr}, a loopback, private or reserved "

@@ -75,7 +75,7 @@ class Scheduler:
     def depth(self) -> int:
         return self.jobs.qsize() + len(self.held)
 
-    def submit(self, work: Callable[[], object], deliver: Callable[[object], None],
+    def submit(self, work: Callable[[], object], deliver: Callable[[object], object],
                ready: Callable[[], bool] | None = None) -> Job:
         """Queue `work`; `deliver` gets what it returns (or, where that is a Decode, the items
         of its answer), then END; or the exception it raised. A job starts once `ready()`
@@ -139,7 +139,7 @@ class Scheduler:
         for answer, (job, _) in list(self.decoding.items()):
             if job.cancelled:
                 self._drop(answer)
-        if rows := sum(a.stepping for a in self.batch.answers):  # those that just joined need no decoding
+        if rows := sum(a.needs_step for a in self.batch.answers):  # those that just joined need no decoding
             self.on_step(rows)
         try:
             tokens = dict(self.batch.step())

@@ -58,7 +58,10 @@ class InstructData(torch.utils.data.Dataset):
         self.records, self.root, self.tokenizer, self.template = records, Path(root), tokenizer, template
         self.image_token_id, self.processing, self.frames = image_token_id, processing, frames
         self.in_front_prob, self.max_len, self.tokens_per_image, self.seed = in_front_prob, max_len, tokens_per_image, seed
-        self.stop = tokenizer.token_id(template.stop[0])
+        stop = tokenizer.token_id(template.stop[0])
+        if stop is None:
+            raise M4Error(f"the tokenizer has no {template.stop[0]!r}, the chat template's stop token")
+        self.stop = stop
 
     def __len__(self) -> int:
         return len(self.records)
@@ -133,10 +136,10 @@ class Batches:
     def order(self, epoch: int) -> list[int]:
         order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
         order += order[:(-len(order)) % self.world]
-        if self.lengths:
+        if lengths := self.lengths:
             span = self.batch * self.world * self.GROUP
             order = [i for s in range(0, len(order), span)
-                     for i in sorted(order[s:s + span], key=lambda i: -self.lengths[i])]
+                     for i in sorted(order[s:s + span], key=lambda i: -lengths[i])]
         return order
 
     def __iter__(self):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -95,7 +96,7 @@ def shard(model: torch.nn.Module, llava, d: Dist, dtype: torch.dtype) -> None:
 def full_state(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
     """The whole state dict on rank 0's CPU (empty elsewhere); every rank must call it."""
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return sd if d.main else {}
+    return cast("dict[str, torch.Tensor]", sd) if d.main else {}
 
 
 def save_optimizer(model, opt, path, d: Dist) -> None:
@@ -106,7 +107,7 @@ def save_optimizer(model, opt, path, d: Dist) -> None:
 
 
 def load_optimizer(model, opt, path, d: Dist) -> None:
-    state = {"optim": get_optimizer_state_dict(model, opt)}
+    state: dict[str, Any] = {"optim": get_optimizer_state_dict(model, opt)}
     # A trainable parameter that never had a gradient (the tower's post-layernorm, which sits
     # after the feature layer) has no AdamW state in the checkpoint: it keeps the fresh one.
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata

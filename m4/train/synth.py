@@ -280,10 +280,10 @@ def view(things: list[Thing], angle: float, size: int) -> tuple[np.ndarray, list
     placed = [project(t, angle, size) for t in things]
     objs = [o for o, _ in placed]
     far_first = sorted(range(len(things)), key=lambda i: -placed[i][1])
-    ids = Image.new("L", (size, size), 0)
+    canvas = Image.new("L", (size, size), 0)
     for i in far_first:
-        draw_shape(ImageDraw.Draw(ids), objs[i].kind, objs[i].x, objs[i].y, objs[i].r, i + 1)
-    ids = np.asarray(ids)
+        draw_shape(ImageDraw.Draw(canvas), objs[i].kind, objs[i].x, objs[i].y, objs[i].r, i + 1)
+    ids = np.asarray(canvas)
     visible = []
     for i, o in enumerate(objs):
         alone = Image.new("L", (size, size), 0)
@@ -297,7 +297,7 @@ def views_scene(rng, size: int):
     """A scene whose every object shows in some view while some view hides some object."""
     while True:
         n = int(rng.integers(3, 7))
-        pts = []
+        pts: list[np.ndarray] = []
         while len(pts) < n:
             p = rng.uniform(-1, 1, 2)
             if np.hypot(*p) <= 1 and all(np.hypot(*(p - q)) > 0.5 for q in pts):
@@ -410,9 +410,11 @@ def save_images(root: Path, stem: str, images: list[np.ndarray]) -> list[str]:
 def train_records(root: Path, i: int, item: Item) -> tuple[dict, dict]:
     """The question record and the caption record of one sample (same media)."""
     rid = f"{item.task}-{i:06d}"
+    media: dict[str, str | list[str]]
     if item.video:
-        media = {"video": f"media/{rid}.mp4"}
-        write_video(root / media["video"], item.images, fps=FRAMES)
+        video = f"media/{rid}.mp4"
+        media = {"video": video}
+        write_video(root / video, item.images, fps=FRAMES)
         pair = [(f"{IMAGE}\n{q}", a) for q, a in ((item.question, item.answer), item.caption)]
     else:
         media = {"image": save_images(root, rid, item.images)}
@@ -435,7 +437,7 @@ def bench_record(root: Path, i: int, item: Item, like: str | None = None) -> dic
     """`like`: the task whose scenario and question type an item of another task has."""
     rid = f"{item.task}-bench-{i:06d}"
     scenario, qtype, _ = TASKS[like or item.task]
-    meta = {"question_type": qtype, "dataset": item.task, "scenario": scenario}
+    meta: dict[str, str | bool] = {"question_type": qtype, "dataset": item.task, "scenario": scenario}
     if item.patches:
         meta["patches"] = True
     return {"sample_id": rid, "image": save_images(root, rid, item.images),

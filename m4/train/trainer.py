@@ -267,6 +267,7 @@ def train(cfg: TrainConfig, d: D.Dist | None = None) -> Objective:
 def run(cfg: TrainConfig, d: D.Dist) -> Objective:
     if cfg.data is None or cfg.out is None:
         raise M4Error("m4 train needs --data JSON and --out DIR")
+    assert cfg.batch_size is not None  # resolved()
     console = Console(stderr=True, quiet=not d.main, soft_wrap=True, markup=False, highlight=False)
     disable_progress_bar()  # transformers' loading and saving bars would break into ours
     out, data = Path(cfg.out), Path(cfg.data)
@@ -365,6 +366,7 @@ def prepare(llava, arch: Arch, cfg: TrainConfig, d: D.Dist, dtype: torch.dtype):
 
 def loader(records, root: Path, tokenizer: Tokenizer, arch: Arch, processing: ImageProcessing, cfg: TrainConfig,
            d: D.Dist, start: int):
+    assert cfg.batch_size is not None and cfg.max_len is not None and arch.image_token_id is not None  # resolved
     dataset = InstructData(records, root, tokenizer, detect_template(tokenizer), arch.image_token_id,
                            processing, cfg.frames, cfg.in_front_prob, cfg.max_len,
                            arch.tokens_per_image, cfg.seed)
@@ -402,13 +404,13 @@ class Stepper:
             loss += float(s.detach())
         self.scaler.unscale_(self.opt)
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         for g in self.opt.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        return d.sum(loss) / count, norm, tokens
+        return d.sum(loss) / count, grad_norm, tokens
 
 
 # -- the dry run ----------------------------------------------------------------------------
@@ -420,6 +422,7 @@ def dry_run(preset: str, gpus: int, tune: str, batch: int | None, max_len: int |
     and, where it does not, the fewest such GPUs it fits (None: no count of them does, as
     what each GPU holds whole, gathered layers and activations, is already too much)."""
     c = TrainConfig(preset, batch_size=batch, max_len=max_len, grad_ckpt=grad_ckpt, tune=tune).resolved()
+    assert c.batch_size is not None and c.max_len is not None and c.grad_ckpt is not None  # resolved()
     if gpus < 1:
         raise M4Error(f"--gpus must be >= 1, got {gpus}")
     arch = PRESETS[preset]
