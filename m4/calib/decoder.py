@@ -16,6 +16,7 @@ Attention's activation-by-activation matmuls and everything else stay float.
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -58,17 +59,21 @@ def weight_only(src: Path, dst: Path, weights: Weights, bits: int) -> dict:
             continue
         w = mapped(src.parent, b)  # (K, N) = W^T
         k, n = w.shape
-        q, s = quantised_linear(weights, stored_key(b), lambda i, j, w=w: w[:, i:j].T.astype(np.float32), n, k, bits,
-                                w.dtype.type)
+        q, s = quantised_linear(weights, stored_key(b), partial(columns, w), n, k, bits, w.dtype.type)
         g.node[i].CopyFrom(matmul_nbits(node.input[0], q, s, node.output[0], node.name, n, k, bits))
         added += [q, s]
     read = {x for node in g.node for x in node.input}
-    kept = [t if not external(t) else weights.tensor(t.name, stored_key(t), lambda t=t: mapped(src.parent, t))
+    kept = [t if not external(t) else weights.tensor(t.name, stored_key(t), partial(mapped, src.parent, t))
             for t in g.initializer if t.name in read]
     del g.initializer[:]
     g.initializer.extend(kept + added)
     onnx.save(model, str(dst))
     return quantisation_record(bits, len(added) // 2)
+
+
+def columns(w: np.ndarray, i: int, j: int) -> np.ndarray:
+    """Rows [i, j) of W, in float32, from a MatMul's (K, N) operand W^T."""
+    return w[:, i:j].T.astype(np.float32)
 
 
 def external(t: onnx.TensorProto) -> bool:

@@ -75,13 +75,13 @@ def row_measures(r: np.ndarray, q: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def measure_decoder(ref, quant, prompts: list[np.ndarray]) -> dict:
-    rows: dict[str, list] = {}
+    pieces: dict[str, list[np.ndarray]] = {}
     for e in prompts:
         for r, q in every_position(ref.backend, quant.backend, e):
             for s in range(0, len(r), ROWS):
                 for k, v in row_measures(r[s:s + ROWS], q[s:s + ROWS]).items():
-                    rows.setdefault(k, []).append(v)
-    rows = {k: np.concatenate(v) for k, v in rows.items()}
+                    pieces.setdefault(k, []).append(v)
+    rows = {k: np.concatenate(v) for k, v in pieces.items()}
     x = prompts[0][:PREFILL_CHUNK]  # latency: a prefill runs a chunk at a time
     pf, pq = timed(lambda: prefill(ref.backend, x), lambda: prefill(quant.backend, x))
     decode = decoding(ref.backend, x), decoding(quant.backend, x)

@@ -13,10 +13,12 @@ one M for all. Outputs: `logits` (B, K, vocab), `new_keys` (layers, B, kv, D, T)
 its buffers. Standard ONNX ops only, so TensorRT builds the same file.
 """
 
+from typing import cast
+
 import torch
 from torch import nn
 
-from m4.model.decoder import Attention, Decoder
+from m4.model.decoder import Decoder, Layer
 from m4.model.llava import LLaVA
 
 
@@ -69,7 +71,7 @@ def query_scale(text: Decoder) -> torch.Tensor:
     keys' and values'. The bundle's decoders carry it folded into the weights (rotation is
     linear): a scale left in decoder.onnx would make ONNX Runtime fuse it into a FusedMatMul,
     which repacks the cache on every step."""
-    a = text.layers[0].self_attn
+    a = cast(Layer, text.layers[0]).self_attn
     scale = torch.ones(a.qkv_proj.out_features)
     scale[:a.heads * a.head_dim] = a.head_dim ** -0.5
     return scale

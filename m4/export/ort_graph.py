@@ -17,6 +17,7 @@ Outputs: `logits` (B, K, vocab) and per layer `present_key.i`, `present_value.i`
 buffers, with each row's new positions written.
 """
 
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -60,7 +61,7 @@ class Builder:
         self.quantised = 0
 
     def param(self, name: str) -> str:
-        self.initializers.append(self.weights.tensor(name, name, lambda: self.tensors(name)))
+        self.initializers.append(self.weights.tensor(name, name, partial(self.tensors, name)))
         return name
 
     def const(self, name: str, a: np.ndarray) -> str:
@@ -78,14 +79,13 @@ class Builder:
         w, out = f"{name}.weight", f"{name}/out0"
         if self.bits:
             n, k = lin.weight.shape
-            b, s = quantised_linear(self.weights, w, lambda i, j: self.tensors(w, rows=slice(i, j), dtype=np.float32),
-                                    n, k, self.bits)
+            b, s = quantised_linear(self.weights, w, partial(self.tensors.float_rows, w), n, k, self.bits)
             self.initializers += [b, s]
             self.nodes.append(matmul_nbits(x, b, s, out, name, n, k, self.bits))
             self.quantised += 1
             y = out
         else:
-            wt = self.weights.tensor(f"{w}.T", f"{w}.T", lambda: self.tensors(w).T)
+            wt = self.weights.tensor(f"{w}.T", f"{w}.T", partial(self.tensors.transposed, w))
             self.initializers.append(wt)
             (y,) = self.op("MatMul", [x, wt.name], name)
         if lin.bias is not None:

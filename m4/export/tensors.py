@@ -38,3 +38,11 @@ class Tensors:
         if name in self.scales:
             t = t.float() * self.scales[name][rows].reshape(-1, *[1] * (t.dim() - 1))
         return t.to(self.dtype).numpy().astype(dtype or NUMPY[self.dtype], copy=False)
+
+    def float_rows(self, name: str, i: int, j: int) -> np.ndarray:
+        """Output rows [i, j) in float32, for quantising."""
+        return self(name, rows=slice(i, j), dtype=np.float32)
+
+    def transposed(self, name: str) -> np.ndarray:
+        """(inputs, outputs): a linear's weight as a MatMul's second operand."""
+        return self(name).T

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections import defaultdict
+from functools import partial
 
 import numpy as np
 import onnx
@@ -37,6 +38,7 @@ def trace(module: torch.nn.Module, args: tuple, names: list[str], outputs: list[
             logging.getLogger(name).setLevel(logging.ERROR)  # the weights that are left out on purpose
         program = torch.onnx.export(module.eval(), args, dynamo=True, opset_version=OPSET, input_names=names,
                                     output_names=outputs, dynamic_shapes=dynamic, verbose=False, optimize=False)
+    assert program is not None  # dynamo=True returns the program
     model = program.model
     weights = []
     for name, value in model.graph.initializers.items():
@@ -73,18 +75,17 @@ def attach(model: onnx.ModelProto, names: list[str], weights: Weights, tensors: 
         dropped.append(node)
         if bits:
             n, k = tensors.shape(w)
-            b, s = quantised_linear(weights, w, lambda i, j, w=w: tensors(w, rows=slice(i, j), dtype=np.float32),
-                                    n, k, bits)
+            b, s = quantised_linear(weights, w, partial(tensors.float_rows, w), n, k, bits)
             g.initializer.extend([b, s])
             for u in users:
                 g.node[list(g.node).index(u)].CopyFrom(matmul_nbits(u.input[0], b, s, u.output[0], u.name, n, k, bits))
                 quantised += 1
         else:
-            g.initializer.append(weights.tensor(node.output[0], f"{w}.T", lambda w=w: tensors(w).T))
+            g.initializer.append(weights.tensor(node.output[0], f"{w}.T", partial(tensors.transposed, w)))
     for node in dropped:
         g.node.remove(node)
     read = {i for node in g.node for i in node.input}
     for w in names:
         if w in read:
-            g.initializer.append(weights.tensor(w, w, lambda w=w: tensors(w)))
+            g.initializer.append(weights.tensor(w, w, partial(tensors, w)))
     return quantised

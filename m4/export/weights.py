@@ -15,7 +15,7 @@ whole large matrix (the head of a 150k vocabulary) is made.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,10 @@ class Weights:
     def tensor(self, name: str, key: str, make: Callable[[], np.ndarray]) -> TensorProto:
         if key not in self.stored:
             self.append(key, make())
+        return self.ref(name, key)
+
+    def ref(self, name: str, key: str) -> TensorProto:
+        """An initializer named `name` over the stored tensor `key`."""
         offset, length, elem, shape = self.stored[key]
         t = TensorProto(name=name, data_type=elem, dims=shape, data_location=TensorProto.EXTERNAL)
         for k, v in (("location", self.path.name), ("offset", str(offset)), ("length", str(length))):
@@ -61,7 +65,8 @@ class Weights:
         self.file.write(a.reshape(-1).view(np.uint8).data)
         self.stored[key] = (offset, a.nbytes, helper.np_dtype_to_tensor_dtype(a.dtype), tuple(a.shape))
 
-    def append_rows(self, key: str, shape: tuple[int, ...], dtype: np.dtype, pieces) -> None:
+    def append_rows(self, key: str, shape: tuple[int, ...], dtype: type[np.generic],
+                    pieces: Iterator[np.ndarray]) -> None:
         """A tensor written as the row slices `pieces` yields, in order."""
         self.file.write(b"\0" * (-self.file.tell() % ALIGN))
         offset = self.file.tell()
@@ -85,9 +90,9 @@ def quantised_linear(weights: Weights, key: str, rows: Callable[[int, int], np.n
     blob = BLOCK * bits // 8
     if f"{key}.q{bits}" not in weights.stored:
         q = quantiser(bits)
-        scales = []
+        scales: list[np.ndarray] = []
 
-        def packed():
+        def packed() -> Iterator[np.ndarray]:
             for i in range(0, n, ROWS):
                 p, s, _ = q.qbits_block_quant(np.ascontiguousarray(rows(i, min(i + ROWS, n)).T))
                 scales.append(s)
@@ -95,8 +100,7 @@ def quantised_linear(weights: Weights, key: str, rows: Callable[[int, int], np.n
 
         weights.append_rows(f"{key}.q{bits}", (n, blocks, blob), np.uint8, packed())
         weights.append(f"{key}.q{bits}.scales", np.concatenate(scales).astype(scale_dtype))
-    return (weights.tensor(f"{key}.q{bits}", f"{key}.q{bits}", lambda: None),
-            weights.tensor(f"{key}.q{bits}.scales", f"{key}.q{bits}.scales", lambda: None))
+    return weights.ref(f"{key}.q{bits}", f"{key}.q{bits}"), weights.ref(f"{key}.q{bits}.scales", f"{key}.q{bits}.scales")
 
 
 def matmul_nbits(x: str, b: TensorProto, scales: TensorProto, out: str, name: str, n: int, k: int,

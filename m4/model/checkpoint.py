@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -69,7 +70,8 @@ class Checkpoint:
             files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise M4Error(f"no safetensors weights in {self.path} (m4 loads safetensors only)")
-        self.files, self.where = {}, {}
+        self.files: dict[Path, Any] = {}  # safetensors' handles (untyped)
+        self.where: dict[str, tuple[Path, str]] = {}
         for f in files:
             try:
                 self.files[f] = safe_open(f, framework="pt")

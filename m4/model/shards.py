@@ -55,7 +55,7 @@ def shard_names(n: int) -> list[str]:
 
 
 def header(specs: list[TensorSpec]) -> bytes:
-    meta: dict = {"__metadata__": {"format": "pt"}}
+    meta: dict[str, object] = {"__metadata__": {"format": "pt"}}
     offset = 0
     for s in specs:
         meta[s.name] = {"dtype": SAFETENSORS_DTYPES[s.dtype], "shape": list(s.shape),

@@ -50,7 +50,7 @@ class Job:
     """A unit of the worker's work, as Scheduler.submit queues it."""
 
     work: Callable[[], object]
-    deliver: Callable[[object], None]
+    deliver: Callable[[object], object]
     ready: Callable[[], bool] = at_once
     cancelled: bool = False  # its client left: it does not start, or its answer leaves the batch
     submitted: float = field(default_factory=time.perf_counter)
