@@ -92,6 +92,16 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """m4's own tiny preset, seeded random weights (m4 checkpoint random tiny)."""
+    from m4.model.checkpoint import random_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "ck"
+    random_checkpoint("tiny", path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def oracle():
     """transformers' LlavaForConditionalGeneration on a checkpoint directory, cached."""
     models = {}
