@@ -17,6 +17,8 @@ from m4.errors import M4Error
 from m4.model.config import Arch
 from m4.resolve import DEMO_BUNDLE, DEMO_DIR, resolve
 
+from test_cli import m4_in_process
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Which way does the cyan circle move?"  # `make run`'s question about the demo scene
 
@@ -126,8 +128,7 @@ def test_run_demo_without_torch(tmp_path):
     answer = [json.loads(line) for line in r.stdout.splitlines()][-1]
     assert answer["event"] == "answer" and answer["text"] == "down"
 
-    with_torch = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "M4_CACHE": str(tmp_path / "cache")})
+    with_torch = m4_in_process(*args[2:], cache=tmp_path / "cache")
     assert with_torch.returncode == 0, with_torch.stderr
     assert json.loads(with_torch.stdout.splitlines()[-1])["text"] == answer["text"]
 
