@@ -7,6 +7,7 @@ checkpoint's is. Variants cover what differs between real models.
 
 import dataclasses
 import json
+from collections.abc import Mapping
 
 import numpy as np
 import pytest
@@ -62,10 +63,42 @@ def save_tiny_checkpoint(path, variant: str, seed: int = 0, **text):
     return path
 
 
+class Built(Mapping):
+    """name -> `make(name)`, made when first read: a test that reads one variant waits for that
+    one alone, and each is made once per session whichever test file reads it first."""
+
+    def __init__(self, names, make):
+        self.names, self.make, self.made = list(names), make, {}
+
+    def __getitem__(self, name):
+        if name not in self.made:
+            if name not in self.names:
+                raise KeyError(name)
+            self.made[name] = self.make(name)
+        return self.made[name]
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {v: save_tiny_checkpoint(root / v, v, seed=i) for i, v in enumerate(VARIANTS)}
+    seeds = {v: i for i, v in enumerate(VARIANTS)}
+    return Built(VARIANTS, lambda v: save_tiny_checkpoint(root / v, v, seed=seeds[v]))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """m4's own tiny preset, seeded random weights (m4 checkpoint random tiny)."""
+    from m4.model.checkpoint import random_checkpoint
+
+    path = tmp_path_factory.mktemp("tiny") / "ck"
+    random_checkpoint("tiny", path)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -91,16 +124,21 @@ def random_images(n: int, seed: int = 0, size=(48, 40)) -> list[np.ndarray]:
 @pytest.fixture(scope="session")
 def bundles(checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundles")
-    for v, ck in checkpoints.items():
-        export_bundle(str(ck), root / v)
-    return {v: root / v for v in checkpoints}
+
+    def make(v):
+        export_bundle(str(checkpoints[v]), root / v)
+        return root / v
+
+    return Built(checkpoints, make)
 
 
 @pytest.fixture(scope="session")
 def standard(bundles, tmp_path_factory):
     """The bundles as an m4 that wrote no decoder_ort.onnx left them: the CPU runs decoder.onnx."""
     root = tmp_path_factory.mktemp("standard")
-    for v, b in bundles.items():
+
+    def make(v):
+        b = bundles[v]
         (root / v).mkdir()
         for f in b.iterdir():
             if not f.name.startswith((ORT_DECODER, "m4.json")):
@@ -109,7 +147,9 @@ def standard(bundles, tmp_path_factory):
         m["files"] = {f: r for f, r in m["files"].items() if not f.startswith(ORT_DECODER)}
         del m["dtypes"][ORT_DECODER]
         (root / v / "m4.json").write_text(json.dumps(m))
-    return {v: root / v for v in bundles}
+        return root / v
+
+    return Built(bundles, make)
 
 
 GRAPHS = [ORT_DECODER, "decoder.onnx"]
@@ -118,9 +158,21 @@ GRAPHS = [ORT_DECODER, "decoder.onnx"]
 @pytest.fixture(scope="session")
 def paths(bundles, standard):
     """(variant, graph) -> a bundle whose decoder on the CPU is that graph."""
-    return {(v, g): (bundles if g == ORT_DECODER else standard)[v] for v in bundles for g in GRAPHS}
+    return Built([(v, g) for v in bundles for g in GRAPHS],
+                 lambda k: (bundles if k[1] == ORT_DECODER else standard)[k[0]])
 
 
 @pytest.fixture(scope="session")
 def models(paths):
-    return {k: m4.load(p) for k, p in paths.items()}
+    return Built(paths, lambda k: m4.load(paths[k]))
+
+
+@pytest.fixture(scope="session")
+def held_out_synth(tmp_path_factory):
+    """M4-Synth's bench (20 samples) of a seed the shipped demo never trained on
+    (scripts/train_demo.sh uses 0 and 4)."""
+    from m4.train.synth import synth
+
+    out = tmp_path_factory.mktemp("bench") / "m4synth"
+    synth(out, n=0, bench=20, seed=7, workers=1)
+    return out

@@ -52,10 +52,8 @@ def teacher_forced(backend, embeds: np.ndarray, answer: list[int]) -> np.ndarray
 
 
 @pytest.fixture(scope="session")
-def float_bundle(checkpoints, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calib") / "float"
-    export_bundle(str(checkpoints[VARIANT]), out)
-    return out
+def float_bundle(bundles):
+    return bundles[VARIANT]
 
 
 @pytest.fixture(scope="session")
@@ -400,15 +398,14 @@ def test_int8_vision_of_the_demo_preset_close_to_float(tmp_path):
 
 
 @pytest.mark.parametrize("decoder, agreement", [("int8", 0.6), ("int4", 0.1)])
-def test_llama_clip_bundle_quantises(checkpoints, oracle, tmp_path, decoder, agreement):
+def test_llama_clip_bundle_quantises(checkpoints, bundles, oracle, tmp_path, decoder, agreement):
     """A Mantis-shaped checkpoint (CLIP tower, Llama decoder): INT8 vision stays close to
     float (cosine >= 0.99 on held-out frames); the quantised decoder loads, answers, and
     predicts transformers' answer tokens teacher-forced (bounds measured with margin: 1.0
     and 0.17 on this tiny wide-init checkpoint, the hard case for INT4; chance is 1/384)."""
     variant = "llama-clip-mha-tied-penult-default"
-    export_bundle(str(checkpoints[variant]), tmp_path / "float")
-    calibrate(tmp_path / "float", tmp_path / "q", "demo", vision="int8", decoder=decoder, samples=8)
-    ref, q = m4.load(tmp_path / "float"), m4.load(tmp_path / "q")
+    calibrate(bundles[variant], tmp_path / "q", "demo", vision="int8", decoder=decoder, samples=8)
+    ref, q = m4.load(bundles[variant]), m4.load(tmp_path / "q")
     assert q.arch.vision.kind == "clip" and q.arch.text.kind == "llama"
     _, _, cos = held_out_embeddings(ref, q)
     assert cos.min() >= 0.99, cos.min()

@@ -17,22 +17,20 @@ from m4.errors import M4Error
 from m4.model.config import Arch
 from m4.resolve import DEMO_BUNDLE, DEMO_DIR, resolve
 
+from test_cli import m4_in_process
+
 ROOT = Path(__file__).resolve().parent.parent
 QUESTION = "Which way does the cyan circle move?"  # `make run`'s question about the demo scene
 
 
 @pytest.fixture(scope="module")
-def held_out_bench(tmp_path_factory):
+def held_out_bench(held_out_synth):
     """One sample of each of M4-Synth's ten tasks, of a seed the demo never trained on."""
-    from m4.train.synth import synth
-
-    out = tmp_path_factory.mktemp("bench") / "m4synth"
-    synth(out, n=0, bench=20, seed=7, workers=1)
-    records = json.loads((out / "bench.json").read_text())
+    records = json.loads((held_out_synth / "bench.json").read_text())
     first = {}
     for rec in records:
         first.setdefault(rec["metadata"]["dataset"], rec)
-    return out, list(first.values())
+    return held_out_synth, list(first.values())
 
 
 def answers(model, bench) -> list[list[int]]:
@@ -130,8 +128,7 @@ def test_run_demo_without_torch(tmp_path):
     answer = [json.loads(line) for line in r.stdout.splitlines()][-1]
     assert answer["event"] == "answer" and answer["text"] == "down"
 
-    with_torch = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=300,
-                                env={**os.environ, "M4_CACHE": str(tmp_path / "cache")})
+    with_torch = m4_in_process(*args[2:], cache=tmp_path / "cache")
     assert with_torch.returncode == 0, with_torch.stderr
     assert json.loads(with_torch.stdout.splitlines()[-1])["text"] == answer["text"]
 

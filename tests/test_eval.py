@@ -11,8 +11,9 @@ import pytest
 
 from m4.errors import M4Error
 from m4.eval import chance, rouge_l, score, score_mantis, summarise, to_samples
-from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import TASKS, synth
+
+from test_cli import m4_in_process
 
 QUESTION = "Which object changed colour?\nA. the red square\nB. the blue circle\nC. the green triangle\nAnswer with the letter."
 
@@ -81,14 +82,11 @@ def test_every_bench_answer_scores_one_against_itself_and_others_score_less(benc
         assert min(score(r["metadata"]["question_type"], q, a, x) for x in others) < 1
 
 
-def test_eval_command_scores_a_checkpoint(bench, tmp_path):
-    ck = tmp_path / "ck"
-    random_checkpoint("tiny", ck)
+def test_eval_command_scores_a_checkpoint(bench, tiny_checkpoint, tmp_path):
+    ck = tiny_checkpoint
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scores.json"
-    r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(bench),
-                        "--json", str(out), "--limit", "10", "--max-new-tokens", "6"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = m4_in_process("eval", "--model", ck, "--bench", bench, "--json", out, "--limit", "10", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
     scores = json.loads(out.read_text())
     assert scores["n"] == 10 and scores["failed"] == 0
@@ -112,8 +110,7 @@ def test_eval_command_scores_a_checkpoint(bench, tmp_path):
     records[0]["image"] = ["missing.png"] * len(records[0]["image"])
     broken = bench.parent / "broken.json"
     broken.write_text(json.dumps(records))
-    r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(broken),
-                        "--json", str(out), "--max-new-tokens", "2"], capture_output=True, text=True, env=env)
+    r = m4_in_process("eval", "--model", ck, "--bench", broken, "--json", out, "--max-new-tokens", "2")
     assert r.returncode == 0 and json.loads(out.read_text())["failed"] == 1
     r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(tmp_path / "nope.json")],
                        capture_output=True, text=True, env=env)
@@ -232,16 +229,13 @@ def check_mantis_scores(scores: dict, bench) -> None:
     assert scores["chance"]["by_task"] == pytest.approx({"multi-choice": 2 / 3, "short-answer": 0.5}, abs=1e-6)
 
 
-def test_mantis_eval_through_evaluate_and_the_command(mantis_bench, tmp_path):
+def test_mantis_eval_through_evaluate_and_the_command(mantis_bench, tiny_checkpoint, tmp_path):
     from m4.eval import evaluate
 
-    ck = tmp_path / "ck"
-    random_checkpoint("tiny", ck)
+    ck = tiny_checkpoint
     check_mantis_scores(evaluate(str(ck), mantis_bench, max_new_tokens=6), mantis_bench)
     out = tmp_path / "scores.json"
-    r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(mantis_bench),
-                        "--json", str(out), "--max-new-tokens", "6"],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = m4_in_process("eval", "--model", ck, "--bench", mantis_bench, "--json", out, "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
     assert "multi-choice" in r.stdout and "short-answer" in r.stdout and "chance" in r.stdout
     check_mantis_scores(json.loads(out.read_text()), mantis_bench)

@@ -19,6 +19,7 @@ from m4.info import describe
 from m4.media import preprocess
 
 from conftest import GRAPHS, VARIANTS, random_images
+from test_cli import m4_in_process
 from test_parity import QUESTIONS, oracle_tokens
 
 
@@ -175,9 +176,8 @@ def test_cli_runs_a_bundle(bundles, tmp_path):
     from PIL import Image
 
     Image.fromarray(random_images(1)[0]).save(tmp_path / "a.png")
-    r = subprocess.run([sys.executable, "-m", "m4", "run", "--model", bundles["gqa-tied-last-full"], "--images",
-                        tmp_path / "a.png", "--prompt", "What is it?", "--max-new-tokens", "4", "--json"],
-                       capture_output=True, text=True, timeout=120)
+    r = m4_in_process("run", "--model", bundles["gqa-tied-last-full"], "--images", tmp_path / "a.png", "--prompt",
+                      "What is it?", "--max-new-tokens", "4", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.splitlines()[-1])["event"] == "answer"
 

@@ -57,26 +57,16 @@ def test_prompt_logits_match_transformers(checkpoints, oracle, variant):
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def held_out_bench(tmp_path_factory):
-    """M4-Synth of a seed the shipped demo never trained on (scripts/train_demo.sh uses 0 and 4)."""
-    from m4.train.synth import synth
-
-    out = tmp_path_factory.mktemp("bench") / "m4synth"
-    synth(out, n=0, bench=20, seed=7, workers=1)
-    return out
-
-
-def test_shipped_demo_answers_as_transformers_does(oracle, held_out_bench):
+def test_shipped_demo_answers_as_transformers_does(oracle, held_out_synth):
     """The demo model as shipped (fp16 weights, loaded as fp32): the same greedy answer as
     transformers on one sample of each of M4-Synth's ten tasks."""
     from m4.resolve import DEMO_DIR
 
     model = m4.load("demo", backend="torch")
-    records = json.loads((held_out_bench / "bench.json").read_text())[:10]
+    records = json.loads((held_out_synth / "bench.json").read_text())[:10]
     for rec in records:
         question = rec["conversations"][0]["value"]
-        images, patches = [held_out_bench / f for f in rec["image"]], bool(rec["metadata"].get("patches"))
+        images, patches = [held_out_synth / f for f in rec["image"]], bool(rec["metadata"].get("patches"))
         p, pictures = model.prepare(question, images, None, None, patches)
         ours = list(model.tokens(question, images=images, patches=patches, max_new_tokens=16))
         assert ours, rec["sample_id"]

@@ -102,15 +102,13 @@ def test_both_mantis_layouts_normalise_to_m4_records(tmp_path):
     assert problem(normalise(late), tmp_path)[1].startswith("turn 3 is from 'system'")
 
 
-def test_records_without_placeholders_train_on_the_inference_prompt(tmp_path):
+def test_records_without_placeholders_train_on_the_inference_prompt(tiny_checkpoint, tmp_path):
     """No placeholders: all images in front of the first question, as `Model.prompt` puts them;
     a Mantis record gives the sample of the same M4 record."""
     import m4
-    from m4.model.checkpoint import random_checkpoint
     from m4.train.data import Collate, InstructData
 
-    random_checkpoint("tiny", tmp_path / "ck")
-    tiny = m4.load(tmp_path / "ck")
+    tiny = m4.load(tiny_checkpoint)
     a = tiny.arch
     names = ["a.png", "b.png"]
     for k, n in enumerate(names):

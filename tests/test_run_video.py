@@ -11,7 +11,7 @@ import pytest
 
 from m4.media import DemoScene, write_video
 
-from test_cli import m4
+from test_cli import m4, m4_in_process
 
 
 def events(stdout: str) -> list[dict]:
@@ -26,8 +26,8 @@ def clip(tmp_path_factory):
 
 
 def test_demo_stream_asks_every_two_seconds(tmp_path):
-    r = m4("run", "--video", "demo", "--window", "8", "--every", "2", "--prompt", "What is moving?",
-           "--max-new-tokens", "4", "--json", "--stats", cache=tmp_path)
+    r = m4_in_process("run", "--video", "demo", "--window", "8", "--every", "2", "--prompt", "What is moving?",
+                      "--max-new-tokens", "4", "--json", "--stats", cache=tmp_path)
     assert r.returncode == 0, r.stderr
     e = events(r.stdout)
     frames = [x for x in e if x["event"] == "frame"]
@@ -38,8 +38,9 @@ def test_demo_stream_asks_every_two_seconds(tmp_path):
 
 
 def test_file_stream_and_stop_after_frames(checkpoints, clip):
-    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", clip, "--fps", "5", "--window", "4",
-           "--every", "1", "--max-frames", "12", "--prompt", "Which way?", "--max-new-tokens", "3", "--json")
+    r = m4_in_process("run", "--model", checkpoints["gqa-tied-last-full"], "--video", clip, "--fps", "5",
+                      "--window", "4", "--every", "1", "--max-frames", "12", "--prompt", "Which way?",
+                      "--max-new-tokens", "3", "--json")
     assert r.returncode == 0, r.stderr
     e = events(r.stdout)
     assert [x["t"] for x in e if x["event"] == "frame"] == [round(0.2 * i, 3) for i in range(12)]
@@ -78,8 +79,8 @@ def slow_clip(clip):
 def test_live_url_is_reopened_then_ends_cleanly(checkpoints, served_clip):
     """A network stream is read by the capture thread; when it ends it is reopened a
     bounded number of times, then the run ends and the question is still answered."""
-    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", served_clip, "--fps", "50",
-           "--prompt", "What now?", "--max-new-tokens", "3", "--json", "--stats")
+    r = m4_in_process("run", "--model", checkpoints["gqa-tied-last-full"], "--video", served_clip, "--fps", "50",
+                      "--prompt", "What now?", "--max-new-tokens", "3", "--json", "--stats")
     assert r.returncode == 0, r.stderr
     assert "reopening (1/3)" in r.stderr and "reopening (3/3)" in r.stderr and "stopping" in r.stderr
     e = events(r.stdout)
@@ -153,8 +154,8 @@ def by_source(e: list[dict], event: str) -> dict[str, list[dict]]:
 def test_two_demo_sources_are_labelled_and_answer_as_one_does(tmp_path):
     args = ["--every", "2", "--json", "--max-frames", "20", "--prompt", "What is moving?", "--max-new-tokens", "4",
             "--stats"]
-    one = m4("run", "--video", "demo", *args, cache=tmp_path)
-    two = m4("run", "--video", "demo", "demo", *args, cache=tmp_path)
+    one = m4_in_process("run", "--video", "demo", *args, cache=tmp_path)
+    two = m4_in_process("run", "--video", "demo", "demo", *args, cache=tmp_path)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     single, both = events(one.stdout), events(two.stdout)
     frames, answers = by_source(both, "frame"), by_source(both, "answer")
@@ -171,8 +172,8 @@ def test_two_demo_sources_are_labelled_and_answer_as_one_does(tmp_path):
 
 
 def test_a_dropped_source_is_reopened_while_the_others_run(checkpoints, served_clip):
-    r = m4("run", "--model", checkpoints["gqa-tied-last-full"], "--video", served_clip, "demo", "--fps", "50",
-           "--prompt", "What now?", "--max-new-tokens", "3", "--json", "--stats")
+    r = m4_in_process("run", "--model", checkpoints["gqa-tied-last-full"], "--video", served_clip, "demo",
+                      "--fps", "50", "--prompt", "What now?", "--max-new-tokens", "3", "--json", "--stats")
     assert r.returncode == 0, r.stderr
     assert f"{served_clip}: stream ended; reopening (1/3)" in r.stderr and "reopening (3/3)" in r.stderr
     assert f"{served_clip}: stream ended; stopping" in r.stderr and "demo:" not in r.stderr
@@ -190,8 +191,8 @@ def test_a_dropped_source_is_reopened_while_the_others_run(checkpoints, served_c
 def test_several_files_asked_at_their_ends_in_text(checkpoints, clip):
     args = ["--model", checkpoints["gqa-tied-last-full"], "--window", "4", "--prompt", "Which way?",
             "--max-new-tokens", "4"]
-    one = m4("run", "--video", clip, *args)
-    two = m4("run", "--video", clip, clip, *args)
+    one = m4_in_process("run", "--video", clip, *args)
+    two = m4_in_process("run", "--video", clip, clip, *args)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
     text = one.stdout.rstrip("\n")
     assert two.stdout.splitlines() == [f"[{clip}] {text}", f"[{clip}#2] {text}"]

@@ -207,11 +207,8 @@ def test_concurrent_requests_answer_as_alone(url, ref):
         assert list(pool.map(one, images)) == expected
 
 
-def test_onnx_bundle_served(checkpoints, tmp_path_factory):
-    from m4.export.bundle import export_bundle
-
-    path = tmp_path_factory.mktemp("bundle") / "b"
-    export_bundle(str(checkpoints[TINY]), path)
+def test_onnx_bundle_served(bundles):
+    path = bundles[TINY]
     images = random_images(2, seed=5)
     text = "Compare <image> with <image>."
     expected = m4.load(str(path)).ask(text, images=images, max_new_tokens=N)

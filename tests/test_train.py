@@ -20,13 +20,14 @@ from safetensors.torch import load_file
 
 import m4
 from m4.media import preprocess
-from m4.model.checkpoint import random_checkpoint
 from m4.model.config import PRESETS
 from m4.media.demo import COLOURS
 from m4.records import Skipped, in_front, load_records, problem, turns
 from m4.train.data import IGNORE, Batches, Collate, InstructData, approx_length
 from m4.train.synth import make, place, views_scene
 from m4.train.trainer import TrainConfig, build, dry_run, train
+
+from test_cli import m4_in_process
 
 TESTS = Path(__file__).parent
 # one thread: these models are tiny, and on two shared cores idle OpenMP threads spinning
@@ -63,8 +64,8 @@ def test_synth_then_train_tiny_loss_falls_and_both_loaders_agree(synth, tmp_path
     out = tmp_path / "tiny"
     # batches of 16: a batch of 4 mixes 5-token answers with 60-token captions, and one
     # batch's loss then swings by 20% either way, more than the bound's margin
-    r = m4cli("train", "--preset", "tiny", "--data", synth / "train.json", "--out", out, "--steps", "30",
-              "--batch-size", "16")
+    r = m4_in_process("train", "--preset", "tiny", "--data", synth / "train.json", "--out", out, "--steps", "30",
+                      "--batch-size", "16")
     assert r.returncode == 0, r.stderr
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == list(range(1, 31))
@@ -93,10 +94,8 @@ def both_loaders_agree(out, synth):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ck") / "tiny"
-    random_checkpoint("tiny", path)
-    return m4.load(path)
+def tiny(tiny_checkpoint):
+    return m4.load(tiny_checkpoint)
 
 
 def data_set(model, records, root, **kw):
@@ -263,7 +262,7 @@ def test_two_fsdp_ranks_equal_one_process_on_their_union(synth, tmp_path):
 
 
 def test_dry_run_builds_7b_on_meta_and_plans_memory():
-    r = m4cli("train", "--preset", "7b", "--dry-run", "--gpus", "8")
+    r = m4_in_process("train", "--preset", "7b", "--dry-run", "--gpus", "8")
     assert r.returncode == 0, r.stderr
     assert "parameters" in r.stdout and "GiB" in r.stdout and "8 GPUs" in r.stdout
     plan = dry_run("7b", 8, "projector,decoder", None, None, None)
