@@ -8,6 +8,7 @@ checkpoints' (`language_model.model.*`, `vision_tower.vision_model.*`) and trans
 
 import hashlib
 import json
+from contextlib import contextmanager
 import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -55,6 +56,16 @@ def m4_name(key: str) -> str | None:
     return None
 
 
+@contextmanager
+def opened(f: Path) -> Iterator[Any]:
+    """A safetensors file's handle (its tensors memory-mapped), closed after use."""
+    try:
+        with safe_open(f, framework="pt") as h:
+            yield h
+    except (SafetensorError, OSError) as e:
+        raise M4Error(f"cannot read weights {f}: {e}") from None
+
+
 class Checkpoint:
     """A checkpoint's tensors under m4 names, read one at a time from memory-mapped
     (sharded) safetensors: nothing is loaded until asked for, so export, calibration and
@@ -70,15 +81,14 @@ class Checkpoint:
             files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise M4Error(f"no safetensors weights in {self.path} (m4 loads safetensors only)")
-        self.files: dict[Path, Any] = {}  # safetensors' handles (untyped)
         self.where: dict[str, tuple[Path, str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
         for f in files:
-            try:
-                self.files[f] = safe_open(f, framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise M4Error(f"cannot read weights {f}: {e}") from None
-            for key in self.files[f].keys():
-                self.where[m4_name(key) or key] = (f, key)
+            with opened(f) as h:
+                for key in h.keys():
+                    name = m4_name(key) or key
+                    self.where[name] = (f, key)
+                    self.shapes[name] = tuple(h.get_slice(key).get_shape())
         with torch.device("meta"):
             self.model = LLaVA(arch)  # the names and shapes the weights must have
         self.parts = {key: [f"{prefix}.{part}.{kind}" for part in module.parts]
@@ -87,8 +97,7 @@ class Checkpoint:
         self.check()
 
     def shape(self, name: str) -> tuple[int, ...]:
-        f, key = self.where[name]
-        return tuple(self.files[f].get_slice(key).get_shape())
+        return self.shapes[name]
 
     def stored(self, name: str) -> list[str]:
         """The checkpoint tensors that make the model's tensor `name`."""
@@ -128,7 +137,8 @@ class Checkpoint:
         parts = []
         for s in self.stored(name):
             f, key = self.where[s]
-            parts.append(self.files[f].get_tensor(key))
+            with opened(f) as h:  # a mapping per read: pages read stay mapped only while their tensor lives
+                parts.append(h.get_tensor(key))
         t = parts[0] if len(parts) == 1 else torch.cat(parts)
         return t if dtype is None else t.to(dtype)
 
