@@ -54,8 +54,8 @@ def half_graph(src: Path, dst: Path) -> None:
 
     model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
                                      op_block_list=DEFAULT_OP_BLOCK_LIST + ["QuantizeLinear", "DequantizeLinear"])
-    onnx.save(model, str(dst), save_as_external_data=src.with_name(src.name + ".data").exists(),
-              location=dst.name + ".data")
+    # the weights beside it, in its own file: a converted graph past protobuf's 2 GB cannot be inline
+    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
 
 
 def build_engine(trt, logger, f: Path, shapes: list[dict], workspace: int, out: Path) -> None:
@@ -67,13 +67,10 @@ def build_engine(trt, logger, f: Path, shapes: list[dict], workspace: int, out: 
         raise M4Error(f"TensorRT cannot parse {f.name}: {first}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
-    inputs = [network.get_input(i) for i in range(network.num_inputs)]
-    dynamic = {x.name for x in inputs if -1 in tuple(x.shape)}  # a bundle's older decoder.onnx: a scalar past_len
     for p in shapes:
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in p.items():
-            if name in dynamic:
-                profile.set_shape(name, lo, opt, hi)
+            profile.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(profile)
     plan = builder.build_serialized_network(network, config)
     if plan is None:

@@ -84,10 +84,10 @@ class Bound:
     re-bound or allocated. `layers`: each layer's keys then values, (B, ...) arrays."""
 
     def __init__(self, decoder: ort.InferenceSession, layers: list[np.ndarray], transposed: bool, t: int,
-                 index: np.ndarray, hidden: int, vocab: int, batched: bool):
+                 index: np.ndarray, hidden: int, vocab: int):
         b, dtype = layers[0].shape[0], layers[0].dtype
         self.rows = np.zeros((b, t, hidden), dtype)
-        self.past_len = np.zeros((b,) if batched else (), np.int64)  # bundles before batching take a scalar
+        self.past_len = np.zeros((b,), np.int64)
         self.index = index.astype(np.int64)  # which positions get logits
         self.logits = np.zeros((b, len(index), vocab), dtype)
         self.binding = bound = decoder.io_binding()
@@ -100,9 +100,8 @@ class Bound:
             k, v, n = layers[0], layers[1], len(layers) // 2
             self.new_k = np.zeros((n, b, k.shape[1], k.shape[2], t), dtype)
             self.new_v = np.zeros((n, b, v.shape[1], t, v.shape[3]), dtype)
-            # older graphs return them without the B axis: bound as (layers, ...) views
-            bind(bound, "new_keys", self.new_k if batched else self.new_k[:, 0], output=True)
-            bind(bound, "new_values", self.new_v if batched else self.new_v[:, 0], output=True)
+            bind(bound, "new_keys", self.new_k, output=True)
+            bind(bound, "new_values", self.new_v, output=True)
         else:
             for name, a in zip(present_names(len(layers) // 2), layers):
                 bind(bound, name, a, output=True)
@@ -184,8 +183,6 @@ class OnnxBackend(BundleBackend):
         if outputs != expected:
             raise M4Error(f"{f} has outputs {outputs[:3]}, not the ones this m4 runs: re-export the bundle")
         self.past = past_names(layers)
-        # a decoder with a batch dimension (bundles before it ran one context a step)
-        self.batched = len(self.decoder.get_inputs()[1].shape) == 1
         self.pages: list[Page] = []
 
     def encode_images(self, pixels: np.ndarray) -> np.ndarray:
@@ -194,12 +191,13 @@ class OnnxBackend(BundleBackend):
         return embeds
 
     def new_cache(self, max_len: int) -> OrtCache:
-        """A slot of a page of caches (rounded up to CACHE_BUCKET positions, m4.runtime.backend) where contexts
-        can decode batched, else arrays of its own."""
+        """A slot of a page of caches (rounded up to CACHE_BUCKET positions, m4.runtime.backend)
+        where contexts decode batched; a cache longer than the model's positions allow for the
+        rounding has arrays of its own."""
         a = self.arch.text
         self.check_positions(max_len)
         size = min(bucketed(max_len), a.max_positions - 1)  # the spare needs an angle
-        if self.batched and max_len <= size:
+        if max_len <= size:
             page = next((p for p in self.pages if p.size == size and p.free), None)
             if page is None:
                 page = Page((a.layers, a.kv_heads, a.head_dim), size, self.dtype, transposed=not self.fused)
@@ -227,8 +225,7 @@ class OnnxBackend(BundleBackend):
         return self.binding(layer_views(cache.k, cache.v), cache.transposed, t, index)
 
     def binding(self, layers: list[np.ndarray], transposed: bool, t: int, index: np.ndarray) -> Bound:
-        return Bound(self.decoder, layers, transposed, t, index, self.arch.text.hidden, self.arch.text.vocab,
-                     self.batched)
+        return Bound(self.decoder, layers, transposed, t, index, self.arch.text.hidden, self.arch.text.vocab)
 
     def rows(self, embeds: np.ndarray, positions: list[int], caches: list[OrtCache]) -> np.ndarray:
         """One decode step of several contexts: row i's token (embeds[i], (H,)) at
@@ -280,10 +277,10 @@ class OnnxBackend(BundleBackend):
         else:
             past = layer_views(np.ascontiguousarray(cache.k[..., :pos]), np.ascontiguousarray(cache.v[:, :, :pos]))
         feed = {"inputs_embeds": embeds[None].astype(self.dtype),
-                "past_len": np.array([pos] if self.batched else pos, np.int64),
+                "past_len": np.array([pos], np.int64),
                 "logits_index": keep.astype(np.int64), **dict(zip(self.past, past))}
         logits, k, v = self.decoder.run(None, feed)
-        cache.write(pos, *((k[:, 0], v[:, 0]) if self.batched else (k, v)))
+        cache.write(pos, k[:, 0], v[:, 0])
         out: np.ndarray = logits[0].astype(np.float32)
         return out
 
