@@ -4,8 +4,9 @@ fit in one line, before it allocates.
 
 The formulas are models, their constants measured: change a constant, not a caller.
 Precisions: fp32 and fp16 bundles are float throughout; int8 and int4 bundles quantise the
-decoder's linears (lm_head included; a tied table gets its own quantised copy) and keep the
-vision tower, the projector and the token embedding table in fp16.
+decoder's linears (lm_head included; a tied table gets its own quantised copy), keep the
+vision tower and the projector in fp32 (their graph runs in float32, as the CPU runs it
+fastest) and the token embedding table in fp16.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ READ_BYTES = 4  # a tensor as the exporter reads it (float32: checkpoints of any
 # calibration runs the fp32 bundle, and holds its decoder graph this many times more while
 # quantising it (the graph read as an ONNX model)
 CALIB_GRAPH_COPIES = 1
-GROUP = 32  # weights per fp16 scale of a quantised linear
-# bytes per value of each part at each precision: quantised linears carry an fp16 scale per GROUP
-FLOAT_BYTES = {"fp32": 4, "fp16": 2, "int8": 2, "int4": 2}  # vision, projector, embedding table
-LINEAR_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 2 / GROUP, "int4": 0.5 + 2 / GROUP}
+GROUP = 32  # weights per float32 scale of a quantised linear
+# bytes per value of each part at each precision: quantised linears carry a float32 scale per GROUP
+VISION_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}  # vision tower and projector
+TABLE_BYTES = {"fp32": 4, "fp16": 2, "int8": 2, "int4": 2}  # the token embedding table
+LINEAR_BYTES = {"fp32": 4, "fp16": 2, "int8": 1 + 4 / GROUP, "int4": 0.5 + 4 / GROUP}
 # the KV cache: the ONNX backend allocates it in the bundle's float dtype (its manifest's);
 # a calibrated bundle keeps its float bundle's, and m4 calibrate takes fp32 bundles
 CACHE_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}
@@ -76,14 +78,15 @@ def kv_cache(arch: Arch, precision: str, window: int = DEFAULT_WINDOW) -> int:
 def bundle_bytes(arch: Arch, precision: str) -> int:
     """A bundle on disk: the vision graph, the decoder's weights once, the embedding table."""
     s = Sizes.of(arch)
-    return int(FLOAT_BYTES[precision] * (s.vision + s.table) + LINEAR_BYTES[precision] * s.linears)
+    return int(VISION_BYTES[precision] * s.vision + TABLE_BYTES[precision] * s.table
+               + LINEAR_BYTES[precision] * s.linears)
 
 
 def weights_run(arch: Arch, precision: str) -> int:
     """A bundle's weights in memory: vision and decoder graphs (the table is memory-mapped:
     a prompt costs its rows only)."""
     s = Sizes.of(arch)
-    return int(FLOAT_BYTES[precision] * s.vision + LINEAR_BYTES[precision] * s.linears)
+    return int(VISION_BYTES[precision] * s.vision + LINEAR_BYTES[precision] * s.linears)
 
 
 def needs(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW) -> int:
@@ -102,7 +105,7 @@ def needs(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW) -
     if step == "run":
         return RUN_OVERHEAD + weights_run(arch, precision) + kv_cache(arch, precision, window)
     if step == "torch":  # a float tied table is lm_head too, already counted with the linears
-        table = 0 if arch.text.tied and precision in ("fp32", "fp16") else FLOAT_BYTES[precision] * s.table
+        table = 0 if arch.text.tied and precision in ("fp32", "fp16") else TABLE_BYTES[precision] * s.table
         cache = kv_cache(arch, "fp32" if precision == "fp32" else "fp16", window)
         return int(RUN_OVERHEAD + weights_run(arch, precision) + table + cache)
     raise ValueError(step)

@@ -78,9 +78,8 @@ def write_table(source: Checkpoint, f: Path, dtype: np.dtype) -> None:
     name = "text.embed_tokens.weight"
     shape = source.model_shape(name)
     table = np.lib.format.open_memmap(f, mode="w+", dtype=dtype, shape=shape)
-    w = source.tensor(name)
     for i in range(0, shape[0], TABLE_ROWS):
-        table[i:i + TABLE_ROWS] = w[i:i + TABLE_ROWS].float().numpy()
+        table[i:i + TABLE_ROWS] = source.tensor(name, torch.float32, slice(i, i + TABLE_ROWS)).numpy()
     table.flush()
     del table
 

@@ -33,8 +33,7 @@ class Tensors:
     def __call__(self, name: str, rows: slice = slice(None), dtype: type | None = None) -> np.ndarray:
         """The tensor (or its output rows `rows`) as numpy, in `dtype` or the export's."""
         name = self.model_name(name)
-        t = self.buffers[name] if name in self.buffers else self.source.tensor(name)
-        t = t[rows]
+        t = self.buffers[name][rows] if name in self.buffers else self.source.tensor(name, rows=rows)
         if name in self.scales:
             t = t.float() * self.scales[name][rows].reshape(-1, *[1] * (t.dim() - 1))
         return t.to(self.dtype).numpy().astype(dtype or NUMPY[self.dtype], copy=False)

@@ -131,14 +131,22 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.model.state_dict())
 
-    def tensor(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The model's tensor `name`, cast to `dtype` (a view of the mapped file where it is
-        one stored tensor already in that dtype)."""
-        parts = []
+    def tensor(self, name: str, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """The model's tensor `name` (or its rows `rows`, reading only those), cast to `dtype`
+        (a view of the mapped file where it is one stored tensor already in that dtype)."""
+        shape = self.model_shape(name)
+        start, stop, _ = rows.indices(shape[0]) if shape else (0, 0, 1)
+        parts, first = [], 0
         for s in self.stored(name):
             f, key = self.where[s]
+            n = self.shapes[s][0] if shape else 0
+            lo, hi = max(start - first, 0), min(stop - first, n)
+            first += n
+            if shape and lo >= hi:
+                continue
             with opened(f) as h:  # a mapping per read: pages read stay mapped only while their tensor lives
-                parts.append(h.get_tensor(key))
+                whole = not shape or (lo, hi) == (0, n)
+                parts.append(h.get_tensor(key) if whole else h.get_slice(key)[lo:hi])
         t = parts[0] if len(parts) == 1 else torch.cat(parts)
         return t if dtype is None else t.to(dtype)
 
