@@ -180,8 +180,8 @@ def test_stop_strings_seed_and_length(url, ref):
     assert one.choices[0].finish_reason == "length" and one.usage.completion_tokens == 1
     sampled = [c.chat.completions.create(model="tiny", messages=msg, max_tokens=N, temperature=1.0, top_p=0.9,
                                          seed=3).choices[0].message.content for _ in range(2)]
-    assert sampled[0] == sampled[1] == ref.ask("<image>Go", images=[img], max_new_tokens=N, temperature=1.0,
-                                                top_p=0.9, seed=3)
+    assert sampled[0] == sampled[1] == ref.ask("<image>Go", images=[img], max_new_tokens=N,
+                                                sampling=m4.Sampling(1.0, 0.9, 3))
 
 
 def test_video_url_part(url, ref, tmp_path):
