@@ -26,15 +26,13 @@ DEFAULT_WINDOW = 8  # video frames in the context (m4 run --window)
 TEXT_TOKENS = 512  # the question, the answer and the template around the frames
 GB = 1e9
 
-# bytes of the process itself: Python, torch and onnx imported (export, calibrate)
+# bytes of an export beside the tensors it holds: Python, torch and onnx imported, and the
+# graphs traced on the meta device (structure, no weights)
 EXPORT_OVERHEAD = int(1.5 * GB)
 # bytes of a running process beside its weights and cache: ONNX Runtime's arenas, activations
 RUN_OVERHEAD = int(1.5 * GB)
-# the vision tower is traced with real weights held whole: this many times its bytes
-VISION_FACTOR = 2.5
-# the decoder is written a tensor at a time: the largest one as read, cast or quantised, written
+# export writes a tensor at a time: the largest one as read, cast and transposed
 TENSOR_COPIES = 3
-READ_BYTES = 4  # a tensor as the exporter reads it (float32: checkpoints of any dtype are cast)
 # calibration runs the fp32 bundle, and holds its decoder graph this many times more while
 # quantising it (the graph read as an ONNX model)
 CALIB_GRAPH_COPIES = 1
@@ -97,8 +95,10 @@ def needs(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW) -
         raise M4Error(f"unknown precision {precision!r}: use " + ", ".join(PRECISIONS))
     s = Sizes.of(arch)
     if step == "export":
-        return int(EXPORT_OVERHEAD + VISION_FACTOR * FLOAT_BYTES[precision] * s.vision
-                   + TENSOR_COPIES * READ_BYTES * s.largest + FLOAT_BYTES[precision] * s.table)
+        # a float tensor is held TENSOR_COPIES times whole (read, cast, transposed); a quantised
+        # one a slice of rows at a time, its largest the embedding table's copy
+        held = s.largest * (LINEAR_BYTES[precision] if precision in ("fp32", "fp16") else TABLE_BYTES[precision])
+        return int(EXPORT_OVERHEAD + TENSOR_COPIES * held)
     if step == "calibrate":
         return int(EXPORT_OVERHEAD + weights_run(arch, "fp32") + CALIB_GRAPH_COPIES * LINEAR_BYTES["fp32"] * s.linears
                    + weights_run(arch, precision) + kv_cache(arch, "fp32", window))
