@@ -103,13 +103,14 @@ def decoding(backend, embeds: np.ndarray) -> Callable[[], float]:
     them, run again (over the same positions) at each call -> their seconds, as the median
     step times the steps (the first step after the other bundle's run meets its idle threads)."""
     cache = backend.new_cache(len(embeds) + ANSWER_TOKENS)
-    first = backend.forward(embeds, 0, cache, greedy=True)
+    first = int(backend.prefill(embeds, 0, cache).argmax())
 
     def steps() -> float:
         token, took = first, []
         for i in range(ANSWER_TOKENS):
             t = time.perf_counter()
-            token = backend.forward(backend.embed_tokens([token]), len(embeds) + i, cache, greedy=True)
+            logits = backend.decode(backend.embed_tokens([token]), [len(embeds) + i], [cache])
+            token = int(logits.argmax())  # greedy, as an answer takes it (runtime.answer.choose)
             took.append(time.perf_counter() - t)
         return float(np.median(took)) * ANSWER_TOKENS
     return steps
