@@ -13,12 +13,23 @@ from m4.bundle_format import ORT_DECODER
 from test_cli import m4
 
 
-def test_bench_all_workloads(checkpoints, tmp_path):
+@pytest.fixture(scope="module")
+def cache(checkpoints, tmp_path_factory):
+    """A cache holding a copy of the tiny checkpoint: the bundle the bench exports into it is the
+    one the cache test finds current (exporting it is the bench's; the cache test exports again)."""
+    root = tmp_path_factory.mktemp("cache")
+    (root / "ckpt").mkdir()
+    for f in checkpoints["gqa-tied-last-full"].iterdir():
+        (root / "ckpt" / f.name).write_bytes(f.read_bytes())
+    return root
+
+
+def test_bench_all_workloads(cache, tmp_path):
     out = tmp_path / "out"
-    r = m4("bench", "--model", checkpoints["gqa-tied-last-full"], "--backends", "torch,onnx,trt,hf",
+    r = m4("bench", "--model", cache / "ckpt", "--backends", "torch,onnx,trt,hf",
            "--workload", "all", "--frames", "4", "--window", "2", "--every", "2", "--images", "2",
            "--new-tokens", "4", "--contexts", "16,48", "--repeats", "2",
-           "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png", cache=tmp_path)
+           "--json", f"{out}.json", "--csv", f"{out}.csv", "--plot", f"{out}.png", cache=cache)
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
@@ -59,14 +70,11 @@ def test_bench_cuda_without_a_gpu(checkpoints):
     assert r.returncode == 2 and "torch sees no CUDA device" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bench_bundle_cache_exports_again_when_stale(checkpoints, tmp_path, monkeypatch):
+def test_bench_bundle_cache_exports_again_when_stale(cache, monkeypatch):
     """A cached bundle is reused while it is current; one an older m4 left (here: an older
     manifest and decoder, no key) or one of a changed checkpoint is exported again."""
-    monkeypatch.setenv("M4_CACHE", str(tmp_path))
-    ck = tmp_path / "ckpt"
-    ck.mkdir()
-    for f in checkpoints["gqa-tied-last-full"].iterdir():
-        (ck / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setenv("M4_CACHE", str(cache))
+    ck = cache / "ckpt"
     out = Path(bundle_for(str(ck)))
     made = (out / "m4.json").stat().st_mtime_ns
     assert bundle_for(str(ck)) == str(out) and (out / "m4.json").stat().st_mtime_ns == made

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-
 from unittest import mock
 
 import numpy as np
@@ -37,7 +36,8 @@ def m4_in_process(*args, cache=None, stdin=None) -> subprocess.CompletedProcess:
             cli.main()
         except SystemExit as e:
             code = e.code
-        sys.stdout.flush(), sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         return subprocess.CompletedProcess(argv, code, out.getvalue().decode(), err.getvalue().decode())
 
 
