@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--presets", nargs="+", default=["0.5b"])
     p.add_argument("--dtypes", nargs="+", default=["fp16", "int4"])
     p.add_argument("--work", type=Path, default=Path("bench-export"))
-    p.add_argument("--keep", action="store_true", help="keep the bundles (they are removed after measuring)")
+    p.add_argument("--keep", nargs="*", default=[], help="dtypes whose bundles are kept (others are removed after measuring)")
     p.add_argument("--json", type=Path)
     a = p.parse_args()
     m4 = [sys.executable, "-m", "m4"]
@@ -63,7 +63,7 @@ def main() -> None:
                 r["bundle_bytes"] = sizes(out)
             rows.append(r)
             Console(stderr=True).print(r)
-            if not a.keep:
+            if dtype not in a.keep:
                 shutil.rmtree(out, ignore_errors=True)
     t = Table("preset", "step", "peak RSS GB", "wall s", "bundle GB", title=f"m4 export on {machine()['cpu']}")
     for r in rows:

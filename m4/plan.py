@@ -28,11 +28,12 @@ GB = 1e9
 
 # bytes of an export beside the tensors it holds: Python, torch and onnx imported, and the
 # graphs traced on the meta device (structure, no weights)
-EXPORT_OVERHEAD = int(1.5 * GB)
+EXPORT_OVERHEAD = int(1.7 * GB)  # measured: 1.05 GB (0.5b int4) to 2.18 GB (7b int4) peak in all
 # bytes of a running process beside its weights and cache: ONNX Runtime's arenas, activations
 RUN_OVERHEAD = int(1.5 * GB)
 # export writes a tensor at a time: the largest one as read, cast and transposed
 TENSOR_COPIES = 3
+QUANTISED_ROWS = 4096  # output rows quantised at a time (m4.export.weights.ROWS)
 # calibration runs the fp32 bundle, and holds its decoder graph this many times more while
 # quantising it (the graph read as an ONNX model)
 CALIB_GRAPH_COPIES = 1
@@ -96,8 +97,9 @@ def needs(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW) -
     s = Sizes.of(arch)
     if step == "export":
         # a float tensor is held TENSOR_COPIES times whole (read, cast, transposed); a quantised
-        # one a slice of rows at a time, its largest the embedding table's copy
-        held = s.largest * (LINEAR_BYTES[precision] if precision in ("fp32", "fp16") else TABLE_BYTES[precision])
+        # one QUANTISED_ROWS output rows at a time, in float32
+        float_bytes = LINEAR_BYTES.get(precision) if precision in ("fp32", "fp16") else None
+        held = s.largest * float_bytes if float_bytes else QUANTISED_ROWS * 4 * max(arch.text.hidden, arch.text.mlp)
         return int(EXPORT_OVERHEAD + TENSOR_COPIES * held)
     if step == "calibrate":
         return int(EXPORT_OVERHEAD + weights_run(arch, "fp32") + CALIB_GRAPH_COPIES * LINEAR_BYTES["fp32"] * s.linears
