@@ -194,6 +194,21 @@ def test_vision_only_bundle_keeps_the_fused_float_decoder(float_bundle, tmp_path
     assert isinstance(model.ask("Describe <image>.", images=random_images(1), max_new_tokens=4), str)
 
 
+def test_an_fp16_bundle_quantises_weight_only(checkpoints, tmp_path):
+    """A weight-only scheme takes an fp16 float bundle (what a large checkpoint is exported
+    to): MatMulNBits with fp16 scales, measured against the fp16 bundle; calibrated INT8
+    vision still asks for fp32, in one line."""
+    f16 = tmp_path / "fp16"
+    export_bundle(str(checkpoints[VARIANT]), f16, "fp16")
+    report = calibrate(f16, tmp_path / "q", "demo", vision="none", decoder="int4", samples=2)
+    assert report["decoder"]["graph"] == ORT_DECODER and report["decoder"]["cosine"] > 0.8
+    scales = [t for t in onnx.load(str(tmp_path / "q" / ORT_DECODER), load_external_data=False).graph.initializer
+              if t.name.endswith(".scales")]
+    assert scales and all(t.data_type == onnx.TensorProto.FLOAT16 for t in scales)
+    with pytest.raises(M4Error, match="calibrated INT8 needs an fp32 bundle"):
+        calibrate(f16, tmp_path / "v", "demo", vision="int8", decoder="none", samples=2)
+
+
 # bounds measured on the tiny random checkpoint (hidden 64, wide init: the hard case for
 # block-wise INT4), with margin; chance agreement is 1/384
 @pytest.mark.parametrize("decoder, agreement, cosine", [("int8", 0.6, 0.99), ("int4", 0.25, 0.8)])
