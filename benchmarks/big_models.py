@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ from rich.table import Table
 
 from m4.bundle_format import DECODER_WEIGHTS, manifest_arch, read_manifest
 from m4.machine import machine
+
+from export_memory import peak_rss
 
 GB = 1e9
 
@@ -44,10 +45,9 @@ def answer(bundle: Path, image: Path, prompt: str, new_tokens: int) -> dict:
     cmd = [sys.executable, "-m", "m4", "run", "--model", str(bundle), "--images", str(image), "--prompt", prompt,
            "--max-new-tokens", str(new_tokens), "--json"]
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
     events = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     done = [e for e in events if e.get("event") == "answer"]
-    return {"command": " ".join(cmd), "exit": r.returncode, "peak_rss_bytes": int(peak.group(1)) * 1024 if peak else None,
+    return {"command": " ".join(cmd), "exit": r.returncode, "peak_rss_bytes": peak_rss(r.stderr),
             "answer": done[-1] if done else None, "error": None if done else r.stderr.strip().splitlines()[:3]}
 
 

@@ -26,14 +26,18 @@ from rich.table import Table
 from m4.machine import machine
 
 
+def peak_rss(stderr: str) -> int | None:
+    """The peak resident bytes `/usr/bin/time -v` reported."""
+    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
+    return int(peak.group(1)) * 1024 if peak else None
+
+
 def timed(cmd: list[str]) -> dict:
     """Run cmd under /usr/bin/time -v: its exit status, wall seconds and peak RSS in bytes."""
     t = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
-    return {"command": " ".join(cmd), "exit": r.returncode, "wall_s": round(wall, 1),
-            "peak_rss_bytes": int(peak.group(1)) * 1024 if peak else None,
+    return {"command": " ".join(cmd), "exit": r.returncode, "wall_s": round(wall, 1), "peak_rss_bytes": peak_rss(r.stderr),
             "error": r.stderr.strip().splitlines()[0] if r.returncode else None}
 
 

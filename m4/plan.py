@@ -98,8 +98,10 @@ def needs(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW) -
     if step == "export":
         # a float tensor is held TENSOR_COPIES times whole (read, cast, transposed); a quantised
         # one QUANTISED_ROWS output rows at a time, in float32
-        float_bytes = LINEAR_BYTES.get(precision) if precision in ("fp32", "fp16") else None
-        held = s.largest * float_bytes if float_bytes else QUANTISED_ROWS * 4 * max(arch.text.hidden, arch.text.mlp)
+        if precision in ("fp32", "fp16"):
+            held = s.largest * LINEAR_BYTES[precision]
+        else:
+            held = QUANTISED_ROWS * 4 * max(arch.text.hidden, arch.text.mlp)
         return int(EXPORT_OVERHEAD + TENSOR_COPIES * held)
     if step == "calibrate":
         return int(EXPORT_OVERHEAD + weights_run(arch, "fp32") + CALIB_GRAPH_COPIES * LINEAR_BYTES["fp32"] * s.linears

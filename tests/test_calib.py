@@ -28,6 +28,7 @@ from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import synth
 
 from conftest import random_images
+from test_export import places
 from test_parity import QUESTIONS, oracle_tokens
 
 VARIANT = "gqa-tied-last-full"
@@ -432,16 +433,6 @@ def test_llama_clip_bundle_quantises(checkpoints, bundles, oracle, tmp_path, dec
     assert (logits.argmax(-1) == want).mean() >= agreement
 
 
-def external_places(f) -> dict[str, tuple[str, str]]:
-    """Each external initializer of a graph -> (file, offset)."""
-    out = {}
-    for t in onnx.load(str(f), load_external_data=False).graph.initializer:
-        info = {e.key: e.value for e in t.external_data}
-        if info:
-            out[t.name] = (info["location"], info.get("offset", "0"))
-    return out
-
-
 @pytest.mark.parametrize("decoder", ["int4", "int8"])
 def test_export_writes_the_deployed_precision_directly(checkpoints, float_bundle, quantised, tmp_path, decoder):
     """`m4 export --dtype int4` quantises each weight as it is written, with no float bundle
@@ -456,8 +447,8 @@ def test_export_writes_the_deployed_precision_directly(checkpoints, float_bundle
     np.testing.assert_array_equal(*logits)
     nbits = {g: [n.input[1] for n in onnx.load(str(out / g), load_external_data=False).graph.node
                  if n.op_type == "MatMulNBits"] for g in ("decoder.onnx", ORT_DECODER)}
-    places = {g: external_places(out / g) for g in nbits}
+    where = {g: places(out / g) for g in nbits}
     assert len(nbits["decoder.onnx"]) == len(nbits[ORT_DECODER]) > 0
-    assert {places["decoder.onnx"][b] for b in nbits["decoder.onnx"]} == {places[ORT_DECODER][b] for b in nbits[ORT_DECODER]}
-    assert {f for p in places.values() for f, _ in p.values()} == {DECODER_WEIGHTS}
+    assert {where["decoder.onnx"][b] for b in nbits["decoder.onnx"]} == {where[ORT_DECODER][b] for b in nbits[ORT_DECODER]}
+    assert {f for p in where.values() for f, _ in p.values()} == {DECODER_WEIGHTS}
     assert not list(out.glob("*.data"))

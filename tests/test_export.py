@@ -8,16 +8,14 @@ import sys
 import onnx
 
 from m4.bundle_format import DECODER_WEIGHTS, ORT_DECODER, VISION_WEIGHTS
+from m4.calib.decoder import external, place
 from m4.export.bundle import export_bundle
 
 
 def places(f) -> dict[str, tuple[str, str]]:
-    out = {}
-    for t in onnx.load(str(f), load_external_data=False).graph.initializer:
-        info = {e.key: e.value for e in t.external_data}
-        if info:
-            out[t.name] = (info["location"], info["offset"])
-    return out
+    """Each external initializer of a graph -> (its file, its offset)."""
+    g = onnx.load(str(f), load_external_data=False).graph
+    return {t.name: (p["location"], p["offset"]) for t in g.initializer if external(t) for p in (place(t),)}
 
 
 def test_the_decoder_weights_are_stored_once(bundles):

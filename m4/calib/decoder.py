@@ -53,14 +53,14 @@ def weight_only(src: Path, dst: Path, weights: Weights, bits: int) -> dict:
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     added = []
-    for i, node in enumerate(g.node):
+    for node in g.node:
         b = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) > 1 else None
         if b is None or len(b.dims) != 2:
             continue
         w = mapped(src.parent, b)  # (K, N) = W^T
         k, n = w.shape
         q, s = quantised_linear(weights, stored_key(b), partial(columns, w), n, k, bits, w.dtype.type)
-        g.node[i].CopyFrom(matmul_nbits(node.input[0], q, s, node.output[0], node.name, n, k, bits))
+        node.CopyFrom(matmul_nbits(node.input[0], q, s, node.output[0], node.name, n, k, bits))
         added += [q, s]
     read = {x for node in g.node for x in node.input}
     kept = [t if not external(t) else weights.tensor(t.name, stored_key(t), partial(mapped, src.parent, t))
@@ -80,19 +80,24 @@ def external(t: onnx.TensorProto) -> bool:
     return t.data_location == onnx.TensorProto.EXTERNAL
 
 
+def place(t: onnx.TensorProto) -> dict[str, str]:
+    """An external tensor's location, offset and length, as ONNX records them."""
+    return {"offset": "0", **{e.key: e.value for e in t.external_data}}
+
+
 def stored_key(t: onnx.TensorProto) -> str:
     """Where an external tensor's bytes lie: tensors of two graphs at one place are one tensor."""
-    info = {e.key: e.value for e in t.external_data}
-    return f"{info['location']}@{info.get('offset', '0')}"
+    info = place(t)
+    return f"{info['location']}@{info['offset']}"
 
 
 def mapped(root: Path, t: onnx.TensorProto) -> np.ndarray:
     """An external tensor as a read-only memory map of its file (an inline one as an array)."""
     if not external(t):
         return numpy_helper.to_array(t)
-    info = {e.key: e.value for e in t.external_data}
+    info = place(t)
     dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-    return np.memmap(root / info["location"], dtype=dtype, mode="r", offset=int(info.get("offset", 0)),
+    return np.memmap(root / info["location"], dtype=dtype, mode="r", offset=int(info["offset"]),
                      shape=tuple(t.dims))
 
 

@@ -77,8 +77,8 @@ def attach(model: onnx.ModelProto, names: list[str], weights: Weights, tensors: 
             n, k = tensors.shape(w)
             b, s = quantised_linear(weights, w, partial(tensors.float_rows, w), n, k, bits)
             g.initializer.extend([b, s])
-            for u in users:
-                g.node[list(g.node).index(u)].CopyFrom(matmul_nbits(u.input[0], b, s, u.output[0], u.name, n, k, bits))
+            for u in users:  # each MatMul replaced where it stands: the graph stays sorted
+                u.CopyFrom(matmul_nbits(u.input[0], b, s, u.output[0], u.name, n, k, bits))
                 quantised += 1
         else:
             g.initializer.append(weights.tensor(node.output[0], f"{w}.T", partial(tensors.transposed, w)))
