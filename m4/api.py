@@ -9,16 +9,18 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from m4.bundle_format import is_bundle, manifest_arch, read_manifest, verify as verify_bundle
+from m4.constraint import Constraint
 from m4.errors import M4Error
 from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, tile
 from m4.model.config import Arch
 from m4.plan import DEFAULT_WINDOW, TORCH_PRECISIONS, bundle_precision, check_fits
 from m4.prompt import IMAGE, TEMPLATES, Prompt, Template, build, detect_template, expand_placeholders
 from m4.resolve import DEMO_BUNDLE, resolve
-from m4.runtime.answer import Answer, Batch
+from m4.runtime.answer import Answer, Batch, guide_for
 from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.bundle_backend import BundleBackend
 from m4.runtime.context import Context
@@ -167,6 +169,7 @@ class Model:
         an Answer to decode alone or in a Batch with others (m4.runtime.answer). Its timings
         land in `stats` (default: a dict of its own, `answer.stats`)."""
         max_new_tokens = self.room(len(p.ids), max_new_tokens)
+        guide = guide_for(sampling, self.tokenizer, self.backend, self.stop_ids)
         t0 = time.perf_counter()
         embeds = self.embed(p, pictures)
         t1 = time.perf_counter()
@@ -176,7 +179,7 @@ class Model:
         stats = {} if stats is None else stats
         stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
                      prefill_ms=(t2 - t1) * 1e3)
-        return Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, stats, t0)
+        return Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, stats, t0, guide=guide)
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long
@@ -189,24 +192,30 @@ class Model:
 
     def ask(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
             patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-            stream: bool = False):
-        """The answer as a string, or with stream=True an iterator of text pieces."""
-        ids = self.tokens(text, images, video, views, patches, max_new_tokens, sampling)
+            stream: bool = False, schema=None, choices: list[str] | None = None, regex: str | None = None):
+        """The answer as a string, or with stream=True an iterator of text pieces. At most one
+        constraint: `schema` (a JSON schema dict or a pydantic model: the answer is JSON that
+        validates), `choices` (exactly one of them) or `regex` (matched whole). Where
+        max_new_tokens runs out first, the answer is its valid beginning."""
+        ids = self.tokens(text, images, video, views, patches, max_new_tokens,
+                          sampling.constrained(schema, choices, regex))
         pieces = self.tokenizer.detokenize(ids)
         return pieces if stream else "".join(pieces)
 
 
-def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int | None = None,
-                 sampling: Sampling = Sampling()) -> list[str]:
+def ask_together(asked: Sequence[tuple[LiveContext, str] | tuple[LiveContext, str, Constraint | None]],
+                 max_new_tokens: int | None = None, sampling: Sampling = Sampling()) -> list[str]:
     """Questions to several live contexts (several cameras), answered together: one batched
     decode step carries the next token of every answer, so N answers read the weights once a
-    token, not N times. Each answer is the one its context gives alone; each context's
-    `stats` get its own timings. For tokens as they come, drive an m4.runtime.answer.Batch
-    over `live.start(...)` answers as this does."""
+    token, not N times. A question may carry its own constraint (a third item, an
+    m4.Constraint). Each answer is the one its context gives alone; each context's `stats`
+    get its own timings. For tokens as they come, drive an m4.runtime.answer.Batch over
+    `live.start(...)` answers as this does."""
     batch, answers = Batch(), []
     try:
-        for live, q in asked:
-            answers.append(batch.join(live.start(q, max_new_tokens, sampling)))
+        for live, q, *c in asked:
+            s = replace(sampling, constraint=c[0]) if c and c[0] is not None else sampling
+            answers.append(batch.join(live.start(q, max_new_tokens, s)))
         tokens: dict[int, list[int]] = {id(a): [] for a in answers}
         while len(batch):
             for a, token in batch.step():
@@ -214,4 +223,4 @@ def ask_together(asked: Sequence[tuple[LiveContext, str]], max_new_tokens: int |
     finally:
         for a in list(batch.answers):  # an error mid-way: every question rolled back
             batch.leave(a)
-    return ["".join(live.tokenizer.detokenize(tokens[id(a)])) for (live, _), a in zip(asked, answers)]
+    return ["".join(live.tokenizer.detokenize(tokens[id(a)])) for (live, *_), a in zip(asked, answers)]

@@ -10,13 +10,15 @@ steps. Each answer's tokens are the ones it gets alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 
-from m4.runtime.backend import Logits
+from m4.constraint import Guide, allowed, grammars_for
+from m4.runtime.backend import Backend, Logits
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling, sample
+from m4.tokenizer import Tokenizer
 
 # what an answer writes into its stats; a stats dict shared by answers (a live context's)
 # drops them when the next answer starts, so each answer reports only its own: one of a
@@ -29,11 +31,12 @@ class Answer:
     (`Batch` below): the tokens are the same either way. The answer is kept in the
     cache as a segment; `close` rolls the context back to `mark` where one was given (a
     question and its answer leave no trace). `first`: the prompt's last logits (1, vocab)
-    (Context.append's), from which its first token is chosen."""
+    (Context.append's), from which its first token is chosen. `guide`: its constraint's
+    walk (`guide_for`), where its sampling has one."""
 
     def __init__(self, ctx: Context, first: Logits, max_new_tokens: int, stop_ids: set[int],
                  sampling: Sampling = Sampling(), stats: dict[str, float] | None = None,
-                 started: float | None = None, mark: int | None = None):
+                 started: float | None = None, mark: int | None = None, guide: Guide | None = None):
         self.ctx, self.remaining, self.stop_ids, self.sampling, self.mark = (ctx, max_new_tokens, stop_ids,
                                                                              sampling, mark)
         self.stats = {} if stats is None else stats  # ttft_ms (from `started`), decode_tok_s, new_tokens
@@ -45,13 +48,22 @@ class Answer:
         self.last = 0  # the token given out last, which the next step feeds
         self.pending: int | None = None  # chosen, not yet given out
         self.done = False
-        self.accept(choose(first, [self], ctx.backend.host)[0])
+        self.guide = guide
+        self.finish_reason = "length"  # as OpenAI names it: "stop" once a stop token or the constraint ends it
+        self.accept(choose(first, [self], ctx.backend)[0])
 
     def accept(self, token: int) -> None:
-        """The token a step chose for it; a stop token (or no room left) ends the answer."""
+        """The token a step chose for it; a stop token, or no room left, ends the answer, and
+        a constraint that admits no more ends it after this token."""
+        if token in self.stop_ids:
+            self.finish_reason = "stop"
         if self.remaining <= 0 or token in self.stop_ids:
             self.finish()
             return
+        if self.guide is not None:
+            self.guide.accept(token)
+            if self.guide.ended:
+                self.finish_reason, self.remaining = "stop", 1  # nothing may follow: this token is the last
         if self.count == 0:
             self.first_at = time.perf_counter()
             self.stats["ttft_ms"] = (self.first_at - self.started) * 1e3
@@ -95,12 +107,24 @@ class Answer:
                 decode_step([self])
 
 
-def choose(logits: Logits, answers: list[Answer], host: Callable[[Logits], np.ndarray]) -> list[int]:
+def guide_for(sampling: Sampling, tokenizer: Tokenizer, backend: Backend, stop_ids: set[int]) -> Guide | None:
+    """The walk of the sampling's constraint over this model's vocabulary (None where it has
+    none): compiled, or taken from the cache, before any prefill, so a constraint the engine
+    cannot build fails first."""
+    if sampling.constraint is None:
+        return None
+    return grammars_for(tokenizer, backend.arch.text.vocab, stop_ids).guide(sampling.constraint)
+
+
+def choose(logits: Logits, answers: list[Answer], backend: Backend) -> list[int]:
     """Each answer's next token from its row of `logits` (B, vocab): the one place a token
-    is chosen, the first (from the prompt's logits) and every decode step's. Greedy rows take
-    the argmax where the logits are (a GPU's stay there: the host receives one id a row);
-    the others are sampled on the host, `host` bringing their rows there. A constraint on
-    an answer's tokens belongs here, masking its row before either."""
+    is chosen, the first (from the prompt's logits) and every decode step's. A constrained
+    answer's row is masked first, where the logits are, to the tokens its constraint allows
+    (each row its own). Greedy rows take the argmax there (a GPU's stay there: the host
+    receives one id a row); the others are sampled on the host."""
+    guided = [i for i, a in enumerate(answers) if a.guide is not None]
+    if guided:
+        logits = backend.mask(logits, guided, allowed([a.guide for a in answers if a.guide is not None]))
     greedy = [i for i, a in enumerate(answers) if a.sampling.greedy]
     tokens: dict[int, int] = {}
     if greedy:
@@ -108,7 +132,7 @@ def choose(logits: Logits, answers: list[Answer], host: Callable[[Logits], np.nd
         tokens = dict(zip(greedy, (int(t) for t in rows.argmax(-1).tolist())))
     for i, a in enumerate(answers):
         if i not in tokens:
-            tokens[i] = sample(host(logits[i]), a.sampling, a.rng)
+            tokens[i] = sample(backend.host(logits[i]), a.sampling, a.rng)
     return [tokens[i] for i in range(len(answers))]
 
 
@@ -122,7 +146,7 @@ def decode_step(answers: list[Answer]) -> None:
         a.ctx.check_room(1)
     logits = backend.decode(backend.embed_tokens([a.last for a in answers]), [a.ctx.length for a in answers],
                             [a.ctx.cache for a in answers])
-    for a, token in zip(answers, choose(logits, answers, backend.host)):
+    for a, token in zip(answers, choose(logits, answers, backend)):
         a.ctx.record("answer", [1])
         a.accept(token)
 

@@ -63,6 +63,11 @@ class Backend(Protocol):
         graph captured for its cache); several read the weights once for all rows where the backend can batch them.
         Each row's logits equal what `forward` gives that context alone."""
 
+    def mask(self, logits: Logits, rows: list[int], allowed: np.ndarray) -> Logits:
+        """The logits with the tokens not allowed (allowed: (len(rows), vocab) bool) of each
+        of `rows` set to -inf, where the logits are: a constrained answer's row (m4.constraint)
+        before its token is chosen."""
+
     def host(self, logits: Logits) -> np.ndarray:
         """`prefill`'s or `decode`'s logits (or some of their rows) as float32 numpy, for
         the sampler."""

@@ -58,6 +58,12 @@ class BundleBackend(ABC):
             return self.prefill(embeds, positions[0], caches[0])
         return self.rows(embeds, positions, caches)
 
+    def mask(self, logits: np.ndarray, rows: list[int], allowed: np.ndarray) -> np.ndarray:
+        """On the host, into a copy: the logits may be a buffer the next run writes."""
+        out = logits.copy()
+        out[rows] = np.where(allowed, out[rows], -np.inf)
+        return out
+
     def host(self, logits: np.ndarray) -> np.ndarray:
         return logits
 

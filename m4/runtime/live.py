@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,7 @@ from m4.errors import M4Error
 from m4.media import ImageProcessing, preprocess
 from m4.media.image import ImageLike
 from m4.prompt import IMAGE, Part, Prompt, Template, image_parts, tokenize
-from m4.runtime.answer import Answer
+from m4.runtime.answer import Answer, guide_for
 from m4.runtime.backend import Backend, Embeddings, embed_parts, shifting
 from m4.runtime.context import Context
 from m4.runtime.sampling import Sampling
@@ -127,12 +128,13 @@ class LiveContext:
         q = self._tokenize([tail + question, self.template.footer])
         if len(q.ids) > QUESTION_TOKENS:
             raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
+        guide = guide_for(sampling, self.tokenizer, self.backend, self.stop_ids)
         mark = self.ctx.mark()
         t0 = time.perf_counter()
         logits = self.ctx.append("question", embed_parts(self.backend, q.parts, None))
         t1 = time.perf_counter()
         self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
-        return Answer(self.ctx, logits, n, self.stop_ids, sampling, self.stats, t0, mark)
+        return Answer(self.ctx, logits, n, self.stop_ids, sampling, self.stats, t0, mark, guide)
 
     @property
     def answering(self) -> bool:
@@ -140,8 +142,11 @@ class LiveContext:
         return any(s.kind == "question" for s in self.ctx.segments)
 
     def ask(self, question: str, max_new_tokens: int | None = None, sampling: Sampling = Sampling(),
-            stream: bool = False) -> str | Iterator[str]:
-        pieces = self.tokenizer.detokenize(self.tokens(question, max_new_tokens, sampling))
+            stream: bool = False, schema: Any = None, choices: list[str] | None = None,
+            regex: str | None = None) -> str | Iterator[str]:
+        """The answer over the frames in the window (constrained as Model.ask constrains)."""
+        pieces = self.tokenizer.detokenize(self.tokens(question, max_new_tokens,
+                                                       sampling.constrained(schema, choices, regex)))
         return pieces if stream else "".join(pieces)
 
 

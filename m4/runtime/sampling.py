@@ -1,8 +1,14 @@
-"""Next-token choice from logits: greedy, or temperature with nucleus (top-p)."""
+"""Next-token choice from logits: greedy, or temperature with nucleus (top-p), either one
+within the answer's constraint where it has one (m4.constraint)."""
 
-from dataclasses import dataclass
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+
+from m4.constraint import Constraint
 
 
 @dataclass(frozen=True)
@@ -10,6 +16,13 @@ class Sampling:
     temperature: float = 0.0  # 0 is greedy
     top_p: float = 1.0
     seed: int | None = None
+    constraint: Constraint | None = None  # masks the logits before either way of choosing
+
+    def constrained(self, schema: Any = None, choices: list[str] | None = None, regex: str | None = None) -> Sampling:
+        """This sampling with the one constraint given (m4.constraint.Constraint.of), or as it
+        is where none is."""
+        c = Constraint.of(schema, choices, regex)
+        return self if c is None else replace(self, constraint=c)
 
     @property
     def greedy(self) -> bool:

@@ -164,6 +164,14 @@ class TorchBackend:
 
         return self.graphs.run(run, caches, x, input_pos) if self.mode == "graph" else run(x, input_pos)
 
+    def mask(self, logits: torch.Tensor, rows: list[int], allowed: np.ndarray) -> torch.Tensor:
+        """On the device (the mask goes there, the logits stay), into a copy: a CUDA graph's
+        logits are its output buffer."""
+        keep = torch.from_numpy(allowed).to(logits.device, non_blocking=True)
+        out = logits.clone()
+        out[rows] = logits[rows].masked_fill(~keep, float("-inf"))
+        return out
+
     def host(self, logits: torch.Tensor) -> np.ndarray:
         return logits.float().cpu().numpy()
 
