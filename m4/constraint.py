@@ -116,6 +116,10 @@ class Grammars:
     def __init__(self, tokenizer: Tokenizer, vocab: int, stops: Iterable[int]):
         self.vocab = vocab
         self.tokenizer = llguidance.LLTokenizer(tokenizer.tok.to_str(), n_vocab=vocab, eos_token=sorted(stops))
+        # special tokens are never text: only a stop may end a constrained answer (the engine
+        # would take a special token whose text the grammar spells, then refuse it)
+        self.specials = np.array(sorted(set(tokenizer.special_ids()) - set(stops)), dtype=np.int64)
+        self.stops = np.array(sorted(stops), dtype=np.int64)
         self.compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self.executor = llguidance.LLExecutor()
 
@@ -126,7 +130,7 @@ class Grammars:
         if m is None:
             m = llguidance.LLMatcher(self.tokenizer, c.grammar, log_level=0)
             if m.is_error():
-                raise M4Error(f"unsupported {c.what}: {m.get_error()}")
+                raise M4Error(f"unsupported {c.what}: {reason(m.get_error())}")
             self.compiled[c.grammar] = m
             if len(self.compiled) > COMPILED:
                 self.compiled.popitem(last=False)
@@ -137,7 +141,18 @@ class Grammars:
         """(len(guides), vocab) bool: the tokens each may take next, computed together."""
         bits = allocate_token_bitmask(len(guides), self.vocab)
         fill_next_token_bitmask_par(self.executor, [(g.matcher, i) for i, g in enumerate(guides)], bits)
-        return np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab].astype(bool)
+        out = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :self.vocab].astype(bool)
+        out[:, self.specials] = False
+        stuck = ~out.any(axis=1)  # a grammar only special tokens would spell (choices of "<image>"): it ends
+        out[np.ix_(stuck, self.stops)] = True
+        return out
+
+
+def reason(error: str) -> str:
+    """The engine's error in one line: a regex parser's `error:` line (the rest draws the
+    pattern), else its first."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()]
+    return next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), lines[0] if lines else "")
 
 
 def allowed(guides: list[Guide]) -> np.ndarray:

@@ -79,6 +79,10 @@ class Tokenizer:
     def token_id(self, token: str) -> int | None:
         return self.tok.token_to_id(token)
 
+    def special_ids(self) -> list[int]:
+        """The ids of its special tokens (control tokens such as <|im_end|> and <image>)."""
+        return [i for i, t in self.tok.get_added_tokens_decoder().items() if t.special]
+
     def pieces(self) -> Callable[[int], str]:
         """Incremental detokenizer for ids given one at a time (an answer decoded in a batch,
         where no iterator of its ids exists): each id gives the text it completes, "" until

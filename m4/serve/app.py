@@ -36,6 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from PIL import Image
 from starlette.exceptions import HTTPException
 
+from m4.constraint import Constraint, grammars_for
 from m4.errors import M4Error
 from m4.media import load_image
 from m4.prompt import build_chat
@@ -118,6 +119,8 @@ class Server:
     async def chat(self, request: Request) -> Response:
         req = parse(await json_body(request))
         self.check_model(req.model)
+        if req.constraint is not None:
+            await asyncio.to_thread(self.compile, req.constraint, req.constrained_by)
         work = await self.chat_work(req)
         job = self.scheduler.stream(work.run, work.ready)
         reply = Reply(self.name, req, work.limit)
@@ -128,6 +131,16 @@ class Server:
         head = await self.first(job, request)  # errors before the first token are an HTTP status
         return self.event_stream(self.chat_events(reply, head, job), job)
 
+    def compile(self, c: Constraint, param: str | None) -> None:
+        """The constraint compiled now (then cached), so that one the grammar engine cannot
+        build is the request's 400 before any work; off the event loop: a large schema takes
+        a while."""
+        m = self.model
+        try:
+            grammars_for(m.tokenizer, m.arch.text.vocab, m.stop_ids).guide(c)
+        except M4Error as e:
+            raise ApiError(400, str(e), "invalid_request", param) from None
+
     def check_model(self, model: str) -> None:
         if model != self.name:
             raise ApiError(404, f"the model {model!r} does not exist: this server serves {self.name!r} "
@@ -136,10 +149,16 @@ class Server:
     async def chat_events(self, reply: Reply, head: Any, job: AsyncJob) -> AsyncIterator[str]:
         """A streamed answer's chunks: its role, its text as it comes, why it finished, its usage."""
         yield reply.chunk({"role": "assistant", "content": ""})
-        async for text in reply_text(reply, head, job):
-            yield reply.chunk({"content": text})
+        if reply.tools is None:
+            async for text in reply_text(reply, head, job):
+                yield reply.chunk({"content": text})
+            finish = reply.finish_reason()
+        else:  # a tool call goes whole, its arguments once they parse
+            message, finish = reply.message("".join([t async for t in reply_text(reply, head, job)]))
+            yield reply.chunk({"tool_calls": [{"index": 0, **c} for c in message["tool_calls"]]} if message["content"]
+                              is None else {"content": message["content"]})
         self.metrics.observe_answer(reply.stats)
-        yield reply.chunk({}, reply.finish_reason())
+        yield reply.chunk({}, finish)
         if reply.include_usage:
             yield reply.usage_chunk()
 
@@ -173,7 +192,7 @@ class Server:
             return await self.prompt_work(req)
         session = self.sessions.get(req.session)
         return self.session_work(session, req.question, self.room(session.live.max_new_tokens, req.max_tokens),
-                                 Sampling(req.temperature, req.top_p, req.seed))
+                                 Sampling(req.temperature, req.top_p, req.seed, req.constraint))
 
     async def prompt_work(self, req: ChatRequest) -> Work:
         """A chat without a session: its prompt, and its images (decoded on the worker, when the
@@ -189,8 +208,9 @@ class Server:
 
         def run() -> Decode:
             pictures = [decode(img, where) for img, where in images]
-            answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed))
-            return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids)})
+            answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed, req.constraint))
+            return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids),
+                                                              "finish_reason": answer.finish_reason})
         return Work(run, limit)
 
     async def fetch_media(self, req: ChatRequest) -> tuple[list[Picture], list[int]]:

@@ -18,8 +18,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from m4.constraint import Constraint
 from m4.prompt import IMAGE
 from m4.serve.errors import ApiError
+from m4.serve.structured import Tools, structured
 
 ROLES = {"system", "developer", "user", "assistant"}
 MAX_STOPS = 4
@@ -53,6 +55,9 @@ class ChatRequest:
     include_usage: bool
     session: str | None
     media: list[Media] = field(default_factory=list)
+    constraint: Constraint | None = None  # what the answer must match (m4.serve.structured)
+    tools: Tools | None = None  # where the answer is a tool call
+    constrained_by: str | None = None  # the field that asked for the constraint
 
     @property
     def question(self) -> str:
@@ -84,8 +89,8 @@ def parse(body) -> ChatRequest:
         raise bad("missing field: messages (a non-empty list)", "messages", "missing_field")
     if body.get("n", 1) != 1:
         raise bad("n must be 1: m4 answers once per request", "n")
-    if body.get("tools") or body.get("functions"):
-        raise bad("tools are not supported", "tools")
+    if body.get("functions") is not None:
+        raise bad("functions is OpenAI's older form: pass tools", "functions")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     max_tokens = number({"max_tokens": max_tokens}, "max_tokens", None, 1, 1 << 30, integer=True)
     stop = body.get("stop") or []
@@ -101,7 +106,7 @@ def parse(body) -> ChatRequest:
                       number(body, "top_p", 1.0, 1e-9, 1), number(body, "seed", None, 0, (1 << 64) - 1, True),
                       [s for s in stop if s], bool(body.get("stream", False)),
                       isinstance(options, dict) and bool(options.get("include_usage")), session,
-                      [m for t in turns for m in t.media])
+                      [m for t in turns for m in t.media], *structured(body))
     if session is not None and (len(turns) > 1 or req.media or system is not None):
         raise bad("a session answers one question over its frames: send one user message of text", "messages")
     return req
@@ -205,7 +210,7 @@ class Reply:
 
     def __init__(self, model: str, req: ChatRequest, limit: int):
         self.id, self.created = "chatcmpl-" + uuid.uuid4().hex[:24], int(time.time())
-        self.model, self.limit, self.include_usage = model, limit, req.include_usage
+        self.model, self.limit, self.include_usage, self.tools = model, limit, req.include_usage, req.tools
         self.stop = StopText(req.stop)
         self.count = 0  # tokens so far
         self.stats: dict[str, Any] = {}  # the answer's, once it has ended
@@ -227,7 +232,18 @@ class Reply:
         return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
     def finish_reason(self) -> str:
-        return "stop" if self.stop.hit or self.used() < self.limit else "length"
+        if self.stop.hit:
+            return "stop"
+        return self.stats.get("finish_reason") or ("stop" if self.used() < self.limit else "length")
+
+    def message(self, text: str) -> tuple[dict[str, Any], str]:
+        """The answer's message and finish reason: its text, or where the request asked for a
+        tool call, the call (its text where the tokens ran out before the call was whole)."""
+        finish = self.finish_reason()
+        call = self.tools.call(text) if self.tools is not None and finish == "stop" else None
+        if call is None:
+            return {"role": "assistant", "content": text}, finish
+        return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
 
     def whole(self, items: list[Any]) -> dict[str, Any]:
         """The response to a request not streamed, from all of its job's items."""
@@ -239,12 +255,12 @@ class Reply:
             if self.stop.hit:
                 break
         text += self.stop.flush()
+        message, finish = self.message(text)
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": self.finish_reason(), "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
                 "usage": self.usage()}
 
-    def chunk(self, delta: dict[str, str], finish: str | None = None) -> str:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> str:
         return self._event([{"index": 0, "delta": delta, "finish_reason": finish}])
 
     def usage_chunk(self) -> str:
