@@ -7,7 +7,8 @@ Routes (docs/serve.md has their schemas):
   GET  /v1/sessions                the open sessions
   GET  /v1/sessions/{id}           its stats;  DELETE closes it
   POST /v1/sessions/{id}/frames    one JPEG or PNG body into its window
-  POST /v1/sessions/{id}/ask       {"question", "max_tokens", "stream"} -> {"text", "frames", "ttft_ms"}
+  POST /v1/sessions/{id}/ask       {"question", "max_tokens", "stream", and one of "choices", "schema",
+                                   "regex"} -> {"text", "frames", "ttft_ms"}
   GET  /v1/sessions/{id}/frame.jpg the newest frame in its window
   GET  /                           the web page;  GET /metrics  Prometheus text
 
@@ -287,15 +288,27 @@ class Server:
         question = question_of(body)
         s = self.sessions.get(sid)
         limit = self.room(s.live.max_new_tokens, number(body, "max_tokens", None, 1, 1 << 30, integer=True))
-        work = self.session_work(s, question, limit, Sampling(number(body, "temperature", 0.0, 0, 2),
-                                                              number(body, "top_p", 1.0, 1e-9, 1),
-                                                              number(body, "seed", None, 0, (1 << 64) - 1, True)))
+        sampling = Sampling(number(body, "temperature", 0.0, 0, 2), number(body, "top_p", 1.0, 1e-9, 1),
+                            number(body, "seed", None, 0, (1 << 64) - 1, True), await self.asked_constraint(body))
+        work = self.session_work(s, question, limit, sampling)
         job = self.scheduler.stream(work.run, work.ready)
         if not body.get("stream"):
             items = await self.collect(job, request)
             return JSONResponse(self.session_answer(items[-1], "".join(p for p, _ in items[:-1])))
         head = await self.first(job, request)
         return self.event_stream(self.ask_events(head, job), job)
+
+    async def asked_constraint(self, body: dict) -> Constraint | None:
+        """A session question's constraint: one of `choices`, `schema` or `regex` (as
+        Model.ask takes them), compiled now; a 400 naming the field where it cannot be."""
+        given = [k for k in ("schema", "choices", "regex") if body.get(k) is not None]
+        try:
+            c = Constraint.of(body.get("schema"), body.get("choices"), body.get("regex"))
+        except M4Error as e:
+            raise ApiError(400, str(e), "invalid_request", given[-1]) from None
+        if c is not None:
+            await asyncio.to_thread(self.compile, c, given[0])
+        return c
 
     def session_answer(self, stats: dict, text: str) -> dict:
         self.metrics.observe_answer(stats)

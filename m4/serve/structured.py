@@ -47,11 +47,14 @@ class Tools:
                 "function": {"name": name, "arguments": json.dumps(args)}}
 
 
+Asked = tuple[Constraint | None, Tools | None, str | None]  # the constraint, the tools, the field it came from
+
+
 def bad(message: str, param: str) -> ApiError:
     return ApiError(400, message, "invalid_request", param)
 
 
-def structured(body: dict[str, Any]) -> tuple[Constraint | None, Tools | None, str | None]:
+def structured(body: dict[str, Any]) -> Asked:
     """The request's constraint on its answer (None: free text), where the answer is a tool
     call its tools, and the field that asked. A field malformed, several ways at once, or a
     schema the grammar engine cannot read: a 400 naming the field."""
@@ -64,7 +67,7 @@ def structured(body: dict[str, Any]) -> tuple[Constraint | None, Tools | None, s
     found = [(param, got) for param, got in found if got[0] is not None]
     if len(found) > 1:
         raise bad(f"constrain the answer one way: got {' and '.join(p for p, _ in found)}", found[1][0])
-    return (*found[0][1], found[0][0]) if found else (None, None, None)
+    return found[0][1] if found else (None, None, None)
 
 
 def constraint(param: str, make, *args: Any) -> Constraint:
@@ -75,27 +78,28 @@ def constraint(param: str, make, *args: Any) -> Constraint:
         raise bad(f"{param}: {e}", param) from None
 
 
-def response_format(body: dict[str, Any], param: str) -> tuple[Constraint | None, None]:
+def response_format(body: dict[str, Any], param: str) -> Asked:
     rf = body[param]
     kind = rf.get("type") if isinstance(rf, dict) else None
     if kind == "text":
-        return None, None
+        return None, None, None
     if kind == "json_object":
-        return constraint(param, Constraint.json_schema, {"type": "object"}), None
+        return constraint(param, Constraint.json_schema, {"type": "object"}), None, param
     if kind == "json_schema":
         spec = rf.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if not isinstance(schema, dict):
             raise bad(f"{param}.json_schema.schema must be a JSON schema object", f"{param}.json_schema.schema")
-        return constraint(f"{param}.json_schema.schema", Constraint.json_schema, schema), None
+        param += ".json_schema.schema"
+        return constraint(param, Constraint.json_schema, schema), None, param
     raise bad(f"{param}.type must be text, json_object or json_schema, got {kind!r}", f"{param}.type")
 
 
-def guided(body: dict[str, Any], param: str) -> tuple[Constraint, None]:
-    return way(param, param.removeprefix("guided_"), body[param]), None
+def guided(body: dict[str, Any], param: str) -> Asked:
+    return way(param, param.removeprefix("guided_"), body[param]), None, param
 
 
-def structured_outputs(body: dict[str, Any], param: str) -> tuple[Constraint | None, None]:
+def structured_outputs(body: dict[str, Any], param: str) -> Asked:
     so = body[param]
     if not isinstance(so, dict):
         raise bad(f"{param} must be an object", param)
@@ -103,9 +107,10 @@ def structured_outputs(body: dict[str, Any], param: str) -> tuple[Constraint | N
     if len(given) != 1:
         raise bad(f"{param} holds one of choice, regex, json or json_object", param)
     (key, value), = given.items()
+    param += "." + key
     if key == "json_object":
-        return constraint(f"{param}.json_object", Constraint.json_schema, {"type": "object"}), None
-    return way(f"{param}.{key}", key, value), None
+        return constraint(param, Constraint.json_schema, {"type": "object"}), None, param
+    return way(param, key, value), None, param
 
 
 def way(param: str, key: str, value: Any) -> Constraint:
@@ -119,7 +124,7 @@ def way(param: str, key: str, value: Any) -> Constraint:
     raise bad(f"{param}: m4 constrains answers by choice, regex or json (a JSON schema)", param)
 
 
-def tools(body: dict[str, Any], param: str) -> tuple[Constraint | None, Tools | None]:
+def tools(body: dict[str, Any], param: str) -> Asked:
     """`tools` and `tool_choice` -> the schema of a call's JSON (None where tool_choice is
     "none": the answer is text)."""
     listed = body[param]
@@ -139,16 +144,16 @@ def tools(body: dict[str, Any], param: str) -> tuple[Constraint | None, Tools | 
         params[name] = schema
     choice = body.get("tool_choice", "auto")
     if choice == "none":
-        return None, None
+        return None, None, None
     if isinstance(choice, dict):
         f = choice.get("function") if choice.get("type") == "function" else None
         named = f.get("name") if isinstance(f, dict) else None
         if named not in params:
             raise bad(f"tool_choice names no function of tools: {named!r}", "tool_choice")
-        return constraint(f"tools ({named})", Constraint.json_schema, params[named]), Tools((named,), named)
+        return constraint(f"tools ({named})", Constraint.json_schema, params[named]), Tools((named,), named), param
     if choice != "required":
         raise bad(f"tool_choice {choice!r} is not supported: m4 answers with a call where it is \"required\" or "
                   "names a function, and with text where it is \"none\"", "tool_choice")
     calls = [{"type": "object", "properties": {"name": {"const": n}, "arguments": s},
               "required": ["name", "arguments"], "additionalProperties": False} for n, s in params.items()]
-    return constraint(param, Constraint.json_schema, {"anyOf": calls}), Tools(tuple(params), None)
+    return constraint(param, Constraint.json_schema, {"anyOf": calls}), Tools(tuple(params), None), param
