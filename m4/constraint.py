@@ -12,6 +12,7 @@ copy of the compiled matcher.
 from __future__ import annotations
 
 import json
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -122,20 +123,22 @@ class Grammars:
         self.stops = np.array(sorted(stops), dtype=np.int64)
         self.compiled: OrderedDict[str, llguidance.LLMatcher] = OrderedDict()
         self.executor = llguidance.LLExecutor()
+        self.lock = threading.Lock()
 
     def guide(self, c: Constraint) -> Guide:
         """A fresh walk of the compiled constraint (compiled here the first time); a grammar
         the engine cannot build is an M4Error naming the constraint and why."""
-        m = self.compiled.get(c.grammar)
-        if m is None:
-            m = llguidance.LLMatcher(self.tokenizer, c.grammar, log_level=0)
-            if m.is_error():
-                raise M4Error(f"unsupported {c.what}: {reason(m.get_error())}")
-            self.compiled[c.grammar] = m
-            if len(self.compiled) > COMPILED:
-                self.compiled.popitem(last=False)
-        self.compiled.move_to_end(c.grammar)
-        return Guide(m.deep_copy(), self)
+        with self.lock:  # a server compiles a request's constraint while its worker starts others
+            m = self.compiled.get(c.grammar)
+            if m is None:
+                m = llguidance.LLMatcher(self.tokenizer, c.grammar, log_level=0)
+                if m.is_error():
+                    raise M4Error(f"unsupported {c.what}: {reason(m.get_error())}")
+                self.compiled[c.grammar] = m
+                if len(self.compiled) > COMPILED:
+                    self.compiled.popitem(last=False)
+            self.compiled.move_to_end(c.grammar)
+            return Guide(m.deep_copy(), self)
 
     def allowed(self, guides: list[Guide]) -> np.ndarray:
         """(len(guides), vocab) bool: the tokens each may take next, computed together."""
@@ -168,13 +171,15 @@ def allowed(guides: list[Guide]) -> np.ndarray:
 
 
 ENGINES: WeakKeyDictionary[Tokenizer, dict[tuple, Grammars]] = WeakKeyDictionary()
+MADE = threading.Lock()
 
 
 def grammars_for(tokenizer: Tokenizer, vocab: int, stops: Iterable[int]) -> Grammars:
     """The tokenizer's engine, made once (reading a large vocabulary takes a second) and kept
     while the tokenizer lives, so a model's answers and all its live contexts share its cache."""
     key = (vocab, tuple(sorted(stops)))
-    engines = ENGINES.setdefault(tokenizer, {})
-    if key not in engines:
-        engines[key] = Grammars(tokenizer, vocab, key[1])
-    return engines[key]
+    with MADE:
+        engines = ENGINES.setdefault(tokenizer, {})
+        if key not in engines:
+            engines[key] = Grammars(tokenizer, vocab, key[1])
+        return engines[key]
