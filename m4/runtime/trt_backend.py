@@ -11,7 +11,8 @@ A forward binds each layer's slice by address; the graph reads the whole buffer 
 past_len, as the ONNX backend's decoder.onnx path does) and returns only the new positions'
 keys and values, which two strided device-to-device copies (cudaMemcpy2DAsync) write in at
 [pos, pos + T). What crosses between host and device: embeddings in, logits out, and the few
-bytes of past_len and logits_index. A decode step copies no cache.
+bytes of past_len and logits_index. A decode step copies no cache. A saved prefix
+(m4.runtime.reuse) is a cache of its own length, copied out and in by the same strided copies.
 
 Approximate eviction (shifting the cache) is not implemented: a live context over this
 backend evicts exactly. Each execution context allocates TensorRT's default (static)
