@@ -6,13 +6,15 @@
   frame         one frame asked --questions different questions (each question's text before
                 the image, so only the system prompt's prefix is shared): vision calls and
                 time to first token, cold and through the caches
+  bounded       (demo) --bounded distinct requests through caches of 8 + 16 MiB: the bytes
+                held never pass them, evictions, resident memory
 
 For each model: the shipped demo (torch, fp32), and the `0.5b` architecture with random
 weights (torch, bf16 on the CPU: its fp32 weights would not leave room for much else on a
 small machine), whose checkpoint is written once into --workdir.
 
     python benchmarks/reuse.py [--models demo,0.5b] [--turns 4] [--questions 8]
-                               [--repeats demo=5,0.5b=1] [--workdir DIR] [--json benchmarks/results/reuse.json]
+                               [--repeats demo=5,0.5b=1] [--bounded 1000] [--workdir DIR] [--json benchmarks/results/reuse.json]
 """
 
 from __future__ import annotations
@@ -98,11 +100,36 @@ def frame(model, questions: int) -> dict:
     return out
 
 
+def rss_mib() -> float:
+    return int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmRSS"))) / 1024
+
+
+def bounded(model, requests: int, image_mb: float, prefix_mb: float) -> dict:
+    """`requests` distinct requests (a new image each, the text numbered) through small caches:
+    the bytes they hold against their bounds, evictions, and the process's resident memory
+    after the first 100 requests and at the end."""
+    reuse, rng = Reuse(image_mb, prefix_mb), np.random.default_rng(0)
+    peak, at_100 = 0, 0.0
+    for k in range(requests):
+        image = rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)
+        model.start(*model.prepare(f"Request {k}: what is in <image>?", images=[image]), 1, reuse=reuse)
+        peak = max(peak, reuse.images.bytes + reuse.prefixes.bytes)
+        if k == 99:
+            at_100 = rss_mib()
+    out = {"requests": requests, "bound_mib": image_mb + prefix_mb, "peak_held_mib": peak / 2**20,
+           "rss_mib_at_100": at_100, "rss_mib_at_end": rss_mib(), **reuse.stats()}
+    print(f"  {requests} distinct requests: held at most {peak / 2**20:.1f} of {image_mb + prefix_mb:g} MiB, "
+          f"evictions {reuse.images.evictions} images / {reuse.prefixes.evictions} prefixes, "
+          f"RSS {at_100:.0f} MiB at 100 -> {out['rss_mib_at_end']:.0f} MiB", file=sys.stderr)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="demo,0.5b")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--bounded", type=int, default=1000, help="distinct requests through small caches (demo only)")
     ap.add_argument("--repeats", default="demo=5,0.5b=1", help="conversations measured per model (the median kept)")
     ap.add_argument("--workdir", type=Path, default=cache_dir() / "bench-reuse")
     ap.add_argument("--json", type=Path)
@@ -115,6 +142,8 @@ def main() -> None:
         model.start(*model.prepare("Warm up.", images=demo_frames(1)), 1, reuse=Reuse())
         result["models"][name] = {"conversation": conversation(model, args.turns, repeats.get(name, 1)),
                                   "frame": frame(model, args.questions)}
+        if name == "demo" and args.bounded:
+            result["models"][name]["bounded"] = bounded(model, args.bounded, 8, 16)
     text = json.dumps(result, indent=2)
     if args.json:
         args.json.write_text(text)
