@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 import m4
+from m4.errors import M4Error
 from m4.prompt import build_chat
 from m4.runtime.answer import Batch
 from m4.runtime.context import Context
@@ -124,6 +125,8 @@ def test_load_cache_mb_reuses_across_asks(checkpoints):
     assert [model.ask(q, images=image, max_new_tokens=N) for q in ("What is in <image>?", "Where is <image>?")]
     assert model.reuse.images.misses == encoded == 1  # one vision run for three questions
     assert model.stats["cached_tokens"] > 0 and model.ask("What is in <image>?", images=image, max_new_tokens=N) == first
+    with pytest.raises(M4Error, match="0 \\(off\\) or more MB"):
+        Reuse(prefix_mb=-1)
 
 
 def test_a_frame_asked_eight_questions_is_encoded_once(checkpoints):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from m4.errors import M4Error
 from m4.runtime.backend import Backend, Cache, Embeddings, embed_parts, spans
 from m4.runtime.context import Context
 
@@ -141,6 +142,8 @@ class Reuse:
     """The encoder cache and the prefix cache of one model, sizes in MB (0: off)."""
 
     def __init__(self, image_mb: float = 0, prefix_mb: float = 0):
+        if image_mb < 0 or prefix_mb < 0:
+            raise M4Error(f"a cache's size is 0 (off) or more MB, not {min(image_mb, prefix_mb):g}")
         self.images = ImageCache(int(image_mb * 2**20))
         self.prefixes = PrefixCache(int(prefix_mb * 2**20))
 
@@ -177,7 +180,8 @@ class Reuse:
         images: dict[int, Embeddings] = {}
         if needed:
             assert pixels is not None
-            images = dict(zip(needed, self.encode(backend, pixels[needed], [names[i] for i in needed] if names else None)))
+            encoded = self.encode(backend, pixels[needed], [names[i] for i in needed] if names else None)
+            images = dict(zip(needed, encoded))
         return embed_parts(backend, parts, images, start), pending
 
     def keep(self, ctx: Context, pending: Pending | None) -> None:

@@ -79,7 +79,8 @@ class Session:
 class Sessions:
     def __init__(self, model, scheduler: Scheduler, metrics: Metrics, max_sessions: int, ttl: float,
                  max_fps: float, max_tokens: int, allow_urls: bool, allow_private_urls: bool, reuse: Reuse):
-        self.model, self.scheduler, self.metrics, self.reuse = model, scheduler, metrics, reuse  # reuse: its frames' encoder cache
+        self.model, self.scheduler, self.metrics = model, scheduler, metrics
+        self.reuse = reuse  # the server's caches: sessions' frames go through its encoder cache
         self.max_sessions, self.ttl, self.max_fps, self.max_tokens = max_sessions, ttl, max_fps, max_tokens
         self.allow_urls, self.allow_private_urls = allow_urls, allow_private_urls
         self.open: dict[str, Session] = {}
@@ -97,8 +98,8 @@ class Sessions:
         try:
             opened = await asyncio.to_thread(self._open, source) if source is not None else None
             try:
-                live = await self.scheduler.call(lambda: self.model.stream(window=window, max_new_tokens=self.max_tokens,
-                                                                            reuse=self.reuse))
+                live = await self.scheduler.call(
+                    lambda: self.model.stream(window, max_new_tokens=self.max_tokens, reuse=self.reuse))
             except BaseException:
                 if opened is not None:
                     opened.close()
