@@ -10,17 +10,19 @@ in bytes and evicting the entry used least recently.
   keys and values depend only on the tokens up to it, so the loaded ones are what a prefill
   of the whole prompt writes there (to the rounding of a prefill in other chunks).
 
-`Reuse` holds both for one model: `m4.load(..., cache_mb=...)`, the server's
---image-cache-mb and --prefix-cache-mb. A cache of 0 bytes is off. Each lives in the
-backend's arrays (a GPU's prefixes on the GPU), measured by `backend.nbytes`.
+An entry that a longer prompt extends is replaced by it, and a prompt whose keys and values
+exceed the bound keeps its beginning. `Reuse` holds both caches for one model:
+`m4.load(..., cache_mb=...)`, the server's --image-cache-mb and --prefix-cache-mb; a cache
+of 0 bytes is off. Entries are the backend's arrays (a GPU's on the GPU), counted by
+`backend.nbytes`; the keys, a few bytes a token, are not counted.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
