@@ -25,6 +25,7 @@ from m4.runtime.backend import Backend, embed_parts
 from m4.runtime.bundle_backend import BundleBackend
 from m4.runtime.context import Context
 from m4.runtime.live import LiveContext
+from m4.runtime.reuse import Reuse
 from m4.runtime.sampling import Sampling
 from m4.tokenizer import Tokenizer
 
@@ -33,7 +34,7 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
          template: str | None = None, threads: int | None = None, verify: bool | None = None,
-         window: int = DEFAULT_WINDOW) -> Model:
+         window: int = DEFAULT_WINDOW, cache_mb: float = 0) -> Model:
     """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs its
     TensorRT engines where `m4 build` made them for this machine (backend auto or trt; they
     run on the GPU whatever `device` says), else ONNX Runtime (`device`; `threads`: its
@@ -49,7 +50,10 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
     the bundle.
 
     On the CPU, a model whose weights and the cache of a `window` of video frames cannot fit
-    in the memory available (m4.plan) is an M4Error before any weight is read."""
+    in the memory available (m4.plan) is an M4Error before any weight is read.
+
+    `cache_mb` (0: off) bounds the caches through which `ask` reuses earlier work
+    (m4.runtime.reuse): a third for image embeddings, the rest for prompts' keys and values."""
     if model == "demo" and backend == "trt":
         raise M4Error(f"the demo bundle ships without TensorRT engines, which are built on the device that runs "
                       f"them: copy it (cp -r {DEMO_BUNDLE} DIR), build them (m4 build DIR), then run DIR")
@@ -63,7 +67,8 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
         if verify:
             verify_bundle(path)
         b = bundle_backend(str(model), path, backend, device, threads)
-        return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path)
+        return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path,
+                     Reuse.split(cache_mb))
     if backend in ("onnx", "trt"):
         then = ", then m4 build OUT" if backend == "trt" else ""
         raise M4Error(f"{model} is a checkpoint: export it first (m4 export {model} OUT{then}), then run OUT")
@@ -80,7 +85,7 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
                       "or run an exported bundle") from None
 
     return Model(TorchBackend(path, arch, device, dtype), tokenizer, arch,
-                 TEMPLATES[template] if template else detect_template(tokenizer), path)
+                 TEMPLATES[template] if template else detect_template(tokenizer), path, Reuse.split(cache_mb))
 
 
 def bundle_backend(model: str, path: Path, backend: str, device: str, threads: int | None) -> BundleBackend:
@@ -107,8 +112,10 @@ def as_images(x) -> list:
 
 
 class Model:
-    def __init__(self, backend: Backend, tokenizer: Tokenizer, arch: Arch, template: Template, path: Path):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, arch: Arch, template: Template, path: Path,
+                 reuse: Reuse | None = None):
         self.backend, self.tokenizer, self.arch, self.template, self.path = backend, tokenizer, arch, template, path
+        self.reuse = reuse or Reuse()  # the caches its answers and streams use (off: 0 bytes)
         self.stop_ids = template.stop_ids(tokenizer)
         self.processing = ImageProcessing.from_dir(path, arch.vision.image_size, arch.vision.kind)
         self.stats: dict[str, float] = {}
@@ -138,16 +145,18 @@ class Model:
         return p, pictures
 
     def encode(self, pictures: list):
-        """Images -> (n, tokens_per_image, H) embeddings in the backend's arrays."""
-        return self.backend.encode_images(preprocess(pictures, self.processing))
+        """Images -> each one's (tokens_per_image, H) embeddings in the backend's arrays,
+        through the encoder cache where it is on."""
+        return self.reuse.encode(self.backend, preprocess(pictures, self.processing))
 
     def embed(self, p: Prompt, pictures: list):
         return embed_parts(self.backend, p.parts, self.encode(pictures) if pictures else None)
 
-    def stream(self, window: int = 8, exact: bool = True, max_new_tokens: int = 128):
-        """A live video context over this model (several may share it)."""
+    def stream(self, window: int = 8, exact: bool = True, max_new_tokens: int = 128, reuse: Reuse | None = None):
+        """A live video context over this model (several may share it); its frames go through
+        the encoder cache of `reuse` (default: the model's)."""
         return LiveContext(self.backend, self.tokenizer, self.template, window, exact, max_new_tokens,
-                           self.processing)
+                           self.processing, reuse or self.reuse)
 
     def tokens(self, text: str, images: Sequence | None = None, video=None, views: Sequence | None = None,
                patches: bool = False, max_new_tokens: int = 128, sampling: Sampling = Sampling()) -> Iterator[int]:
@@ -164,22 +173,28 @@ class Model:
         yield from self.start(p, pictures, max_new_tokens, sampling, self.stats).alone()
 
     def start(self, p: Prompt, pictures: list, max_new_tokens: int = 128, sampling: Sampling = Sampling(),
-              stats: dict | None = None) -> Answer:
+              stats: dict | None = None, reuse: Reuse | None = None) -> Answer:
         """The prompt encoded and prefilled in a context of its own, its first token chosen:
-        an Answer to decode alone or in a Batch with others (m4.runtime.answer). Its timings
-        land in `stats` (default: a dict of its own, `answer.stats`)."""
+        an Answer to decode alone or in a Batch with others (m4.runtime.answer). Through the
+        caches of `reuse` (default: the model's), the longest prefix they hold is loaded and
+        only the rest encoded and prefilled (`cached_tokens` says how many were loaded). Its
+        timings land in `stats` (default: a dict of its own, `answer.stats`)."""
         max_new_tokens = self.room(len(p.ids), max_new_tokens)
         guide = guide_for(sampling, self.tokenizer, self.backend, self.stop_ids)
+        reuse = reuse or self.reuse
         t0 = time.perf_counter()
-        embeds = self.embed(p, pictures)
-        t1 = time.perf_counter()
         ctx = Context(self.backend, len(p.ids) + max_new_tokens)
+        embeds, pending = reuse.resume(ctx, p.parts, preprocess(pictures, self.processing) if pictures else None)
+        cached = ctx.length
+        t1 = time.perf_counter()
         logits = ctx.append("prompt", embeds)
         t2 = time.perf_counter()
         stats = {} if stats is None else stats
-        stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids),
-                     prefill_ms=(t2 - t1) * 1e3)
-        return Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, stats, t0, guide=guide)
+        stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids) - cached,
+                     prefill_ms=(t2 - t1) * 1e3, cached_tokens=cached)
+        answer = Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, stats, t0, guide=guide)
+        reuse.keep(ctx, pending)  # after the first token: its time to first token does not wait for the copy
+        return answer
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
         """max_new_tokens, cut to the positions the prompt leaves: it is a bound, and a long

@@ -353,6 +353,11 @@ def serve(
                                             help="with --allow-urls: loopback and private addresses too"),
     backend: str = typer.Option(S.backend, "--backend", help="auto, torch, onnx or trt"),
     device: str = typer.Option(S.device, "--device", help="cpu, cuda or auto"),
+    image_cache_mb: float = typer.Option(S.image_cache_mb, "--image-cache-mb", min=0,
+                                         help="image embeddings kept: an image seen before is not encoded again"),
+    prefix_cache_mb: float = typer.Option(S.prefix_cache_mb, "--prefix-cache-mb", min=0,
+                                          help="prompts' keys and values kept: a shared prefix is not prefilled again"),
+    no_cache: bool = typer.Option(False, "--no-cache", help="both caches off"),
 ):
     """Serve the model over HTTP: OpenAI-compatible chat, live sessions, a web page at /, /metrics."""
     from m4.serve.settings import check_bind
@@ -361,7 +366,8 @@ def serve(
                  insecure=insecure, max_sessions=max_sessions, session_ttl=session_ttl, max_fps=max_fps,
                  max_body_mb=max_body_mb, max_pixels=max_pixels, max_images=max_images, max_tokens=max_tokens,
                  max_queue=max_queue, video_frames=video_frames, allow_urls=allow_urls,
-                 allow_private_urls=allow_private_urls)
+                 allow_private_urls=allow_private_urls, image_cache_mb=image_cache_mb,
+                 prefix_cache_mb=prefix_cache_mb, no_cache=no_cache)
     check_bind(host, api_key, insecure)  # before the model loads: a refusal is immediate
     try:
         from m4.serve.app import serve as run_server

@@ -736,11 +736,12 @@ def test_reply_whole_and_streamed_agree_up_to_a_stop_string():
     def request(**extra):
         return parse({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **extra})
 
-    items = [("ab", 1), ("cd", 2), ("ef", 3), {"new_tokens": 3, "prompt_tokens": 5}]
+    items = [("ab", 1), ("cd", 2), ("ef", 3), {"new_tokens": 3, "prompt_tokens": 5, "cached_tokens": 4}]
     cut = Reply("tiny", request(stop="d"), 8)
     body = cut.whole(list(items))
     assert body["choices"][0]["message"]["content"] == "abc" and body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 4}}
     streamed = Reply("tiny", request(stop="d"), 8)
     text = "".join(streamed.add(x) for x in items[:2]) + streamed.stop.flush()
     assert text == "abc" and streamed.stop.hit and streamed.finish_reason() == "stop"

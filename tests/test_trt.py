@@ -208,3 +208,13 @@ def test_context_beyond_the_engines_is_one_line(built):
     backend = m4.load(built[VARIANT], backend="trt").backend
     with pytest.raises(M4Error, match="exceeds the engines' 256: rebuild them with m4 build --max-context"):
         backend.new_cache(300)
+
+
+def test_reuse_answers_as_cold(built):
+    """Prefixes copied out of a context's buffers and into another's (TrtCache.copy_to), one
+    cut inside an image: every answer the cold one, alone and batched (tests/test_reuse.py)."""
+    from test_reuse import check_alone_and_batched, check_inside_an_image
+
+    model = m4.load(built[VARIANT], backend="trt")
+    check_alone_and_batched(model)
+    check_inside_an_image(model)

@@ -72,6 +72,16 @@ class Backend(Protocol):
         """`prefill`'s or `decode`'s logits (or some of their rows) as float32 numpy, for
         the sampler."""
 
+    def save_prefix(self, cache: Cache, n: int) -> Cache:
+        """A copy of the cache's first n positions, a cache of n positions of its own (what
+        the prefix cache keeps, m4.runtime.reuse)."""
+
+    def load_prefix(self, cache: Cache, saved: Cache, n: int) -> None:
+        """The first n positions of `saved` (save_prefix's) into the cache's first n."""
+
+    def nbytes(self, x: Embeddings | Cache) -> int:
+        """The memory embeddings or a cache hold (what the caches of m4.runtime.reuse count)."""
+
 
 @runtime_checkable
 class Shifting(Backend, Protocol):
@@ -88,7 +98,21 @@ def shifting(backend: Backend) -> Shifting:
     return backend
 
 
-def embed_parts(backend: Backend, parts: list[list[int] | int], images: Any) -> Embeddings:
-    """Prompt parts (m4.prompt) -> the decoder's input embeddings: text runs looked up, image
-    slots filled from `images` (encoded embeddings, indexed by the slot's image index)."""
-    return backend.concat([backend.embed_tokens(x) if isinstance(x, list) else images[x] for x in parts])
+def spans(parts: list[list[int] | int], tokens_per_image: int) -> list[tuple[list[int] | int, int, int]]:
+    """Prompt parts (m4.prompt) with the positions [start, end) each takes."""
+    out, at = [], 0
+    for x in parts:
+        end = at + (len(x) if isinstance(x, list) else tokens_per_image)
+        out.append((x, at, end))
+        at = end
+    return out
+
+
+def embed_parts(backend: Backend, parts: list[list[int] | int], images: Any, start: int = 0) -> Embeddings:
+    """Prompt parts (m4.prompt) -> the decoder's input embeddings from position `start` on
+    (the earlier ones are cached): text runs looked up, image slots filled from `images`
+    (encoded embeddings, indexed by the slot's image index); a part `start` cuts gives its
+    tokens from there."""
+    return backend.concat([backend.embed_tokens(x[max(0, start - at):]) if isinstance(x, list)
+                           else images[x][max(0, start - at):]
+                           for x, at, end in spans(parts, backend.arch.tokens_per_image) if end > start])

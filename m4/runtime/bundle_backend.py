@@ -36,6 +36,18 @@ class BundleBackend(ABC):
     def new_cache(self, max_len: int) -> Any:
         """A cache of max_len positions."""
 
+    @abstractmethod
+    def save_prefix(self, cache: Any, n: int) -> Any:
+        """A copy of the cache's first n positions, a cache of its own."""
+
+    @abstractmethod
+    def load_prefix(self, cache: Any, saved: Any, n: int) -> None:
+        """The first n positions of `saved` into the cache's first n."""
+
+    @abstractmethod
+    def nbytes(self, x: Any) -> int:
+        """The memory embeddings or a cache hold."""
+
     def embed_tokens(self, ids: list[int]) -> np.ndarray:
         return np.asarray(self.table[ids], dtype=self.dtype)
 

@@ -8,7 +8,7 @@ so rolling back is forgetting lengths, never copying.
 from dataclasses import dataclass
 
 from m4.errors import M4Error
-from m4.runtime.backend import Backend, Embeddings, Logits, shifting
+from m4.runtime.backend import Backend, Cache, Embeddings, Logits, shifting
 
 
 @dataclass
@@ -41,6 +41,14 @@ class Context:
         logits = self.backend.prefill(embeds, self.length, self.cache)
         self.record(kind, lengths or [n])
         return logits
+
+    def load(self, saved: Cache, n: int) -> None:
+        """The first n positions of a saved prefix (m4.runtime.reuse) into this empty
+        context, as one segment: what a prefill of the same tokens would have written."""
+        assert self.length == 0
+        self.check_room(n)
+        self.backend.load_prefix(self.cache, saved, n)
+        self.record("cached", [n])
 
     def check_room(self, n: int) -> None:
         if self.length + n > self.max_len:

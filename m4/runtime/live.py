@@ -31,6 +31,7 @@ from m4.prompt import IMAGE, Part, Prompt, Template, image_parts, tokenize
 from m4.runtime.answer import Answer, guide_for
 from m4.runtime.backend import Backend, Embeddings, embed_parts, shifting
 from m4.runtime.context import Context
+from m4.runtime.reuse import Reuse
 from m4.runtime.sampling import Sampling
 from m4.tokenizer import Tokenizer
 
@@ -42,7 +43,8 @@ class LiveContext:
     one from a loaded model)."""
 
     def __init__(self, backend: Backend, tokenizer: Tokenizer, template: Template, window: int = 8,
-                 exact: bool = True, max_new_tokens: int = 128, processing: ImageProcessing | None = None):
+                 exact: bool = True, max_new_tokens: int = 128, processing: ImageProcessing | None = None,
+                 reuse: Reuse | None = None):
         if window < 1:
             raise M4Error("the window must hold at least one frame")
         if not exact:
@@ -50,6 +52,7 @@ class LiveContext:
         self.backend, self.tokenizer, self.template, self.arch = backend, tokenizer, template, backend.arch
         self.window, self.exact, self.max_new_tokens = window, exact, max_new_tokens
         self.processing = processing or ImageProcessing.for_tower(self.arch.vision.kind, self.arch.vision.image_size)
+        self.reuse = reuse or Reuse()  # its encoder cache: a frame seen before is not encoded again
         self.stop_ids = template.stop_ids(tokenizer)
         self.prefix = self._tokenize([template.header])
         # the tokens of a frame's place in the window (its image slot and the text around it)
@@ -158,7 +161,8 @@ def slot_texts(parts: list[Part]) -> tuple[str, str]:
 
 def add_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> None:
     """Frames that arrived for several live contexts: those of one backend encoded in one
-    vision call (one pass over the tower's weights), then each prefilled into its context."""
+    vision call (one pass over the tower's weights; through the first context's encoder
+    cache), then each prefilled into its context."""
     t0 = time.perf_counter()
     for live, _ in arrivals:
         if live.answering:  # before any work: nothing enters if one cannot
@@ -169,7 +173,8 @@ def add_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> None:
     for group in by_backend.values():
         pixels = np.concatenate([preprocess([frame], live.processing) for live, frame in group])
         tp = time.perf_counter()
-        embeds = group[0][0].backend.encode_images(pixels)
+        first = group[0][0]
+        embeds = first.reuse.encode(first.backend, pixels)
         t1 = time.perf_counter()
         for i, (live, _) in enumerate(group):
             live.enter(embeds[i], t0, (tp - t0) * 1e3, (t1 - tp) * 1e3)

@@ -158,6 +158,11 @@ class OrtCache:
         """The keys as (layers, kv_heads, max_len, head_dim), a view in either layout."""
         return self.k.swapaxes(2, 3) if self.transposed else self.k
 
+    def copy(self, n: int) -> OrtCache:
+        """Its first n positions, in arrays of their own (in its layout)."""
+        return OrtCache((self.k[..., :n] if self.transposed else self.k[:, :, :n]).copy(), self.v[:, :, :n].copy(),
+                        self.transposed)
+
     def write(self, pos: int, k: np.ndarray, v: np.ndarray) -> None:
         """decoder.onnx's new keys (layers, kv, D, T) and values into rows [pos, pos + T)."""
         self.k[..., pos:pos + k.shape[3]] = k
@@ -283,6 +288,16 @@ class OnnxBackend(BundleBackend):
         cache.write(pos, k[:, 0], v[:, 0])
         out: np.ndarray = logits[0].astype(np.float32)
         return out
+
+    def save_prefix(self, cache: OrtCache, n: int) -> OrtCache:
+        return cache.copy(n)
+
+    def load_prefix(self, cache: OrtCache, saved: OrtCache, n: int) -> None:
+        cache.keys[:, :, :n] = saved.keys[:, :, :n]
+        cache.v[:, :, :n] = saved.v[:, :, :n]
+
+    def nbytes(self, x: np.ndarray | OrtCache) -> int:
+        return x.k.nbytes + x.v.nbytes if isinstance(x, OrtCache) else x.nbytes
 
     def shift(self, cache: OrtCache, start: int, end: int, by: int) -> None:
         """Move cached positions [start, end) to [start - by, end - by), keys rotated by -by

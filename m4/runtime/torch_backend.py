@@ -175,6 +175,17 @@ class TorchBackend:
     def host(self, logits: torch.Tensor) -> np.ndarray:
         return logits.float().cpu().numpy()
 
+    def save_prefix(self, cache: KVCache, n: int) -> KVCache:
+        return KVCache(cache.k[:, :, :, :n].clone(), cache.v[:, :, :, :n].clone())
+
+    @torch.inference_mode()
+    def load_prefix(self, cache: KVCache, saved: KVCache, n: int) -> None:
+        cache.k[:, :, :, :n] = saved.k[:, :, :, :n]
+        cache.v[:, :, :, :n] = saved.v[:, :, :, :n]
+
+    def nbytes(self, x: torch.Tensor | KVCache) -> int:
+        return x.k.nbytes + x.v.nbytes if isinstance(x, KVCache) else x.nbytes
+
     def logits(self, embeds: torch.Tensor, pos: int, cache: KVCache, last_only: bool) -> torch.Tensor:
         """Embeddings (T, H) at positions [pos, pos + T) -> logits (1, T or 1, vocab) on the
         device: a static step where one serves, else eager chunks."""

@@ -11,7 +11,8 @@ A forward binds each layer's slice by address; the graph reads the whole buffer 
 past_len, as the ONNX backend's decoder.onnx path does) and returns only the new positions'
 keys and values, which two strided device-to-device copies (cudaMemcpy2DAsync) write in at
 [pos, pos + T). What crosses between host and device: embeddings in, logits out, and the few
-bytes of past_len and logits_index. A decode step copies no cache.
+bytes of past_len and logits_index. A decode step copies no cache. A saved prefix
+(m4.runtime.reuse) is a cache of its own length, copied out and in by the same strided copies.
 
 Approximate eviction (shifting the cache) is not implemented: a live context over this
 backend evicts exactly. Each execution context allocates TensorRT's default (static)
@@ -108,9 +109,9 @@ class Cuda:
         self("cudaStreamSynchronize", self.stream)
         return out
 
-    def copy_rows(self, dst: int, dst_pitch: int, src: int, width: int, rows: int) -> None:
-        """`rows` rows of `width` bytes, packed at `src`, to rows `dst_pitch` apart at `dst`."""
-        self("cudaMemcpy2DAsync", dst, dst_pitch, src, width, width, rows,
+    def copy_rows(self, dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, rows: int) -> None:
+        """`rows` rows of `width` bytes, `src_pitch` apart at `src`, to rows `dst_pitch` apart at `dst`."""
+        self("cudaMemcpy2DAsync", dst, dst_pitch, src, src_pitch, width, rows,
              self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream)
 
 
@@ -153,8 +154,16 @@ class TrtCache:
         Python costs more than the bytes it moves)."""
         layers, kv, d, m = self.k.shape
         size = self.k.dtype.itemsize
-        cuda.copy_rows(self.k.ptr + pos * size, m * size, new_k.ptr, t * size, layers * kv * d)
-        cuda.copy_rows(self.v.ptr + pos * d * size, m * d * size, new_v.ptr, t * d * size, layers * kv)
+        cuda.copy_rows(self.k.ptr + pos * size, m * size, new_k.ptr, t * size, t * size, layers * kv * d)
+        cuda.copy_rows(self.v.ptr + pos * d * size, m * d * size, new_v.ptr, t * d * size, t * d * size, layers * kv)
+
+    def copy_to(self, cuda: Cuda, dst: TrtCache, n: int) -> None:
+        """Its first n positions into `dst`'s first n (caches of any sizes): one strided copy
+        each for the keys and the values, as `write`."""
+        layers, kv, d, m = self.k.shape
+        size, to = self.k.dtype.itemsize, dst.max_len
+        cuda.copy_rows(dst.k.ptr, to * size, self.k.ptr, m * size, n * size, layers * kv * d)
+        cuda.copy_rows(dst.v.ptr, to * d * size, self.v.ptr, m * d * size, n * d * size, layers * kv)
 
 
 class Profile:
@@ -249,6 +258,18 @@ class TrtBackend(BundleBackend):
                           "with m4 build --max-context")
         a = self.arch.text
         return TrtCache(self.cuda, a.layers, a.kv_heads, a.head_dim, max_len, self.prefilling.buffers["new_keys"].dtype)
+
+    def save_prefix(self, cache: TrtCache, n: int) -> TrtCache:
+        a = self.arch.text
+        saved = TrtCache(self.cuda, a.layers, a.kv_heads, a.head_dim, n, cache.k.dtype)
+        cache.copy_to(self.cuda, saved, n)
+        return saved
+
+    def load_prefix(self, cache: TrtCache, saved: TrtCache, n: int) -> None:
+        saved.copy_to(self.cuda, cache, n)
+
+    def nbytes(self, x: np.ndarray | TrtCache) -> int:
+        return x.k.nbytes + x.v.nbytes if isinstance(x, TrtCache) else x.nbytes
 
     def logits(self, embeds: np.ndarray, pos: int, cache: TrtCache, last_only: bool) -> np.ndarray:
         """Embeddings (T, H) at positions [pos, pos + T) -> float32 logits (T or 1, vocab)."""

@@ -42,6 +42,7 @@ from m4.errors import M4Error
 from m4.media import load_image
 from m4.prompt import build_chat
 from m4.runtime.answer import Answer
+from m4.runtime.reuse import Reuse
 from m4.serve.chat import ChatRequest, Media, Reply, number, parse
 from m4.runtime.sampling import Sampling
 from m4.serve.errors import ApiError
@@ -78,13 +79,14 @@ class Server:
         self.settings, self.model, self.name = settings, model, name
         self.limits = Limits(int(settings.max_body_mb * 2**20), settings.max_pixels, settings.allow_urls,
                              settings.allow_private_urls, settings.video_frames)
-        self.metrics = Metrics()
+        self.reuse = Reuse() if settings.no_cache else Reuse(settings.image_cache_mb, settings.prefix_cache_mb)
+        self.metrics = Metrics(self.reuse)
         self.scheduler = Scheduler(settings.max_queue, on_start=lambda ms: self.metrics.observe(queue=ms),
                                    on_step=self.metrics.batch.observe)
         self.metrics.queue.set_function(lambda: self.scheduler.depth)
         self.sessions = Sessions(model, self.scheduler, self.metrics, settings.max_sessions, settings.session_ttl,
                                  settings.max_fps, settings.max_tokens, settings.allow_urls,
-                                 settings.allow_private_urls)
+                                 settings.allow_private_urls, self.reuse)
 
     # -- waiting for the worker, watching the client -----------------------------------------
 
@@ -209,7 +211,8 @@ class Server:
 
         def run() -> Decode:
             pictures = [decode(img, where) for img, where in images]
-            answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed, req.constraint))
+            answer = model.start(p, pictures, limit, Sampling(req.temperature, req.top_p, req.seed, req.constraint),
+                                 reuse=self.reuse)
             return decoding(answer, model.tokenizer, lambda: {**answer.stats, "prompt_tokens": len(p.ids),
                                                               "finish_reason": answer.finish_reason})
         return Work(run, limit)
@@ -243,8 +246,9 @@ class Server:
         def run() -> Decode:
             if session.closed:
                 raise ApiError(404, f"session {session.id} was closed", "session_not_found")
+            cached = live.ctx.length  # the frames: only the question is prefilled
             answer = live.start(question, limit, sampling)
-            return decoding(answer, live.tokenizer, functools.partial(session_stats, session, live.ctx.length))
+            return decoding(answer, live.tokenizer, functools.partial(session_stats, session, live.ctx.length, cached))
         # one question at a time per context: a second one waits for the answer before it
         return Work(run, limit, lambda: not live.answering)
 
@@ -351,14 +355,14 @@ def decoding(answer: Answer, tokenizer: Tokenizer, stats: Callable[[], dict]) ->
     return Decode(answer, token, stats)
 
 
-def session_stats(session: Session, prompt: int) -> dict:
+def session_stats(session: Session, prompt: int, cached: int) -> dict:
     """A session's answer's stats at its end (its time to first token kept for the session's
     percentiles)."""
     live = session.live
     stats = dict(live.stats)
     if "ttft_ms" in stats:
         session.stages["ttft"].add(stats["ttft_ms"])
-    return {**stats, "frames": len(live.frames), "prompt_tokens": prompt}
+    return {**stats, "frames": len(live.frames), "prompt_tokens": prompt, "cached_tokens": cached}
 
 
 async def items_of(job: AsyncJob) -> list[Any]:

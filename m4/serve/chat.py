@@ -227,9 +227,10 @@ class Reply:
         """Tokens of the answer: all it generated, or those up to its stop string."""
         return self.count if self.stop.hit else self.stats.get("new_tokens", self.count)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         prompt, n = self.stats.get("prompt_tokens", 0), self.used()
-        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n,
+                "prompt_tokens_details": {"cached_tokens": self.stats.get("cached_tokens", 0)}}
 
     def finish_reason(self) -> str:
         if self.stop.hit:
@@ -266,7 +267,7 @@ class Reply:
     def usage_chunk(self) -> str:
         return self._event([], self.usage())
 
-    def _event(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def _event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
         body: dict[str, Any] = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.model, "choices": choices}
         if usage is not None:

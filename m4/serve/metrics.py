@@ -11,9 +11,10 @@ import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
 from prometheus_client import Histogram as PrometheusHistogram
-from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from m4.histogram import Histogram
+from m4.runtime.reuse import Reuse
 
 # stage -> what it times; each is exported in seconds
 STAGES = {
@@ -31,11 +32,12 @@ disable_created_metrics()  # no *_created series beside each counter: the proces
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, reuse: Reuse):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("m4_requests", "HTTP requests by route and status", ["route", "status"], registry=r)
         self.errors = Counter("m4_errors", "refused or failed requests by kind", ["kind"], registry=r)
-        self.tokens = Counter("m4_tokens", "tokens by kind (prompt, completion)", ["kind"], registry=r)
+        self.tokens = Counter("m4_tokens", "tokens by kind (prompt, completion; cached: prompt tokens loaded from the "
+                              "prefix cache or a session's window)", ["kind"], registry=r)
         self.cancelled = Counter("m4_cancelled", "answers stopped because their client left", registry=r)
         self.frames = Counter("m4_frames", "live frames by outcome (ingested, dropped)", ["outcome"], registry=r)
         self.sessions = Gauge("m4_sessions", "open live sessions", registry=r)
@@ -45,6 +47,7 @@ class Metrics:
         self.lock = threading.Lock()
         self.stages = {s: Histogram() for s in STAGES}
         r.register(_Stages(self))
+        r.register(_Caches(reuse))
 
     def observe(self, **ms: float) -> None:
         """Stage latencies in milliseconds (from any thread)."""
@@ -60,6 +63,7 @@ class Metrics:
         self.observe(**stages)
         self.tokens.labels("completion").inc(stats.get("new_tokens", 0))
         self.tokens.labels("prompt").inc(stats.get("prompt_tokens", 0))
+        self.tokens.labels("cached").inc(stats.get("cached_tokens", 0))
 
     def percentiles(self, stage: str) -> dict:
         with self.lock:
@@ -85,3 +89,24 @@ class _Stages:
                 buckets = [(repr(b / 1e3), c) for b, c in zip(BOUNDS_MS, counts)] + [("+Inf", h.count)]
                 family.add_metric([stage], buckets, h.sum / 1e3)
         yield family
+
+
+class _Caches:
+    """Exports the encoder and prefix caches' counts at scrape time (m4.runtime.reuse counts
+    them on the worker)."""
+
+    def __init__(self, reuse: Reuse):
+        self.reuse = reuse
+
+    def collect(self):
+        stats = self.reuse.stats()
+        for metric, key, kind, doc in (
+                ("m4_cache_hits", "hits", CounterMetricFamily, "lookups that found an entry (an image, a prompt's prefix)"),
+                ("m4_cache_misses", "misses", CounterMetricFamily, "lookups that found none"),
+                ("m4_cache_evictions", "evictions", CounterMetricFamily, "entries evicted to stay within the bound"),
+                ("m4_cache_bytes", "bytes", GaugeMetricFamily, "bytes held"),
+                ("m4_cache_limit_bytes", "limit", GaugeMetricFamily, "the bound (0: off)")):
+            family = kind(metric, f"m4's caches (image, prefix): {doc}", labels=["cache"])
+            for cache, counts in stats.items():
+                family.add_metric([cache], counts[key])
+            yield family

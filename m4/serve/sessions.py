@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 from m4.histogram import Histogram
 from m4.media import Frame, Latest, Source, is_live, open_source, sample_rate
+from m4.runtime.reuse import Reuse
 from m4.serve.errors import ApiError
 from m4.serve.inputs import check_host
 from m4.serve.metrics import Metrics
@@ -77,8 +78,9 @@ class Session:
 
 class Sessions:
     def __init__(self, model, scheduler: Scheduler, metrics: Metrics, max_sessions: int, ttl: float,
-                 max_fps: float, max_tokens: int, allow_urls: bool, allow_private_urls: bool):
+                 max_fps: float, max_tokens: int, allow_urls: bool, allow_private_urls: bool, reuse: Reuse):
         self.model, self.scheduler, self.metrics = model, scheduler, metrics
+        self.reuse = reuse  # the server's caches: sessions' frames go through its encoder cache
         self.max_sessions, self.ttl, self.max_fps, self.max_tokens = max_sessions, ttl, max_fps, max_tokens
         self.allow_urls, self.allow_private_urls = allow_urls, allow_private_urls
         self.open: dict[str, Session] = {}
@@ -96,7 +98,8 @@ class Sessions:
         try:
             opened = await asyncio.to_thread(self._open, source) if source is not None else None
             try:
-                live = await self.scheduler.call(lambda: self.model.stream(window=window, max_new_tokens=self.max_tokens))
+                live = await self.scheduler.call(
+                    lambda: self.model.stream(window, max_new_tokens=self.max_tokens, reuse=self.reuse))
             except BaseException:
                 if opened is not None:
                     opened.close()

@@ -31,6 +31,9 @@ class Settings:
     video_frames: int = 8
     allow_urls: bool = False
     allow_private_urls: bool = False
+    image_cache_mb: float = 128.0  # image embeddings kept (m4.runtime.reuse)
+    prefix_cache_mb: float = 256.0  # prompts' keys and values kept
+    no_cache: bool = False  # both caches off
 
 
 def check_bind(host: str, api_key: str | None, insecure: bool) -> None:
