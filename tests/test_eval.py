@@ -2,7 +2,6 @@
 1, and the command on a real checkpoint writing the JSON docs/training.md describes."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -84,7 +83,6 @@ def test_every_bench_answer_scores_one_against_itself_and_others_score_less(benc
 
 def test_eval_command_scores_a_checkpoint(bench, tiny_checkpoint, tmp_path):
     ck = tiny_checkpoint
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scores.json"
     r = m4_in_process("eval", "--model", ck, "--bench", bench, "--json", out, "--limit", "10", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr

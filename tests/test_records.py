@@ -3,7 +3,6 @@ per record), bad records named by id; `m4 data check`; `m4 train` stopping at a 
 skipping with --skip-bad; calibration data from a Mantis-Instruct file."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,13 +12,12 @@ from PIL import Image
 
 from m4.records import BadRecord, Skipped, check, form, load_records, normalise, problem
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
 def m4cli(*args):
     return subprocess.run([sys.executable, "-m", "m4", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ONE_THREAD)
+                          timeout=300)
 
 
 def readme_layout(rid, images, turns, **extra):
