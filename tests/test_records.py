@@ -12,6 +12,8 @@ from PIL import Image
 
 from m4.records import BadRecord, Skipped, check, form, load_records, normalise, problem
 
+from test_cli import m4_in_process
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
@@ -141,7 +143,7 @@ def test_mantis_file_checks_trains_and_calibrates(mantis, tmp_path):
     assert r.returncode == 1 and "bad: 25 (missing image 25)" in r.stdout
 
     out = tmp_path / "out"
-    r = m4cli("train", "--preset", "tiny", "--data", mantis, "--out", out, "--steps", "24", "--batch-size", "8")
+    r = m4_in_process("train", "--preset", "tiny", "--data", mantis, "--out", out, "--steps", "24", "--batch-size", "8")
     assert r.returncode == 0, r.stderr
     assert "25 records" in r.stderr and "skipped" not in r.stderr
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -173,6 +175,7 @@ def test_bad_records_are_named_by_id_and_stop_training_unless_skipped(mantis, tm
     assert len(load_records(data, data.parent, skipped)) == 9
     assert dict(skipped.counts) == {"placeholders": 1, "missing image": 1, "bad conversation": 1}
 
+    # its own process: the one line is all a failed run writes, imports and all
     r = m4cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "strict", "--steps", "2")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -181,7 +184,8 @@ def test_bad_records_are_named_by_id_and_stop_training_unless_skipped(mantis, tm
     assert "--skip-bad" in lines[0]
     assert not (tmp_path / "strict" / "log.jsonl").exists()
 
-    r = m4cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "skip", "--steps", "2", "--skip-bad")
+    r = m4_in_process("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "skip", "--steps", "2",
+                      "--skip-bad")
     assert r.returncode == 0, r.stderr
     first = r.stderr.splitlines()[0]
     assert first.startswith(f"{data}: skipped 3 records (") and "record bad-role" in first
