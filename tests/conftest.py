@@ -17,7 +17,7 @@ from filelock import FileLock
 
 # One thread for torch, here and in every process a test starts: the models are tiny, and on
 # two cores OpenMP threads spinning against another process (a server, a CLI, a second
-# worker) made an evaluation of the demo model seven times slower.
+# worker) made an evaluation of the demo model several times slower.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
