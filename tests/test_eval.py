@@ -111,7 +111,7 @@ def test_eval_command_scores_a_checkpoint(bench, tiny_checkpoint, tmp_path):
     r = m4_in_process("eval", "--model", ck, "--bench", broken, "--json", out, "--max-new-tokens", "2")
     assert r.returncode == 0 and json.loads(out.read_text())["failed"] == 1
     r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(tmp_path / "nope.json")],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bench not found" in r.stderr
 
 
