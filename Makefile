@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 run: setup
 	$(VENV)/bin/m4 run --video demo --prompt "Which way does the cyan circle move?" --max-new-tokens 8
 
+# two workers, each on one thread (tests/conftest.py), keep both cores of a small machine busy;
+# a file's tests run on one worker, in order, sharing its fixtures
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 # the shipped demo bundle (m4/assets/demo-bundle), exported again from the shipped checkpoint
 demo-bundle: setup

@@ -7,12 +7,20 @@ checkpoint's is. Variants cover what differs between real models.
 
 import dataclasses
 import json
+import os
+import shutil
 from collections.abc import Mapping
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
+# One thread for torch, here and in every process a test starts: the models are tiny, and on
+# two cores OpenMP threads spinning against another process (a server, a CLI, a second
+# worker) made an evaluation of the demo model several times slower.
+os.environ["OMP_NUM_THREADS"] = "1"
 torch = pytest.importorskip("torch")
+torch.set_num_threads(1)
 transformers = pytest.importorskip("transformers")
 
 import m4  # noqa: E402
@@ -84,11 +92,44 @@ class Built(Mapping):
         return len(self.names)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_onnx_runtime_thread():
+    """ONNX Runtime's sessions on one thread too, unless a test asks for more: its idle threads
+    spin as OpenMP's do."""
+    from m4.runtime import onnx_backend
+
+    with pytest.MonkeyPatch.context() as mp:
+        session = onnx_backend.session
+        mp.setattr(onnx_backend, "session", lambda f, chosen, threads: session(f, chosen, threads or 1))
+        yield
+
+
+def shared_root(tmp_path_factory, name: str):
+    """A directory for what the session builds, one for all the workers of `pytest -n N`."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return tmp_path_factory.mktemp(name)
+    root = tmp_path_factory.getbasetemp().parent / name  # the workers' base directories' parent
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def once(path, make):
+    """`make(path)` unless a worker of this session has: the first makes it while the others
+    wait, and none sees it half made."""
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            part = path.with_name(f".{path.name}.part")
+            shutil.rmtree(part, ignore_errors=True)
+            make(part)
+            part.rename(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
+    root = shared_root(tmp_path_factory, "ckpt")
     seeds = {v: i for i, v in enumerate(VARIANTS)}
-    return Built(VARIANTS, lambda v: save_tiny_checkpoint(root / v, v, seed=seeds[v]))
+    return Built(VARIANTS, lambda v: once(root / v, lambda p: save_tiny_checkpoint(p, v, seed=seeds[v])))
 
 
 @pytest.fixture(scope="session")
@@ -123,13 +164,8 @@ def random_images(n: int, seed: int = 0, size=(48, 40)) -> list[np.ndarray]:
 
 @pytest.fixture(scope="session")
 def bundles(checkpoints, tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundles")
-
-    def make(v):
-        export_bundle(str(checkpoints[v]), root / v)
-        return root / v
-
-    return Built(checkpoints, make)
+    root = shared_root(tmp_path_factory, "bundles")
+    return Built(checkpoints, lambda v: once(root / v, lambda p: export_bundle(str(checkpoints[v]), p)))
 
 
 @pytest.fixture(scope="session")

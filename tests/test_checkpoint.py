@@ -19,6 +19,7 @@ from m4.model.config import PRESETS, Arch
 from m4.model.fused import split_weights
 
 from conftest import random_images
+from test_cli import m4_in_process
 
 Q = "Describe the scene."
 
@@ -189,8 +190,7 @@ def test_random_tensors_depend_on_their_name_alone(tmp_path):
 
 
 def test_checkpoint_command_writes_a_preset(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "m4", "checkpoint", "random", "tiny", str(tmp_path / "ck"),
-                        "--dtype", "bf16", "--seed", "3"], capture_output=True, text=True, timeout=120)
+    r = m4_in_process("checkpoint", "random", "tiny", tmp_path / "ck", "--dtype", "bf16", "--seed", "3")
     assert r.returncode == 0, r.stderr
     weights = load_file(tmp_path / "ck" / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in weights.values())

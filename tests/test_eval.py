@@ -2,7 +2,6 @@
 1, and the command on a real checkpoint writing the JSON docs/training.md describes."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -84,7 +83,6 @@ def test_every_bench_answer_scores_one_against_itself_and_others_score_less(benc
 
 def test_eval_command_scores_a_checkpoint(bench, tiny_checkpoint, tmp_path):
     ck = tiny_checkpoint
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = tmp_path / "scores.json"
     r = m4_in_process("eval", "--model", ck, "--bench", bench, "--json", out, "--limit", "10", "--max-new-tokens", "6")
     assert r.returncode == 0, r.stderr
@@ -113,7 +111,7 @@ def test_eval_command_scores_a_checkpoint(bench, tiny_checkpoint, tmp_path):
     r = m4_in_process("eval", "--model", ck, "--bench", broken, "--json", out, "--max-new-tokens", "2")
     assert r.returncode == 0 and json.loads(out.read_text())["failed"] == 1
     r = subprocess.run([sys.executable, "-m", "m4", "eval", "--model", str(ck), "--bench", str(tmp_path / "nope.json")],
-                       capture_output=True, text=True, env=env)
+                       capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "bench not found" in r.stderr
 
 

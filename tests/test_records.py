@@ -3,7 +3,6 @@ per record), bad records named by id; `m4 data check`; `m4 train` stopping at a 
 skipping with --skip-bad; calibration data from a Mantis-Instruct file."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,13 +12,14 @@ from PIL import Image
 
 from m4.records import BadRecord, Skipped, check, form, load_records, normalise, problem
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+from test_cli import m4_in_process
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
 def m4cli(*args):
     return subprocess.run([sys.executable, "-m", "m4", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ONE_THREAD)
+                          timeout=300)
 
 
 def readme_layout(rid, images, turns, **extra):
@@ -143,7 +143,7 @@ def test_mantis_file_checks_trains_and_calibrates(mantis, tmp_path):
     assert r.returncode == 1 and "bad: 25 (missing image 25)" in r.stdout
 
     out = tmp_path / "out"
-    r = m4cli("train", "--preset", "tiny", "--data", mantis, "--out", out, "--steps", "24", "--batch-size", "8")
+    r = m4_in_process("train", "--preset", "tiny", "--data", mantis, "--out", out, "--steps", "24", "--batch-size", "8")
     assert r.returncode == 0, r.stderr
     assert "25 records" in r.stderr and "skipped" not in r.stderr
     losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
@@ -175,6 +175,7 @@ def test_bad_records_are_named_by_id_and_stop_training_unless_skipped(mantis, tm
     assert len(load_records(data, data.parent, skipped)) == 9
     assert dict(skipped.counts) == {"placeholders": 1, "missing image": 1, "bad conversation": 1}
 
+    # its own process: the one line is all a failed run writes, imports and all
     r = m4cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "strict", "--steps", "2")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
@@ -183,7 +184,8 @@ def test_bad_records_are_named_by_id_and_stop_training_unless_skipped(mantis, tm
     assert "--skip-bad" in lines[0]
     assert not (tmp_path / "strict" / "log.jsonl").exists()
 
-    r = m4cli("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "skip", "--steps", "2", "--skip-bad")
+    r = m4_in_process("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "skip", "--steps", "2",
+                      "--skip-bad")
     assert r.returncode == 0, r.stderr
     first = r.stderr.splitlines()[0]
     assert first.startswith(f"{data}: skipped 3 records (") and "record bad-role" in first

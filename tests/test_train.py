@@ -6,7 +6,6 @@ the pixels they describe."""
 
 import importlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,22 +29,11 @@ from m4.train.trainer import TrainConfig, build, dry_run, train
 from test_cli import m4_in_process
 
 TESTS = Path(__file__).parent
-# one thread: these models are tiny, and on two shared cores idle OpenMP threads spinning
-# against other processes make a step ten times slower
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def m4cli(*args):
     return subprocess.run([sys.executable, "-m", "m4", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=ONE_THREAD)
+                          timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +228,7 @@ def test_two_fsdp_ranks_equal_one_process_on_their_union(synth, tmp_path):
     assert any(a != b for a, b in zip(*visual))  # a step where one rank has images and the other none
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         str(TESTS / "dist_worker.py"), str(data), str(tmp_path / "fsdp"), "4"],
-                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     # lr 3e-4 (the worker's too): AdamW turns float noise on gradients that are zero in
     # theory (a key bias's) into updates of up to lr x noise / eps, under the tolerance here
@@ -298,7 +286,7 @@ def test_frozen_tower_tuned_parts_and_gradient_checkpointing(synth, tmp_path):
 def run_script(name: str, *args) -> subprocess.CompletedProcess:
     """Run scripts/NAME.py on one thread, as a user would; it must succeed."""
     r = subprocess.run([sys.executable, str(TESTS.parent / "scripts" / f"{name}.py"), *map(str, args)],
-                       capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r
 
