@@ -25,7 +25,7 @@ run: setup
 # two workers, each on one thread (tests/conftest.py), keep both cores of a small machine busy;
 # a file's tests run on one worker, in order, sharing its fixtures
 test: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadgroup
 
 # the shipped demo bundle (m4/assets/demo-bundle), exported again from the shipped checkpoint
 demo-bundle: setup

@@ -12,6 +12,9 @@ from m4.bench import bundle_for
 from m4.bundle_format import ORT_DECODER
 from test_cli import m4
 
+# one worker for the file under pytest -n: the cache test finds the bundle the bench test exported
+pytestmark = pytest.mark.xdist_group("bench")
+
 
 @pytest.fixture(scope="module")
 def cache(checkpoints, tmp_path_factory):
