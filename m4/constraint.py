@@ -126,7 +126,7 @@ class Grammars:
         if m is None:
             m = llguidance.LLMatcher(self.tokenizer, c.grammar, log_level=0)
             if m.is_error():
-                raise M4Error(f"unsupported {c.what}: {m.get_error()}")
+                raise M4Error(f"unsupported {c.what}: {' '.join(m.get_error().split())}")  # an error is one line
             self.compiled[c.grammar] = m
             if len(self.compiled) > COMPILED:
                 self.compiled.popitem(last=False)
