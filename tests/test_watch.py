@@ -4,6 +4,7 @@ same constraint after every frame gives — in Python, through `m4 run --watch` 
 and the constraint flags of `m4 run`."""
 
 import json
+import re
 import threading
 import time
 
@@ -291,3 +292,43 @@ def test_watch_errors_and_a_listener_that_leaves(checkpoints):
         assert httpx.delete(route + "/" + wid).json() == {"id": wid, "object": "watch", "deleted": True}
         assert httpx.post(u + f"/v1/sessions/{sid}/frames", content=frame).json()["changes"] == []
         assert httpx.get(u + f"/v1/sessions/{sid}").json()["watches"] == []
+
+
+# -- the web page ------------------------------------------------------------------------------
+
+def test_web_page_watches_the_browsers_camera(tmp_path):
+    """In headless chromium with a fake camera: 'use my camera' opens a session fed by the
+    page, a watch is added from the page, and its changes are listed as they come."""
+    import shutil
+
+    from test_serve import running
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium: apt-get install chromium (Debian's)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="no playwright: pip install playwright")
+    demo = m4.load("demo")
+    with running(demo, name="demo") as (u, server), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 760})
+            page.goto(u + "/")
+            page.click("#camera")
+            page.wait_for_function("document.getElementById('sessions').value.startsWith('sess_')", timeout=30000)
+            page.click("#watch button")
+            page.wait_for_function("document.querySelectorAll('#events li').length >= 1", timeout=60000)
+            page.wait_for_function("document.getElementById('frame').src.startsWith('blob:')", timeout=30000)
+            (session,) = server.sessions.open.values()
+            assert session.source is None and session.seen >= 1  # frames pushed by the page
+            wait_for(lambda: page.text_content("#watches .a") in ("yes", "no"))
+            assert page.text_content("#watches .q") == Q
+            first = page.text_content("#events li:last-child")  # the watch's first answer
+            assert re.fullmatch(rf"frame \d+: {re.escape(Q)} → (yes|no) \(\d+ ms\)", first), first
+            wait_for(lambda: session.seen >= 4)
+            page.screenshot(path=str(tmp_path / "watch.png"))
+            assert page.text_content("#status") == ""
+            page.click("#stop")
+            wait_for(lambda: not server.sessions.open)
+        finally:
+            browser.close()
