@@ -100,7 +100,7 @@ class Session:
         self.closed = False
         self.reader: Latest | None = None
         self.stages = {s: Histogram() for s in ("vision", "ingest", "ttft")}
-        self.watches: dict[str, Watch] = {}  # by id, in the order they were set
+        self.watches: dict[str, Watch] = {}  # by id, in the order they were set; changed on the worker only
         self.events = Events(asyncio.get_running_loop())
 
     def touch(self) -> None:
@@ -113,7 +113,7 @@ class Session:
                 "frames": len(self.live.frames), "frames_seen": self.seen, "frames_dropped": self.dropped,
                 "created": int(self.created), "idle_s": round(idle, 1), "expires_in_s": round(max(0.0, ttl - idle), 1),
                 "error": self.error, "stats": {k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()},
-                "watches": [describe_watch(wid, w) for wid, w in self.watches.items()],
+                "watches": [describe_watch(wid, w) for wid, w in list(self.watches.items())],
                 "percentiles": {k: {f"p{p}": round(h.percentile(p), 2) for p in (50, 95)}
                                 for k, h in self.stages.items() if h.count}}
 
@@ -242,7 +242,7 @@ class Sessions:
             change = a.end()
             if change is None:
                 return None
-            wid = next((k for k, w in s.watches.items() if w is change.watch), None)
+            wid = next((k for k, w in list(s.watches.items()) if w is change.watch), None)
             event = change.event(s.source, watch=wid)
             s.events.publish(event)
             return event
