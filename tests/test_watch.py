@@ -255,6 +255,22 @@ def test_session_watches_over_http_tell_what_the_live_context_tells(checkpoints)
             assert not t.is_alive()
 
 
+def test_watches_of_a_session_reading_its_own_source(checkpoints):
+    """A session on the demo scene: its frames keep entering between its watches' answers,
+    and the first answer comes as an event."""
+    from test_serve import running
+
+    with running(m4.load(checkpoints[TINY], backend="torch")) as (u, server):
+        sid = httpx.post(u + "/v1/sessions", json={"source": "demo", "window": 2, "fps": 5}).json()["id"]
+        httpx.post(u + f"/v1/sessions/{sid}/watches", json={"question": Q, **YES_NO}).raise_for_status()
+        got, ready = [], threading.Event()
+        threading.Thread(target=listen, args=(u + f"/v1/sessions/{sid}/events", got, ready), daemon=True).start()
+        s = server.sessions.open[sid]
+        wait_for(lambda: s.live.stats["frames_seen"] >= 4 and got)
+        assert got[0]["source"] == "demo" and got[0]["answer"] in ("yes", "no") and s.error is None
+        httpx.delete(u + f"/v1/sessions/{sid}")
+
+
 def wait_for(condition, timeout=30.0):
     end = time.monotonic() + timeout
     while not condition():
