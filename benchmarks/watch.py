@@ -6,7 +6,8 @@ question and a four-way one) takes --frames frames of the demo scene, with a red
 over every other stretch of 25 frames, timed per frame: the ingest (encode and prefill),
 then the watches' answers. Then --contexts contexts with 2 watches each take a frame
 apiece, their watches answered in one batched step, against the same contexts' watches
-asked one context after another.
+asked one context after another: the 2 one-token watches, then a watch whose answer is a
+JSON object of several tokens (whose decode steps the contexts share).
 
 Over HTTP (--http-frames > 0, the first model): `m4 serve` in its own process, --contexts
 push sessions with the 2 watches each, every session fed --http-frames frames by its own
@@ -44,8 +45,12 @@ from m4.runtime.watch import answer_watches
 sys.path.insert(0, str(Path(__file__).parent))
 from serve import Server, png  # noqa: E402  (m4 serve in its own process)
 
-WATCHES = [("Is there a red square?", ["yes", "no"]),
-           ("Which way does the cyan circle move?", ["up", "down", "left", "right"])]
+WATCHES = [("Is there a red square?", {"choices": ["yes", "no"]}),
+           ("Which way does the cyan circle move?", {"choices": ["up", "down", "left", "right"]})]
+# an answer of several tokens, whose decode steps the contexts share
+LONG = [("Where is the red square?", {"schema": {
+    "type": "object", "additionalProperties": False, "required": ["x", "y"],
+    "properties": {"x": {"enum": ["left", "centre", "right"]}, "y": {"enum": ["top", "middle", "bottom"]}}}})]
 
 
 def frames(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -75,8 +80,8 @@ def per_frame(model, n: int, window: int) -> dict:
     """Per frame, the window full: its ingest, and its 2 watches' answers (p50 and p95, ms),
     measured on the same frames so that a busy machine weighs on both alike."""
     live = model.stream(window=window)
-    for q, choices in WATCHES:
-        live.watch(q, choices=choices)
+    for q, constraint in WATCHES:
+        live.watch(q, **constraint)
     ingest, watch = [], []
     for f in frames(n):
         t0 = time.perf_counter()
@@ -92,14 +97,14 @@ def per_frame(model, n: int, window: int) -> dict:
             "watches_ms_p95": round(p(watch, 95), 2), "per_watch_ms_p50": round(p(watch, 50) / len(WATCHES), 2)}
 
 
-def batched(model, contexts: int, n: int, window: int) -> dict:
-    """ms per round of `contexts` frames' watches (2 each): in one batched step, or context by context."""
+def batched(model, contexts: int, n: int, window: int, watches: list) -> dict:
+    """ms per round of `contexts` frames' watches: in one batched step, or context by context."""
     out = {}
     for how in ("together", "one_by_one"):
         lives = [model.stream(window=window) for _ in range(contexts)]
         for live in lives:
-            for q, choices in WATCHES:
-                live.watch(q, choices=choices)
+            for q, constraint in watches:
+                live.watch(q, **constraint)
         streams = [frames(n, seed) for seed in range(contexts)]
         times = []
         for i in range(n):
@@ -119,8 +124,8 @@ def in_process(model, streams: list[list[np.ndarray]], window: int) -> list[list
     """Each stream's changes (frame, question, answer) as the same watches give them in process."""
     lives = [model.stream(window=window) for _ in streams]
     for live in lives:
-        for q, choices in WATCHES:
-            live.watch(q, choices=choices)
+        for q, constraint in WATCHES:
+            live.watch(q, **constraint)
     out = [[] for _ in streams]
     for i in range(len(streams[0])):
         for c in add_frames([(live, s[i]) for live, s in zip(lives, streams)]):
@@ -139,8 +144,8 @@ def over_http(model_name: str, model, contexts: int, n: int, window: int) -> dic
             sids = [h.post("/v1/sessions", json={"window": window}).raise_for_status().json()["id"]
                     for _ in range(contexts)]
             for sid in sids:
-                for q, choices in WATCHES:
-                    h.post(f"/v1/sessions/{sid}/watches", json={"question": q, "choices": choices}).raise_for_status()
+                for q, constraint in WATCHES:
+                    h.post(f"/v1/sessions/{sid}/watches", json={"question": q, **constraint}).raise_for_status()
         events: list[list[dict]] = [[] for _ in sids]
         listeners = [threading.Thread(target=listen, args=(server.url, sid, got), daemon=True)
                      for sid, got in zip(sids, events)]
@@ -202,8 +207,10 @@ def main() -> None:
     result = {"machine": machine(), "window": a.window, "frames": a.frames, "models": {}}
     for i, name in enumerate(a.models.split(",")):
         model = load(name, a.workdir)
+        rounds = max(a.frames // 2, a.window + 2)
         r = {"per_frame": per_frame(model, a.frames, a.window),
-             "contexts": {"n": a.contexts, **batched(model, a.contexts, max(a.frames // 2, a.window + 2), a.window)},
+             "contexts": {"n": a.contexts, "one_token": batched(model, a.contexts, rounds, a.window, WATCHES),
+                          "json": batched(model, a.contexts, rounds, a.window, LONG)},
              "rss_mib": round(rss_bytes() / 2**20, 1)}
         if i == 0 and a.http_frames:
             r["http"] = over_http(name, model, a.contexts, a.http_frames, a.window)
