@@ -53,27 +53,45 @@ def run(
     temperature: float = typer.Option(0.0, "--temperature", help="0 is greedy"),
     top_p: float = typer.Option(1.0, "--top-p"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    choices: Optional[str] = typer.Option(None, "--choices", help="answers are one of these, comma-separated: yes,no"),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="answers are JSON valid under this schema file"),
+    regex: Optional[str] = typer.Option(None, "--regex", help="answers match this regular expression whole"),
+    watch: Optional[list[str]] = typer.Option(None, "--watch", help="a standing question about the video (repeatable): "
+                                              "told when its answer changes"),
+    watch_every: int = typer.Option(1, "--watch-every", help="ask the watches after every N-th frame"),
     backend: str = typer.Option("auto", "--backend", help="auto, torch, onnx or trt (bundles built with m4 build)"),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto (bundles: also tensorrt)"),
     as_json: bool = typer.Option(False, "--json", help="one JSON object per event"),
 ):
-    """Answer questions about images, views, a video file, a camera or a stream."""
+    """Answer questions about images, views, a video file, a camera or a stream.
+
+    With --watch, each question is asked after every --watch-every frames of the video and
+    its answer told the first time and whenever it changes. --choices, --json-schema and
+    --regex constrain every answer (the prompts' and the watches')."""
     from m4.api import load
     from m4 import run as r
     from m4.media import is_live
     from m4.runtime.sampling import Sampling
 
+    if watch and not video:
+        raise M4Error("--watch asks about a video: give it one with --video")
+    if watch_every < 1:
+        raise M4Error(f"--watch-every is a number of frames, at least 1: got {watch_every}")
+    sampling = Sampling(temperature, top_p, seed).constrained(r.read_schema(json_schema), r.split_choices(choices),
+                                                              regex)
     r.check_sources(video or [])
     m = load(model, backend=backend, device=device, window=window * max(1, len(video or [])))
-    generation = dict(max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, seed))
+    r.check_constraint(m, sampling)
+    generation = dict(max_new_tokens=max_new_tokens, sampling=sampling)
     prompts = prompt or []
     if not video:
         r.run_still(m, prompts, {"images": images or None, "views": views or None, "patches": patches},
                     r.SourceOutput(as_json), generation)
-    elif any(map(is_live, video)) or every or max_frames or duration:
+    elif any(map(is_live, video)) or every or max_frames or duration or watch:
         r.run_stream(m, video, r.StreamConfig(prompts=prompts, window=window, fps=fps, every=every,
                                               max_frames=max_frames, duration=duration, exact=not approximate,
-                                              as_json=as_json, generation=generation, stats=stats))
+                                              as_json=as_json, generation=generation, stats=stats,
+                                              watches=watch or [], watch_every=watch_every))
     else:
         r.run_clips(m, video, prompts, window, as_json, generation)
 

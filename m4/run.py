@@ -14,6 +14,10 @@ decode step for every answer under way, batched (each answer is the one its sour
 alone). So a source's frames keep entering while others answer. Every event and answer
 carries the source's label; with several sources a text answer is printed whole when it
 ends.
+
+Watches (`--watch`) are asked after every `--watch-every`-th frame of each source enters
+(m4.runtime.watch): the round's due watches of all sources answer together, and a change
+is told as a `change` event (or a line) the first time and whenever an answer differs.
 """
 
 from __future__ import annotations
@@ -25,12 +29,39 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
+from m4.errors import M4Error
 from m4.histogram import Histogram
 from m4.media import Frame, RateSampler, is_live, open_source, sample_rate, sample_uniform
 from m4.media.latest import Latest, say
-from m4.runtime.answer import Answer, Batch
+from m4.runtime.answer import Answer, Batch, guide_for
 from m4.runtime.live import add_frames
+from m4.runtime.sampling import Sampling
+from m4.runtime.watch import Change
+
+
+def read_schema(path: Path | None) -> dict | None:
+    """--json-schema's file: a JSON schema (checked when it is compiled)."""
+    if path is None:
+        return None
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise M4Error(f"cannot read the JSON schema {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise M4Error(f"the JSON schema {path} is not JSON: {e}") from None
+
+
+def split_choices(choices: str | None) -> list[str] | None:
+    """--choices a,b,c -> [a, b, c] (each stripped; an empty one is refused where it is compiled)."""
+    return None if choices is None else [c.strip() for c in choices.split(",")]
+
+
+def check_constraint(model, sampling: Sampling) -> None:
+    """The run's constraint compiled against the model's vocabulary before anything runs, so
+    one the grammar engine cannot build stops the run at once."""
+    guide_for(sampling, model.tokenizer, model.backend, model.stop_ids)
 
 
 def emit(event: str, **fields) -> None:
@@ -178,6 +209,8 @@ class StreamConfig:
     as_json: bool = False
     generation: dict = field(default_factory=dict)
     stats: bool = False
+    watches: list[str] = field(default_factory=list)  # standing questions
+    watch_every: int = 1  # frames
 
 
 class Stage(Enum):
@@ -209,6 +242,7 @@ class Feed:
         generation = dict(c.generation)
         self.live = model.stream(window=c.window, exact=c.exact, max_new_tokens=generation.pop("max_new_tokens"))
         self.generation = generation  # sampling
+        self.watches = [self.live.watch(q, every=c.watch_every, **generation) for q in c.watches]
         self.questions: list[str] = []  # due, not yet asked
         self.asking: Asking | None = None  # the question being answered
         self.opened, self.out, self.c = opened, out, c
@@ -268,6 +302,13 @@ class Feed:
         if (c.max_frames and self.log.frames >= c.max_frames) or (c.duration and self.t >= c.duration):
             self.move(Stage.LIMITED)
         return due
+
+    def changed(self, change: Change, f: Frame) -> None:
+        """A watch's answer changed after frame `f` entered."""
+        if self.c.as_json:
+            print(json.dumps(change.event(self.out.source, f.index)), flush=True)
+        else:
+            print(f"{self.out.prefix}frame {f.index}: {change.question} {change.answer}", flush=True)
 
     def close(self) -> None:
         """Stop reading now: STOPPED, unless it stopped already."""
@@ -344,9 +385,12 @@ class StreamLoop:
         the questions then due (and any typed meanwhile) queued."""
         taken = [(feed, f) for feed in self.feeds if not (feed.ended or feed.asking or feed.questions)
                  and (f := feed.next()) is not None]
-        add_frames([(feed.live, f.image) for feed, f in taken])
+        changes = add_frames([(feed.live, f.image) for feed, f in taken])
         for feed, f in taken:
             feed.questions += feed.frame_entered(f)
+        for change in changes:
+            feed, f = next((feed, f) for feed, f in taken if change.watch in feed.watches)
+            feed.changed(change, f)
         while taken and self.typed is not None and not self.typed.empty():  # asked of every source with frames
             q = self.typed.get()
             for feed in self.feeds:

@@ -13,7 +13,9 @@ in the same cache.
 
 Several live contexts share a model: `add_frames` encodes frames that arrived for several
 of them in one vision call, and `start` gives a question's Answer, which decodes alone or in
-a Batch with other contexts' (m4.runtime.answer).
+a Batch with other contexts' (m4.runtime.answer). A context's standing questions (`watch`,
+m4.runtime.watch) are asked after the frames they are due at enter; `add_frame` and
+`add_frames` return the changes of their answers.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from m4.runtime.backend import Backend, Embeddings, embed_parts, shifting
 from m4.runtime.context import Context
 from m4.runtime.reuse import Reuse
 from m4.runtime.sampling import Sampling
+from m4.runtime.watch import Change, Watch, answer_watches
 from m4.tokenizer import Tokenizer
 
 QUESTION_TOKENS = 256  # room for a question's text in the cache
@@ -73,6 +76,7 @@ class LiveContext:
         self.ctx = Context(backend, size)
         self.ctx.append("prefix", embed_parts(backend, self.prefix.parts, None))
         self.frames: list[Embeddings] = []  # embeddings of the frames in the window, oldest first
+        self.watches: list[Watch] = []
         self.stats: dict[str, float] = {"frames_seen": 0, "cache_tokens": self.ctx.length, "cache_size": size}
 
     def _tokenize(self, parts: list[Part]) -> Prompt:
@@ -84,9 +88,10 @@ class LiveContext:
         parts = [p for i in range(first, first + count) for p in self.slots[i].parts]
         return embed_parts(self.backend, parts, dict(enumerate(self.frames)))
 
-    def add_frame(self, frame: ImageLike) -> None:
-        """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens."""
-        add_frames([(self, frame)])
+    def add_frame(self, frame: ImageLike) -> list[Change]:
+        """An HxWx3 uint8 RGB frame (or path / PIL image): encode once, prefill its tokens; then
+        the watches due at it are asked, and the changes of their answers returned."""
+        return add_frames([(self, frame)])
 
     def enter(self, embeds: Embeddings, started: float, preprocess_ms: float, vision_ms: float) -> None:
         """An encoded frame into the window (add_frames encodes it), the oldest going when it
@@ -104,6 +109,8 @@ class LiveContext:
                 self.ctx.shift_out(1)
             self.ctx.append("frame", self._embed_slots(len(self.frames) - 1, 1))
         t2 = time.perf_counter()
+        for w in self.watches:
+            w.saw(int(self.stats["frames_seen"]))
         self.stats.update(frames_seen=self.stats["frames_seen"] + 1, preprocess_ms=preprocess_ms,
                           vision_ms=vision_ms, frame_prefill_ms=(t2 - t1) * 1e3, ingest_ms=(t2 - started) * 1e3,
                           cache_tokens=self.ctx.length)
@@ -122,15 +129,10 @@ class LiveContext:
         """The question prefilled after the frames and its first token chosen: an Answer to
         decode alone or in a Batch with other contexts' (m4.runtime.answer). Closing it rolls
         the question and the answer back; no frame enters while it is open."""
-        if IMAGE in question:
-            raise M4Error("a live question refers to the frames in the window: remove its <image> placeholders")
         if self.answering:
             raise M4Error("this live context is answering a question: finish or close that answer first")
         n = min(max_new_tokens or self.max_new_tokens, self.max_new_tokens)
-        tail = self.tails[len(self.frames) - 1] if self.frames else ""
-        q = self._tokenize([tail + question, self.template.footer])
-        if len(q.ids) > QUESTION_TOKENS:
-            raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
+        q = self._question(question)
         guide = guide_for(sampling, self.tokenizer, self.backend, self.stop_ids)
         mark = self.ctx.mark()
         t0 = time.perf_counter()
@@ -138,6 +140,40 @@ class LiveContext:
         t1 = time.perf_counter()
         self.stats.update(prefill_ms=(t1 - t0) * 1e3, prefill_tok_s=len(q.ids) / (t1 - t0))
         return Answer(self.ctx, logits, n, self.stop_ids, sampling, self.stats, t0, mark, guide)
+
+    def _question(self, question: str) -> Prompt:
+        """The question's tokens after the frames in the window (the last one's closing text first)."""
+        if IMAGE in question:
+            raise M4Error("a live question refers to the frames in the window: remove its <image> placeholders")
+        tail = self.tails[len(self.frames) - 1] if self.frames else ""
+        q = self._tokenize([tail + question, self.template.footer])
+        if len(q.ids) > QUESTION_TOKENS:
+            raise M4Error(f"question too long for the live context: {len(q.ids)} tokens, at most {QUESTION_TOKENS}")
+        return q
+
+    def watch(self, question: str, schema: Any = None, choices: list[str] | None = None, regex: str | None = None,
+              every: int = 1, max_new_tokens: int | None = None, sampling: Sampling = Sampling()) -> Watch:
+        """A standing question, asked after every `every`-th frame from now on (constrained as
+        `ask` constrains: a watch of a few choices costs its prefill and a token or two).
+        `add_frame` returns a Change the first time it is answered and whenever its answer
+        differs from the one before; `watch.answer` is its latest. Checked here: a bad
+        question or constraint fails now, not at a frame."""
+        if not isinstance(every, int) or every < 1:
+            raise M4Error(f"a watch is asked every N frames, N a whole number of at least 1: got {every!r}")
+        self._question(question)
+        sampling = sampling.constrained(schema, choices, regex)
+        guide_for(sampling, self.tokenizer, self.backend, self.stop_ids)  # compiled now, and cached
+        w = Watch(question, sampling, every, max_new_tokens)
+        self.watches.append(w)
+        return w
+
+    def unwatch(self, watch: Watch) -> None:
+        """The watch is asked no more."""
+        self.watches.remove(watch)
+
+    def due(self) -> list[Watch]:
+        """The watches due to be asked after the frames that entered (add_frames asks them)."""
+        return [w for w in self.watches if w.due_at is not None]
 
     @property
     def answering(self) -> bool:
@@ -159,10 +195,18 @@ def slot_texts(parts: list[Part]) -> tuple[str, str]:
     return "".join(str(p) for p in parts[:i]), "".join(str(p) for p in parts[i + 1:])
 
 
-def add_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> None:
+def add_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> list[Change]:
+    """Frames that arrived for several live contexts, entered (`enter_frames`); then the
+    watches due are asked, all contexts' together (m4.runtime.watch.answer_watches): the
+    changes of their answers."""
+    enter_frames(arrivals)
+    return answer_watches([live for live, _ in arrivals])
+
+
+def enter_frames(arrivals: list[tuple[LiveContext, ImageLike]]) -> None:
     """Frames that arrived for several live contexts: those of one backend encoded in one
     vision call (one pass over the tower's weights; through the first context's encoder
-    cache), then each prefilled into its context."""
+    cache), then each prefilled into its context. Their watches become due, not yet asked."""
     t0 = time.perf_counter()
     for live, _ in arrivals:
         if live.answering:  # before any work: nothing enters if one cannot

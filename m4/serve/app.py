@@ -10,6 +10,9 @@ Routes (docs/serve.md has their schemas):
   POST /v1/sessions/{id}/ask       {"question", "max_tokens", "stream", and one of "choices", "schema",
                                    "regex"} -> {"text", "frames", "ttft_ms"}
   GET  /v1/sessions/{id}/frame.jpg the newest frame in its window
+  POST /v1/sessions/{id}/watches   {"question", "choices" | "schema" | "regex", "every"} -> {"id"}
+  DELETE /v1/sessions/{id}/watches/{wid}   stops it
+  GET  /v1/sessions/{id}/events    server-sent events: each watch's answer when it changes
   GET  /                           the web page;  GET /metrics  Prometheus text
 
 Every route but the page needs the API key where one is set (/metrics too: Prometheus sends
@@ -49,7 +52,7 @@ from m4.serve.errors import ApiError
 from m4.serve.inputs import Limits, decode, fetch_bytes, open_image, parse_json, video_frames
 from m4.serve.metrics import Metrics
 from m4.serve.scheduler import AsyncJob, Busy, Decode, Scheduler
-from m4.serve.sessions import SOURCES, Session, Sessions
+from m4.serve.sessions import KEEPALIVE_S, SOURCES, Session, Sessions
 from m4.serve.settings import Settings, check_bind
 from m4.tokenizer import Tokenizer
 
@@ -280,12 +283,14 @@ class Server:
             raise ApiError(400, "the body must be one JPEG or PNG image", "missing_field")
         img = await asyncio.to_thread(lambda: decode(open_image(data, self.limits, "frame"), "frame"))
         s.seen += 1
-        if not await self.scheduler.call(lambda: self.sessions.ingest(s, img)):
+        items = [x async for x in self.scheduler.stream(lambda: self.sessions.ingest(s, img))]
+        if items[0] is False:
             raise ApiError(409, f"session {sid} is answering a question: a frame enters between answers, and this "
                            "one was dropped", "session_answering")
         st = s.live.stats
+        # answered once the watches due at the frame are: their changes come with it
         return {"frames": len(s.live.frames), "frames_seen": s.seen, "vision_ms": round(st["vision_ms"], 2),
-                "ingest_ms": round(st["ingest_ms"], 2)}
+                "ingest_ms": round(st["ingest_ms"], 2), "changes": [x for x in items if isinstance(x, dict)]}
 
     async def ask(self, sid: str, request: Request) -> Response:
         body = await json_body(request)
@@ -327,6 +332,41 @@ class Server:
             yield f"data: {json.dumps({'text': item[0]})}\n\n"
             item = await anext(job, None)
         yield f"data: {json.dumps({'done': True, **self.session_answer(item, text)})}\n\n"
+
+    async def add_watch(self, sid: str, request: Request) -> dict:
+        body = await json_body(request)
+        question = question_of(body)
+        s = self.sessions.get(sid)
+        every = number(body, "every", 1, 1, 1 << 30, integer=True)
+        limit = self.room(s.live.max_new_tokens, number(body, "max_tokens", None, 1, 1 << 30, integer=True))
+        constraint = {k: body[k] for k in ("schema", "choices", "regex") if body.get(k) is not None}
+        return await self.scheduler.call(lambda: self.sessions.watch(s, question, constraint, every, limit))
+
+    async def delete_watch(self, sid: str, wid: str) -> dict:
+        s = self.sessions.get(sid)
+        await self.scheduler.call(lambda: self.sessions.unwatch(s, wid))
+        return {"id": wid, "object": "watch", "deleted": True}
+
+    async def events(self, sid: str) -> StreamingResponse:
+        """The session's change events as they come, until it closes or the client leaves (a
+        comment every KEEPALIVE_S finds out a client that left while nothing changed)."""
+        s = self.sessions.get(sid)
+        queue = s.events.listen()
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                while True:
+                    try:
+                        event = await asyncio.wait_for(queue.get(), KEEPALIVE_S)
+                    except asyncio.TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    if event is None:
+                        return
+                    yield f"data: {json.dumps(event)}\n\n"
+            finally:
+                s.events.leave(queue)
+        return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def frame_jpeg(self, sid: str) -> Response:
         s = self.sessions.get(sid)
@@ -491,6 +531,18 @@ def create_app(settings: Settings, model, name: str | None = None) -> Guard:
     @app.get("/v1/sessions/{sid}/frame.jpg")
     async def frame(sid: str):
         return await server.frame_jpeg(sid)
+
+    @app.post("/v1/sessions/{sid}/watches")
+    async def add_watch(sid: str, request: Request):
+        return await server.add_watch(sid, request)
+
+    @app.delete("/v1/sessions/{sid}/watches/{wid}")
+    async def delete_watch(sid: str, wid: str):
+        return await server.delete_watch(sid, wid)
+
+    @app.get("/v1/sessions/{sid}/events")
+    async def events(sid: str):
+        return await server.events(sid)
 
     return Guard(app, server.metrics, settings.api_key, int(settings.max_body_mb * 2**20))
 

@@ -8,7 +8,9 @@ joins the batch. So a new request starts within a step instead of after the answ
 of it end, and concurrent answers share each step's weight reads. A batched step gives each
 answer the tokens it gets alone, so every answer is exactly what the same request gets
 alone. A client that leaves frees its row at the next step (a live context's question
-rolled back); a job's failure goes to its client only. Nothing runs on the event loop.
+rolled back); a job's failure goes to its client only. A job may decode several answers
+one after another (a session's watches after a frame): each next one joins the batch as
+the one before ends. Nothing runs on the event loop.
 """
 
 from __future__ import annotations
@@ -34,11 +36,13 @@ class Busy(M4Error):
 @dataclass
 class Decode:
     """What a job returns to have an answer decoded in the worker's batch: `token(id)` is the
-    item its client gets for each token (None: nothing yet), `end()` the last one."""
+    item its client gets for each token (None: nothing yet), `end()` the last one; `then()`,
+    called as it ends, the job's next answer to decode (None: the job is done)."""
 
     answer: Answer
     token: Callable[[int], object]
     end: Callable[[], object]
+    then: Callable[[], Decode | None] = lambda: None
 
 
 def at_once() -> bool:
@@ -155,7 +159,10 @@ class Scheduler:
                 if answer.done:  # it has left the batch
                     del self.decoding[answer]
                     job.deliver(decode.end())
-                    job.deliver(END)
+                    if (after := decode.then()) is None:
+                        job.deliver(END)
+                    else:
+                        self.decoding[self.batch.join(after.answer)] = job, after
             except Exception as e:
                 self._drop(answer)
                 fail(job, e)

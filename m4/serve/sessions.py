@@ -7,6 +7,10 @@ that arrives while the session's previous frame still waits for the model, or th
 the model while the session is answering a question, is dropped and counted, never queued.
 Sessions idle for `ttl` seconds are closed; at most `max_sessions` are open at once, each
 holding its own fixed-size cache.
+
+A session's watches (m4.runtime.watch) are asked on the worker after the frames they are
+due at enter, one after another, each answer in the scheduler's batch beside the other
+sessions' watches and questions; a change goes to the session's event listeners.
 """
 
 from __future__ import annotations
@@ -17,16 +21,52 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
+from m4.errors import M4Error
 from m4.histogram import Histogram
 from m4.media import Frame, Latest, Source, is_live, open_source, sample_rate
 from m4.runtime.reuse import Reuse
+from m4.runtime.live import enter_frames
+from m4.runtime.watch import Asking, Watch
 from m4.serve.errors import ApiError
 from m4.serve.inputs import check_host
 from m4.serve.metrics import Metrics
-from m4.serve.scheduler import Busy, Scheduler
+from m4.serve.scheduler import END, Busy, Decode, Scheduler
 
 SOURCES = "cam<N>, an rtsp:// or http(s):// URL, demo, or null (frames pushed to /frames)"
+MAX_WATCHES = 16  # per session: each is a prefill and an answer per frame it is due at
+EVENTS_BUFFER = 256  # change events held for a listener that reads slower than they come
+KEEPALIVE_S = 15.0  # a listener that left is found out by the next write at the latest
+
+
+class Events:
+    """A session's change events for its listeners (GET .../events), each a bounded queue on
+    the event loop: one that falls behind loses its oldest events, one that leaves is
+    forgotten, and with none a change costs nothing. Published from the worker's thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.listeners: set[asyncio.Queue] = set()
+
+    def listen(self) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue(EVENTS_BUFFER)
+        self.listeners.add(q)
+        return q
+
+    def leave(self, q: asyncio.Queue) -> None:
+        self.listeners.discard(q)
+
+    def publish(self, event: dict | None) -> None:
+        """An event to every listener (None: the session closed, the streams end)."""
+        if self.listeners:
+            self.loop.call_soon_threadsafe(self._put, event)
+
+    def _put(self, event: dict | None) -> None:
+        for q in self.listeners:
+            if q.full():
+                q.get_nowait()
+            q.put_nowait(event)
 
 
 class PacedDemo(Source):
@@ -61,6 +101,8 @@ class Session:
         self.closed = False
         self.reader: Latest | None = None
         self.stages = {s: Histogram() for s in ("vision", "ingest", "ttft")}
+        self.watches: dict[str, Watch] = {}  # by id, in the order they were set; changed on the worker only
+        self.events = Events(asyncio.get_running_loop())
 
     def touch(self) -> None:
         self.used = time.monotonic()
@@ -72,8 +114,13 @@ class Session:
                 "frames": len(self.live.frames), "frames_seen": self.seen, "frames_dropped": self.dropped,
                 "created": int(self.created), "idle_s": round(idle, 1), "expires_in_s": round(max(0.0, ttl - idle), 1),
                 "error": self.error, "stats": {k: round(v, 2) if isinstance(v, float) else v for k, v in stats.items()},
+                "watches": [describe_watch(wid, w) for wid, w in list(self.watches.items())],
                 "percentiles": {k: {f"p{p}": round(h.percentile(p), 2) for p in (50, 95)}
                                 for k, h in self.stages.items() if h.count}}
+
+
+def describe_watch(wid: str, w: Watch) -> dict:
+    return {"id": wid, "object": "watch", "question": w.question, "every": w.every, "answer": w.answer}
 
 
 class Sessions:
@@ -142,6 +189,7 @@ class Sessions:
         self.open.pop(s.id, None)
         self.metrics.sessions.set(len(self.open))
         s.closed = True
+        s.events.publish(None)
         if s.reader is not None:
             await asyncio.to_thread(s.reader.close)
 
@@ -165,24 +213,65 @@ class Sessions:
                            "(m4 serve --max-fps)", "frame_rate_exceeded")
         s.recent.append(now)
 
-    def ingest(self, s: Session, image) -> bool:
+    # -- watches (on the worker) -------------------------------------------------------------
+
+    def watch(self, s: Session, question: str, constraint: dict[str, Any], every: int, max_tokens: int) -> dict:
+        """A watch set on the session (checked and its constraint compiled here)."""
+        if len(s.watches) >= MAX_WATCHES:
+            raise ApiError(400, f"a session has at most {MAX_WATCHES} watches: delete one first", "too_many_watches")
+        try:
+            w = s.live.watch(question, every=every, max_new_tokens=max_tokens, **constraint)
+        except M4Error as e:
+            raise ApiError(400, str(e), "invalid_watch") from None
+        wid = "watch_" + secrets.token_hex(6)
+        s.watches[wid] = w
+        return describe_watch(wid, w)
+
+    def unwatch(self, s: Session, wid: str) -> None:
+        w = s.watches.pop(wid, None)
+        if w is None:
+            raise ApiError(404, f"session {s.id} has no watch {wid!r}", "watch_not_found")
+        s.live.unwatch(w)
+
+    def asking(self, s: Session) -> Decode | None:
+        """The session's next due watch asked, for the worker's batch: as its answer ends, a
+        change goes to the listeners (and is the job's item), and the next due watch starts."""
+        due = s.live.due()
+        if s.closed or not due:
+            return None
+        a = Asking(due[0], s.live)
+
+        def end() -> dict | None:
+            change = a.end()
+            if change is None:
+                return None
+            wid = next((k for k, w in list(s.watches.items()) if w is change.watch), None)
+            event = change.event(s.source, watch=wid)
+            s.events.publish(event)
+            return event
+        return Decode(a.answer, a.take, end, lambda: self.asking(s))
+
+    # -- frames -------------------------------------------------------------------------------
+
+    def ingest(self, s: Session, image) -> bool | Decode:
         """A frame into the session's window (on the model's worker); False if it was dropped:
         the session is answering, and a frame is not held for the answer's end (a source's
-        next one comes soon, and a late frame is stale)."""
+        next one comes soon, and a late frame is stale). Where watches are due at it, their
+        answers to decode (the job's items are then their changes, or None where unchanged)."""
         if s.closed:
             raise ApiError(404, f"session {s.id} was closed", "session_not_found")
         if s.live.answering:
             s.dropped += 1
             self.metrics.frames.labels("dropped").inc()
             return False
-        s.live.add_frame(image)
+        enter_frames([(s.live, image)])
         s.latest = image
         st = s.live.stats
         s.stages["vision"].add(st["vision_ms"])
         s.stages["ingest"].add(st["ingest_ms"])
         self.metrics.observe(vision=st["vision_ms"], ingest=st["ingest_ms"])
         self.metrics.frames.labels("ingested").inc()
-        return True
+        return self.asking(s) or True
 
     def _read(self, s: Session, reader: Latest) -> None:
         """A source session's reading: frames at its fps, offered to the model, the late dropped."""
@@ -202,10 +291,11 @@ class Sessions:
                 return
             s.pending = True
 
-        def done(item) -> None:  # END, or the error that stopped the ingest
+        def done(item) -> None:  # what the ingest gave, then END; or the error that stopped it
             if isinstance(item, Exception):
                 s.error = str(item)
-            s.pending = False
+            if item is END or isinstance(item, Exception):
+                s.pending = False
         try:
             self.scheduler.submit(lambda: self.ingest(s, image), done)
         except Busy:
