@@ -35,8 +35,8 @@ from m4.runtime.sampling import Sampling
 from m4.tokenizer import build_tokenizer
 
 QUESTION = "Describe the scene in detail."
-# long enough that a random model fills it to the token budget
-SCHEMA = {"type": "object", "properties": {"objects": {"type": "array", "maxItems": 64, "items": {
+# long enough that any model's answer fills the token budget: at least 8 objects
+SCHEMA = {"type": "object", "properties": {"objects": {"type": "array", "minItems": 8, "maxItems": 64, "items": {
     "type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
                                      "x": {"type": "integer", "minimum": 0, "maximum": 999}},
     "required": ["name", "x"], "additionalProperties": False}}},
