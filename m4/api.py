@@ -193,7 +193,7 @@ class Model:
         stats.update(images=len(pictures), vision_ms=(t1 - t0) * 1e3, prefill_tokens=len(p.ids) - cached,
                      prefill_ms=(t2 - t1) * 1e3, cached_tokens=cached)
         answer = Answer(ctx, logits, max_new_tokens, self.stop_ids, sampling, stats, t0, guide=guide)
-        reuse.keep(ctx, pending)  # after the first token: its time to first token does not wait for the copy
+        reuse.keep(ctx, pending)  # after the first token is chosen, before it is given: the copy is in its ttft
         return answer
 
     def room(self, prompt_tokens: int, max_new_tokens: int) -> int:
