@@ -7,6 +7,7 @@ none of its tokens."""
 import json
 
 import pytest
+from PIL import Image
 
 import m4
 from m4.errors import M4Error
@@ -17,6 +18,7 @@ from m4.runtime.sampling import Sampling
 
 from conftest import GRAPHS, VARIANTS, random_images
 from constraints import ALL, BUDGET, valid
+from test_cli import m4_in_process
 
 QUESTION = "Where is it, and what is it doing?"
 BACKENDS = ["torch", *GRAPHS]
@@ -159,3 +161,35 @@ def test_a_pydantic_model_is_a_schema(loaded):
 
     model = loaded("mha-tied-last-default", "torch")
     Move.model_validate_json(model.ask(QUESTION, max_new_tokens=BUDGET, schema=Move))
+
+
+def test_every_constraint_through_m4_run(checkpoints, loaded, tmp_path):
+    """Each of the constraints as `m4 run`'s flag, on a still image: the answer valid, and the
+    one Model.ask gives."""
+    ck = checkpoints["mha-untied-penult-default"]
+    image = tmp_path / "a.png"
+    Image.fromarray(random_images(1, seed=8)[0]).save(image)
+    model = loaded("mha-untied-penult-default", "torch")
+    for i, (kind, spec) in enumerate(ALL):
+        if kind == "schema":
+            (tmp_path / f"{i}.json").write_text(json.dumps(spec))
+        flag = ["--json-schema", tmp_path / f"{i}.json"] if kind == "schema" else ["--regex", spec]
+        r = m4_in_process("run", "--model", ck, "--images", image, "--prompt", QUESTION, "--max-new-tokens",
+                          BUDGET, "--json", *flag)
+        assert r.returncode == 0, r.stderr
+        (answer,) = [e["text"] for e in map(json.loads, r.stdout.splitlines()) if e["event"] == "answer"]
+        assert valid(answer, kind, spec), (spec, answer)
+        assert answer == model.ask(QUESTION, images=[image], max_new_tokens=BUDGET, **{kind: spec})
+
+
+def test_every_constraint_through_live_contexts_answering_together(loaded):
+    """Each of the constraints on a live context of its own, all answered in one batch."""
+    model = loaded("llama-siglip-gqa-untied-penult-default", "torch")
+    frames = random_images(2, seed=9)
+    lives = [model.stream(window=1, max_new_tokens=BUDGET) for _ in ALL]
+    for i, live in enumerate(lives):
+        live.add_frame(frames[i % 2])
+    answers = m4.ask_together([(live, QUESTION, constrained(k, s).constraint) for live, (k, s) in zip(lives, ALL)],
+                              BUDGET)
+    assert all(valid(a, k, s) for a, (k, s) in zip(answers, ALL))
+    assert answers[::9] == [live.ask(QUESTION, **{k: s}) for live, (k, s) in list(zip(lives, ALL))[::9]]
