@@ -50,6 +50,21 @@ def meta_inputs(*shapes, dtype: torch.dtype) -> list[torch.Tensor]:
     return [torch.zeros(s, dtype=dtype, device="meta") for s in shapes]
 
 
+# A graph is a function of the architecture and dtype alone (traced on the meta device): one
+# traced is kept, serialized, for the process's later exports of the same shapes (a bench's
+# bundles, a test session's), each given a copy of its own, since attaching weights edits it.
+TRACED: dict[tuple, tuple[bytes, list[str]]] = {}
+
+
+def traced(trace_graph, model: LLaVA, dtype: torch.dtype) -> tuple[onnx.ModelProto, list[str]]:
+    key = (trace_graph.__name__, model.arch, dtype)
+    if key not in TRACED:
+        graph, names = trace_graph(model, dtype)
+        TRACED[key] = graph.SerializeToString(), names
+    data, names = TRACED[key]
+    return onnx.load_from_string(data), list(names)
+
+
 def trace_vision(model: LLaVA, dtype: torch.dtype):
     s = model.arch.vision.image_size
     return trace(VisionGraph(model), tuple(meta_inputs((2, 3, s, s), dtype=dtype)), ["pixel_values"],
@@ -131,11 +146,11 @@ def export_bundle(spec: str, out: Path, dtype: str = "fp32", console: Console | 
 
         quant = {}
         with closing(Weights(tmp / VISION_WEIGHTS)) as weights:
-            graph, names = step("trace vision.onnx", trace_vision, model, tdtype)
+            graph, names = step("trace vision.onnx", traced, trace_vision, model, tdtype)
             step(f"write vision.onnx ({graph_dtype})", attach, graph, names, weights, tensors)
             onnx.save(graph, tmp / "vision.onnx")
         with closing(Weights(tmp / DECODER_WEIGHTS)) as weights:
-            graph, names = step("trace decoder.onnx", trace_decoder, model, tdtype)
+            graph, names = step("trace decoder.onnx", traced, trace_decoder, model, tdtype)
             n = step(f"write decoder.onnx ({dtype})", attach, graph, names, weights, tensors, bits)
             onnx.save(graph, tmp / "decoder.onnx")
             quant["decoder.onnx"] = n
