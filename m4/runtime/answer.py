@@ -49,21 +49,17 @@ class Answer:
         self.pending: int | None = None  # chosen, not yet given out
         self.done = False
         self.guide = guide
-        self.finish_reason = "length"  # as OpenAI names it: "stop" once a stop token or the constraint ends it
+        self.finish_reason = "length"  # as OpenAI names it; "stop" where a stop token or the constraint ended it
         self.accept(choose(first, [self], ctx.backend)[0])
 
     def accept(self, token: int) -> None:
         """The token a step chose for it; a stop token, or no room left, ends the answer, and
-        a constraint that admits no more ends it after this token."""
-        if token in self.stop_ids:
-            self.finish_reason = "stop"
-        if self.remaining <= 0 or token in self.stop_ids:
-            self.finish()
+        a constraint that admits no more ends it after this token (next_token)."""
+        if token in self.stop_ids or self.remaining <= 0:
+            self.finish("stop" if token in self.stop_ids else "length")
             return
         if self.guide is not None:
             self.guide.accept(token)
-            if self.guide.ended:
-                self.finish_reason, self.remaining = "stop", 1  # nothing may follow: this token is the last
         if self.count == 0:
             self.first_at = time.perf_counter()
             self.stats["ttft_ms"] = (self.first_at - self.started) * 1e3
@@ -77,7 +73,9 @@ class Answer:
         token, self.pending = self.pending, None
         if token is not None:
             self.last = token
-            if self.remaining == 0:
+            if self.guide is not None and self.guide.ended:
+                self.finish("stop")
+            elif self.remaining == 0:
                 self.finish()
         return token
 
@@ -86,9 +84,10 @@ class Answer:
         """Whether its next token needs a decode step (its last one was given out)."""
         return not self.done and self.pending is None
 
-    def finish(self) -> None:
+    def finish(self, reason: str = "length") -> None:
         if not self.done:
             self.done = True
+            self.finish_reason = reason
             self.stats["new_tokens"] = self.count
             if self.count > 1:
                 self.stats["decode_tok_s"] = (self.count - 1) / (time.perf_counter() - self.first_at)
@@ -122,9 +121,10 @@ def choose(logits: Logits, answers: list[Answer], backend: Backend) -> list[int]
     answer's row is masked first, where the logits are, to the tokens its constraint allows
     (each row its own). Greedy rows take the argmax there (a GPU's stay there: the host
     receives one id a row); the others are sampled on the host."""
-    guided = [i for i, a in enumerate(answers) if a.guide is not None]
+    guided = [(i, a.guide) for i, a in enumerate(answers) if a.guide is not None]
     if guided:
-        logits = backend.mask(logits, guided, allowed([a.guide for a in answers if a.guide is not None]))
+        rows, guides = zip(*guided)
+        logits = backend.mask(logits, list(rows), allowed(list(guides)))
     greedy = [i for i, a in enumerate(answers) if a.sampling.greedy]
     tokens: dict[int, int] = {}
     if greedy:
