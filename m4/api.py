@@ -6,13 +6,12 @@ slots) -> one prefill over a fresh context -> decode -> text.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from m4.bundle_format import is_bundle, manifest_arch, read_manifest, verify as verify_bundle
+from m4.bundle_format import is_bundle, manifest_arch, read_manifest, verify as verify_bundle, verifying
 from m4.constraint import Constraint
 from m4.errors import M4Error
 from m4.media import ImageProcessing, load_image, preprocess, sample_uniform, tile
@@ -59,16 +58,14 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
                       f"them: copy it (cp -r {DEMO_BUNDLE} DIR), build them (m4 build DIR), then run DIR")
     path = resolve(str(model), bundle={"torch": False, "onnx": True}.get(backend))
     if verify is None:
-        verify = os.environ.get("M4_VERIFY", "1") != "0"
+        verify = verifying()
     if is_bundle(path):
         if device == "cpu" and backend != "trt":
             m = read_manifest(path)
             check_fits(manifest_arch(m), "run", bundle_precision(m), window, str(model))
         if verify:
             verify_bundle(path)
-        b = bundle_backend(str(model), path, backend, device, threads)
-        return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path,
-                     Reuse.split(cache_mb))
+        return bundle_model(path, bundle_backend(str(model), path, backend, device, threads), template, cache_mb)
     if backend in ("onnx", "trt"):
         then = ", then m4 build OUT" if backend == "trt" else ""
         raise M4Error(f"{model} is a checkpoint: export it first (m4 export {model} OUT{then}), then run OUT")
@@ -102,6 +99,11 @@ def bundle_backend(model: str, path: Path, backend: str, device: str, threads: i
     except ImportError as e:
         raise M4Error(f"{model} is an ONNX bundle, which needs {e.name}: pip install 'm4-vlm[onnx]'") from None
     return OnnxBackend(path, device, threads)
+
+
+def bundle_model(path: Path, b: BundleBackend, template: str | None = None, cache_mb: float = 0) -> Model:
+    return Model(b, Tokenizer.from_dir(path), b.arch, TEMPLATES[template or b.manifest["template"]], path,
+                 Reuse.split(cache_mb))
 
 
 def as_images(x) -> list:

@@ -34,9 +34,10 @@ RUN_OVERHEAD = int(1.5 * GB)
 # export writes a tensor at a time: the largest one as read, cast and transposed
 TENSOR_COPIES = 3
 QUANTISED_ROWS = 4096  # output rows quantised at a time (m4.export.weights.ROWS)
-# calibration runs the fp32 bundle, and holds its decoder graph this many times more while
-# quantising it (the graph read as an ONNX model)
-CALIB_GRAPH_COPIES = 1
+# calibration's float reference holds one decoder layer in float32 at a time, and logits
+# of this many positions at once (both bundles', float32)
+CALIB_POSITIONS = 512  # m4.bundle_format.PREFILL_CHUNK
+CALIB_FRAMES = 4  # images in a calibration prompt at most: a clip's frames (m4.calib.data)
 GROUP = 32  # weights per float32 scale of a quantised linear
 # bytes per value of each part at each precision: quantised linears carry a float32 scale per GROUP
 VISION_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}  # vision tower and projector
@@ -104,8 +105,13 @@ def needs(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW) -
             held = QUANTISED_ROWS * 4 * max(arch.text.hidden, arch.text.mlp)
         return int(EXPORT_OVERHEAD + TENSOR_COPIES * held)
     if step == "calibrate":
-        return int(EXPORT_OVERHEAD + weights_run(arch, "fp32") + CALIB_GRAPH_COPIES * LINEAR_BYTES["fp32"] * s.linears
-                   + weights_run(arch, precision) + kv_cache(arch, "fp32", window))
+        # the quantised bundle running, beside the float vision graph (measuring vision) or
+        # then the float reference's layer, logits and a prompt's cache (m4/calib/reference.py):
+        # the float decoder is never held whole
+        layer = LINEAR_BYTES["fp32"] * (s.linears - s.table) / arch.text.layers  # the head aside
+        logits = 2 * CALIB_POSITIONS * arch.text.vocab * 4
+        beside = max(VISION_BYTES["fp32"] * s.vision, layer + logits + kv_cache(arch, "fp32", CALIB_FRAMES))
+        return int(EXPORT_OVERHEAD + weights_run(arch, precision) + beside)
     if step == "run":
         return RUN_OVERHEAD + weights_run(arch, precision) + kv_cache(arch, precision, window)
     if step == "torch":  # a float tied table is lm_head too, already counted with the linears

@@ -16,18 +16,21 @@ from onnx import numpy_helper
 from PIL import Image
 
 import m4
-from m4.bundle_format import DECODER_WEIGHTS, ORT_DECODER, sha256
-from m4.calib.bundle import calibrate
+from m4.bundle_format import DECODER_WEIGHTS, ORT_DECODER, manifest_arch, read_manifest, sha256
+from m4.calib.bundle import calibrate, embed_samples
 from m4.calib.data import load_samples
 from m4.calib.decoder import input_absmax, prefill_feeds, smooth, weight_matmuls
+from m4.calib.measure import answer, answers_equal
+from m4.calib.reference import Reference
 from m4.errors import M4Error
 from m4.eval import evaluate
 from m4.export.bundle import export_bundle
 from m4.media import DemoScene, preprocess, write_video
+from m4.plan import needs
 from m4.model.checkpoint import random_checkpoint
 from m4.train.synth import synth
 
-from conftest import random_images
+from conftest import GRAPHS, VARIANTS, random_images
 from test_export import places
 from test_parity import QUESTIONS, oracle_tokens
 
@@ -229,6 +232,50 @@ def test_greedy_agreement_is_measured_and_bounded(checkpoints, oracle, quantised
     ref = oracle_tokens(oracle(checkpoints[VARIANT]), model, p, pictures, 12)
     logits = teacher_forced(model.backend, model.embed(p, pictures), ref)
     assert (logits.argmax(-1) == ref).mean() >= agreement
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("graph", GRAPHS)
+def test_reference_is_the_float_decoder_a_layer_at_a_time(paths, variant, graph):
+    """Calibration's reference (m4's torch decoder over the float bundle's weights, read from
+    one graph's initializers) gives the float bundle's logits at every position, holding one
+    layer's weights at a time."""
+    bundle = paths[variant, graph]
+    model, reference = m4.load(bundle), Reference(bundle)
+    layers = list(reference.text.layers)
+    held: list[int] = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda *_: held.append(sum(not p.is_meta for x in layers
+                                                                   for p in x.parameters())))
+    prompts = [model.embed(*model.prepare(QUESTIONS[2], random_images(2, seed=s), None, None, False)) for s in (1, 2)]
+    for e, h in zip(prompts, reference.hidden(prompts)):
+        want = model.backend.forward(e, 0, model.backend.new_cache(len(e)), last_only=False)
+        np.testing.assert_allclose(reference.logits(h).numpy(), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+    assert len(held) == 2 * len(layers) and max(held) == len(list(layers[0].parameters()))
+
+
+@pytest.mark.parametrize("decoder", ["int4", "int8"])
+def test_answers_equal_is_what_both_bundles_answer(float_bundle, quantised, decoder):
+    """The reference reading a quantised answer decides, as the float bundle answering would,
+    whether the two answers are the same."""
+    f, samples, reference = m4.load(float_bundle), load_samples("demo", 6), Reference(float_bundle)
+    prompts = embed_samples(f, samples)[0]
+    for q in (m4.load(quantised(decoder)), f):
+        answers = answer(q, samples)
+        hidden = reference.hidden([np.concatenate([e, f.backend.embed_tokens(a)]) for e, a in zip(prompts, answers)])
+        direct = np.mean([a == b for a, b in zip(answers, answer(f, samples))])
+        assert answers_equal(reference, hidden, prompts, answers, q.stop_ids) == direct
+    assert direct == 1
+
+
+def test_latency_is_left_out_where_both_bundles_do_not_fit(float_bundle, tmp_path, monkeypatch):
+    """The float bundle is loaded whole only to time it beside the quantised one: where the two
+    do not fit, the report says so and measures the rest."""
+    arch = manifest_arch(read_manifest(float_bundle))
+    monkeypatch.setenv("M4_MEMORY_LIMIT", str(needs(arch, "run", "int4") + 1))
+    d = calibrate(float_bundle, tmp_path / "q", "demo", vision="none", decoder="int4", samples=2)["decoder"]
+    assert d["latency"].startswith("not measured: both bundles side by side need") and "decode_tok_s" not in d
+    assert d["positions"] > 0 and d["cosine"] > 0.8
 
 
 def test_smoothing_alone_keeps_the_decoder_function(float_bundle, tmp_path):

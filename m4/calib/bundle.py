@@ -25,17 +25,21 @@ from rich.table import Table
 
 import m4
 from m4.atomic import atomic_directory
+from m4.api import bundle_model
 from m4.bundle_format import (DECODER_WEIGHTS, MANIFEST, ORT_DECODER, PREFILL_CHUNK, VISION_WEIGHTS, file_record,
-                              is_bundle, read_manifest)
+                              is_bundle, manifest_arch, read_manifest, verify as verify_bundle, verifying)
 from m4.calib import decoder as dec
 from m4.calib.data import load_samples
-from m4.calib.measure import answers_equal, measure_decoder, measure_vision
+from m4.calib.measure import answer, answers_equal, latency, measure_decoder, measure_vision
+from m4.calib.reference import Reference
 from m4.calib.vision import METHODS, quantize_vision
 from m4.errors import M4Error
 from m4.eval import evaluate, load_bench
 from m4.export.weights import BITS, Weights
-from m4.machine import machine
+from m4.machine import available_memory, machine
 from m4.media import preprocess
+from m4.plan import bundle_precision, needs
+from m4.runtime.onnx_backend import OnnxBackend
 from m4.version import __version__
 
 VISION = ("int8", "none")
@@ -86,7 +90,6 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
     check(bundle, out, vision, decoder, method, samples)
     if bench is not None:
         load_bench(Path(bench))  # a bad bench is one line before any work
-    ref = m4.load(str(bundle))
     m = read_manifest(bundle)
     if m.get("quantisation"):
         raise M4Error(f"{bundle} is already quantised: calibrate a float bundle")
@@ -101,6 +104,11 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
     cal, test = got[:-held], got[-held:]
     if vision == "int8" and not any(s.images for s in cal):
         raise M4Error(f"{data} has no images or video frames to calibrate the vision graph on (or pass --vision none)")
+    # the float bundle's vision and embedding table embed the prompts; its decoder is never
+    # loaded whole (the reference runs it a layer at a time, reference.py)
+    if verifying():
+        verify_bundle(bundle)
+    ref = bundle_model(bundle, OnnxBackend(bundle, decoder=False))
     console = console or Console(stderr=True)
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
     with Progress(*columns, console=console) as progress, atomic_directory(out) as tmp:
@@ -112,15 +120,20 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
 
         cal_prompts, cal_pixels = step(f"embed {len(cal)} calibration prompts", embed_samples, ref, cal)
         test_prompts, test_pixels = step(f"embed {len(test)} held-out prompts", embed_samples, ref, test)
-        quant = quantise(step, ref, bundle, tmp, vision, decoder, method, cal_prompts, cal_pixels)
+        quant = quantise(step, m, bundle, tmp, vision, decoder, method, cal_prompts, cal_pixels)
+        del cal_prompts, cal_pixels
         for f in carried(bundle, quant):
             shutil.copy(f, tmp / f.name)
         record = {"source": data, "samples": len(cal), "held_out": len(test), "method": method,
                   "tools": {"m4": __version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__}}
         write_manifest(tmp, m, str(bundle), quant, record)
         report = {"bundle": str(out), "float_bundle": str(bundle), "quantisation": quant, "calibration": record,
-                  "machine": machine(), "size_bytes": sizes(bundle, tmp),
-                  **measure(step, ref, m4.load(str(tmp)), quant, test, test_prompts, test_pixels)}
+                  "machine": machine(), "size_bytes": sizes(bundle, tmp)}
+        q = m4.load(str(tmp))
+        if "vision.onnx" in quant and len(test_pixels):
+            report["vision"] = step("measure vision on held-out images", measure_vision, ref, q, test_pixels)
+        del ref  # the float vision graph: what follows holds the quantised bundle and a float layer
+        report.update(measure(step, bundle, q, quant, test, test_prompts))
         if bench is not None:
             report["task_accuracy"] = step(f"score both bundles on {bench}", task_accuracy, bundle, tmp,
                                            Path(bench), bench_limit)
@@ -130,7 +143,7 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
     return report
 
 
-def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, method: str,
+def quantise(step, m: dict, bundle: Path, tmp: Path, vision: str, decoder: str, method: str,
              prompts: list[np.ndarray], pixels: np.ndarray) -> dict:
     """Write the quantised graphs into tmp; their records by file name."""
     quant = {}
@@ -140,11 +153,11 @@ def quantise(step, ref, bundle: Path, tmp: Path, vision: str, decoder: str, meth
                                     attention_matmuls(bundle / "vision.onnx"))
     if decoder in ("int4", "int8"):
         with closing(Weights(tmp / DECODER_WEIGHTS)) as weights:
-            for g in decoder_graphs(ref.backend.manifest):
+            for g in decoder_graphs(m):
                 quant[g] = step(f"quantise {g} ({decoder} weight-only)", dec.weight_only, bundle / g, tmp / g,
                                 weights, BITS[decoder])
     elif decoder == "w8a8":
-        a = ref.arch.text
+        a = manifest_arch(m).text
         feeds = dec.prefill_feeds([p[:PREFILL_CHUNK] for p in prompts], a.layers, a.kv_heads, a.head_dim)
         with tempfile.TemporaryDirectory(dir=tmp) as work:
             quant["decoder.onnx"] = step(f"quantise decoder.onnx (w8a8 SmoothQuant, {method})", dec.w8a8,
@@ -165,18 +178,37 @@ def sizes(bundle: Path, tmp: Path) -> dict:
     return {g: {**s, "ratio": s["quantised"] / s["float"]} for g, s in out.items()}
 
 
-def measure(step, ref, q, quant: dict, test: list, prompts: list[np.ndarray], pixels: np.ndarray) -> dict:
-    """The report's measures of the quantised graphs on the held-out samples."""
+def measure(step, bundle: Path, q, quant: dict, test: list, prompts: list[np.ndarray]) -> dict:
+    """The report's measures of the quantised bundle q's decoder and answers on the held-out
+    samples, against the float bundle's decoder run a layer at a time (Reference)."""
     r = {}
-    if "vision.onnx" in quant and len(pixels):
-        r["vision"] = step("measure vision on held-out images", measure_vision, ref, q, pixels)
+    answers = step("answer held-out prompts with the quantised bundle", answer, q, test)
+    reference = Reference(bundle)
+    sequences = [np.concatenate([e, reference.embed(a)]) for e, a in zip(prompts, answers)]
+    hidden = step(f"run the float decoder, a layer at a time, over {len(sequences)} held-out prompts",
+                  reference.hidden, sequences)
     if "decoder.onnx" in quant:
         # the graph each bundle runs here (on the CPU, decoder_ort.onnx where the bundle has it)
         graph = ORT_DECODER if getattr(q.backend, "fused", False) else "decoder.onnx"
-        r["decoder"] = {"graph": graph, **step(f"measure {graph} on held-out prompts", measure_decoder, ref, q,
-                                                prompts)}
-    r["end_to_end"] = {"answers_equal": step("answer held-out prompts with both bundles", answers_equal, ref, q, test)}
+        r["decoder"] = {"graph": graph, **step(f"measure {graph} on held-out prompts", measure_decoder, reference,
+                                                hidden, q, prompts)}
+        r["decoder"].update(step("time both decoders", timed_decoders, bundle, q, prompts[0]))
+    r["end_to_end"] = {"answers_equal": step("compare the held-out answers", answers_equal, reference, hidden,
+                                             prompts, answers, q.stop_ids)}
     return r
+
+
+def timed_decoders(bundle: Path, q, embeds: np.ndarray) -> dict:
+    """Both decoders' latency, where the float bundle fits in memory beside the quantised one
+    (the one step that loads it whole); else why not."""
+    arch = q.arch
+    need = needs(arch, "run", bundle_precision(read_manifest(bundle))) + needs(arch, "run", bundle_precision(
+        q.backend.manifest))
+    have = available_memory()
+    if have is not None and need > have:
+        return {"latency": f"not measured: both bundles side by side need {need / 1e9:.1f} GB, "
+                           f"{have / 1e9:.1f} GB available"}
+    return latency(m4.load(str(bundle), verify=False), q, embeds)
 
 
 def task_accuracy(float_bundle: Path, quantised: Path, bench: Path, limit: int | None) -> dict:
@@ -244,6 +276,8 @@ def size(s: dict) -> str:
 
 
 def speed(d: dict) -> str:
+    if "latency" in d:
+        return d["latency"]
     if "decode_tok_s" in d:
         x = d["decode_tok_s"]
         return f"decode {x['float']:.0f} -> {x['quantised']:.0f} tok/s ({x['speedup']:.2f}x)"

@@ -1,15 +1,20 @@
 """A quantised bundle against its float bundle on held-out inputs: the numbers of report.json.
 
 vision: cosine (mean and worst, per embedding row) and max_abs_error of the embeddings.
-decoder: fed the float vision's embeddings, so its own error shows alone. Both bundles read
-each held-out prompt in one prefill (teacher forcing: the prompt's own tokens, images
-included), in chunks of at most PREFILL_CHUNK positions with the logits of every position;
-that gives logit_kl (KL(float || quantised) of the next-token distributions, mean over the
-positions), token_agreement (share of positions where the quantised bundle's greedy choice
-is the float one's) and the logits' cosine and max_abs_error, without one early difference
-deciding all the later tokens, and without a decode step per token.
-end_to_end: answers_equal, the share of held-out prompts both bundles answer identically.
-Latency: float and quantised runs interleaved, median of REPEATS, on this machine.
+decoder: fed the float vision's embeddings, so its own error shows alone. The quantised
+bundle reads each held-out prompt in one prefill (teacher forcing: the prompt's own tokens,
+images included), in chunks of at most PREFILL_CHUNK positions with the logits of every
+position; the float reference (reference.py, the float bundle's decoder a layer at a time)
+gives its hidden states at the same positions, whose logits are made a chunk at a time
+beside the quantised ones. That gives logit_kl (KL(float || quantised) of the next-token
+distributions, mean over the positions), token_agreement (share of positions where the
+quantised bundle's greedy choice is the float one's) and the logits' cosine and
+max_abs_error, without one early difference deciding all the later tokens.
+end_to_end: answers_equal, the share of held-out prompts both bundles answer identically:
+the quantised bundle answers (its own vision and decoder), and the reference, reading the
+prompt and that answer at once, chooses each of its tokens (and the stop after it) greedily.
+Latency: float and quantised runs interleaved, median of REPEATS, on this machine; this
+alone loads the float bundle whole, and only where both fit in memory side by side.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
+import torch
 
 from m4.bundle_format import PREFILL_CHUNK
 
@@ -57,14 +63,13 @@ def measure_vision(ref, quant, pixels: np.ndarray, batch: int = VISION_BATCH) ->
             "latency_ms": {"batch": len(x), "float": f * 1e3, "quantised": q * 1e3, "speedup": f / q}}
 
 
-def every_position(ref, quant, embeds: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Both backends' float32 logits at every position of one prompt, one prefill each, a chunk
-    of at most PREFILL_CHUNK positions at a time (a prompt's logits whole would be its length
+def quantised_logits(backend, embeds: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(start, float32 logits) of every position of one prompt, one prefill, a chunk of at
+    most PREFILL_CHUNK positions at a time (a prompt's logits whole would be its length
     times the vocabulary)."""
-    caches = [ref.new_cache(len(embeds)), quant.new_cache(len(embeds))]
+    cache = backend.new_cache(len(embeds))
     for s in range(0, len(embeds), PREFILL_CHUNK):
-        piece = embeds[s:s + PREFILL_CHUNK]
-        yield tuple(b.forward(piece, s, c, last_only=False) for b, c in zip((ref, quant), caches))
+        yield s, backend.forward(embeds[s:s + PREFILL_CHUNK], s, cache, last_only=False)
 
 
 def row_measures(r: np.ndarray, q: np.ndarray) -> dict[str, np.ndarray]:
@@ -74,21 +79,40 @@ def row_measures(r: np.ndarray, q: np.ndarray) -> dict[str, np.ndarray]:
     return {**per_row(q, r), "kl": (np.exp(lr) * (lr - lq)).sum(-1), "agree": r.argmax(-1) == q.argmax(-1)}
 
 
-def measure_decoder(ref, quant, prompts: list[np.ndarray]) -> dict:
+def measure_decoder(reference, hidden: list[torch.Tensor], quant, prompts: list[np.ndarray]) -> dict:
+    """`hidden`: the reference's hidden states of each prompt (its first len(prompt) rows)."""
     pieces: dict[str, list[np.ndarray]] = {}
-    for e in prompts:
-        for r, q in every_position(ref.backend, quant.backend, e):
-            for s in range(0, len(r), ROWS):
-                for k, v in row_measures(r[s:s + ROWS], q[s:s + ROWS]).items():
+    for e, h in zip(prompts, hidden):
+        for s, q in quantised_logits(quant.backend, e):
+            r = reference.logits(h[s:s + len(q)]).numpy()
+            for i in range(0, len(r), ROWS):
+                for k, v in row_measures(r[i:i + ROWS], q[i:i + ROWS]).items():
                     pieces.setdefault(k, []).append(v)
     rows = {k: np.concatenate(v) for k, v in pieces.items()}
-    x = prompts[0][:PREFILL_CHUNK]  # latency: a prefill runs a chunk at a time
+    return {**summary(rows), "logit_kl": float(rows["kl"].mean()), "token_agreement": float(rows["agree"].mean()),
+            "prompts": len(prompts), "positions": len(rows["kl"])}
+
+
+def answers_equal(reference, hidden: list[torch.Tensor], prompts: list[np.ndarray], answers: list[list[int]],
+                  stop_ids: set[int]) -> float:
+    """The share of answers the float bundle gives too. `hidden`: the reference's hidden states
+    of each prompt followed by its answer; greedy decoding would give the same answer where,
+    at each of its positions, the reference's best token is the answer's next one, and after
+    an answer that stopped early, a stop token."""
+    same = []
+    for e, h, a in zip(prompts, hidden, answers):
+        chosen = reference.logits(h[len(e) - 1:]).argmax(-1).tolist()
+        same.append(chosen[:len(a)] == a and (len(a) == ANSWER_TOKENS or chosen[len(a)] in stop_ids))
+    return sum(same) / len(same)
+
+
+def latency(ref, quant, embeds: np.ndarray) -> dict:
+    """Prefill and decode of both bundles' decoders, timed alternately."""
+    x = embeds[:PREFILL_CHUNK]  # a prefill runs a chunk at a time
     pf, pq = timed(lambda: prefill(ref.backend, x), lambda: prefill(quant.backend, x))
     decode = decoding(ref.backend, x), decoding(quant.backend, x)
     df, dq = np.median([[d() for d in decode] for _ in range(REPEATS)], 0)
-    return {**summary(rows), "logit_kl": float(rows["kl"].mean()), "token_agreement": float(rows["agree"].mean()),
-            "prompts": len(prompts), "positions": len(rows["kl"]),
-            "latency_ms": {"prefill_tokens": len(x), "prefill_float": pf * 1e3, "prefill_quantised": pq * 1e3,
+    return {"latency_ms": {"prefill_tokens": len(x), "prefill_float": pf * 1e3, "prefill_quantised": pq * 1e3,
                            "prefill_speedup": pf / pq},
             "decode_tok_s": {"context": len(x), "float": ANSWER_TOKENS / df, "quantised": ANSWER_TOKENS / dq,
                              "speedup": df / dq}}
@@ -129,7 +153,6 @@ def timed(f, q) -> tuple[float, float]:
     return float(np.median(tf)), float(np.median(tq))
 
 
-def answers_equal(ref, quant, samples: list) -> float:
-    same = [list(ref.tokens(s.text, **s.ask_kwargs(), max_new_tokens=ANSWER_TOKENS))
-            == list(quant.tokens(s.text, **s.ask_kwargs(), max_new_tokens=ANSWER_TOKENS)) for s in samples]
-    return sum(same) / len(same)
+def answer(quant, samples: list) -> list[list[int]]:
+    """The quantised bundle's greedy answer to each sample, its stop token left out."""
+    return [list(quant.tokens(s.text, **s.ask_kwargs(), max_new_tokens=ANSWER_TOKENS)) for s in samples]

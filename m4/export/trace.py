@@ -80,8 +80,10 @@ def attach(model: onnx.ModelProto, names: list[str], weights: Weights, tensors: 
             for u in users:  # each MatMul replaced where it stands: the graph stays sorted
                 u.CopyFrom(matmul_nbits(u.input[0], b, s, u.output[0], u.name, n, k, bits))
                 quantised += 1
-        else:
-            g.initializer.append(weights.tensor(node.output[0], f"{w}.T", partial(tensors.transposed, w)))
+        else:  # named by its key, as decoder_ort.onnx names it: a reader finds a weight by name
+            g.initializer.append(weights.tensor(f"{w}.T", f"{w}.T", partial(tensors.transposed, w)))
+            for u in users:
+                u.input[1] = f"{w}.T"
     for node in dropped:
         g.node.remove(node)
     read = {i for node in g.node for i in node.input}

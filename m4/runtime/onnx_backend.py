@@ -172,11 +172,15 @@ class OrtCache:
 class OnnxBackend(BundleBackend):
     name = "onnx"
 
-    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: Path, device: str = "cpu", threads: int | None = None, decoder: bool = True):
+        """decoder=False: the vision graph and the embedding table alone, which embed prompts
+        (calibration's, whose float decoder would outweigh all else it holds)."""
         path = Path(path)
         super().__init__(path)
         chosen = providers(device)
         self.vision = session(path / "vision.onnx", chosen, threads)
+        if not decoder:
+            return
         # the fused twin where it applies: ONNX Runtime's CPU kernels (a weight-only quantised
         # bundle's is quantised as its decoder.onnx is; a w8a8 bundle has none)
         self.fused = chosen[0] == "CPUExecutionProvider" and ORT_DECODER in self.manifest["files"]
