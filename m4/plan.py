@@ -37,7 +37,7 @@ QUANTISED_ROWS = 4096  # output rows quantised at a time (m4.export.weights.ROWS
 # calibration's float reference holds one decoder layer in float32 at a time, and logits
 # of this many positions at once (both bundles', float32)
 CALIB_POSITIONS = 512  # m4.bundle_format.PREFILL_CHUNK
-CALIB_FRAMES = 4  # images in a calibration prompt at most: a clip's frames (m4.calib.data)
+CALIB_FRAMES = 4  # images in a calibration prompt at most: the frames m4.calib.data takes from a clip
 GROUP = 32  # weights per float32 scale of a quantised linear
 # bytes per value of each part at each precision: quantised linears carry a float32 scale per GROUP
 VISION_BYTES = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}  # vision tower and projector

@@ -133,7 +133,7 @@ def calibrate(bundle: str | Path, out: str | Path, data: str, vision: str = "int
         if "vision.onnx" in quant and len(test_pixels):
             report["vision"] = step("measure vision on held-out images", measure_vision, ref, q, test_pixels)
         del ref  # the float vision graph: what follows holds the quantised bundle and a float layer
-        report.update(measure(step, bundle, q, quant, test, test_prompts))
+        report.update(measure(step, bundle, m["dtype"], q, quant, test, test_prompts))
         if bench is not None:
             report["task_accuracy"] = step(f"score both bundles on {bench}", task_accuracy, bundle, tmp,
                                            Path(bench), bench_limit)
@@ -178,9 +178,9 @@ def sizes(bundle: Path, tmp: Path) -> dict:
     return {g: {**s, "ratio": s["quantised"] / s["float"]} for g, s in out.items()}
 
 
-def measure(step, bundle: Path, q, quant: dict, test: list, prompts: list[np.ndarray]) -> dict:
+def measure(step, bundle: Path, dtype: str, q, quant: dict, test: list, prompts: list[np.ndarray]) -> dict:
     """The report's measures of the quantised bundle q's decoder and answers on the held-out
-    samples, against the float bundle's decoder run a layer at a time (Reference)."""
+    samples, against the float bundle (of `dtype`)'s decoder run a layer at a time (Reference)."""
     r = {}
     answers = step("answer held-out prompts with the quantised bundle", answer, q, test)
     reference = Reference(bundle)
@@ -192,18 +192,17 @@ def measure(step, bundle: Path, q, quant: dict, test: list, prompts: list[np.nda
         graph = ORT_DECODER if getattr(q.backend, "fused", False) else "decoder.onnx"
         r["decoder"] = {"graph": graph, **step(f"measure {graph} on held-out prompts", measure_decoder, reference,
                                                 hidden, q, prompts)}
-        r["decoder"].update(step("time both decoders", timed_decoders, bundle, q, prompts[0]))
+        r["decoder"].update(step("time both decoders", timed_decoders, bundle, dtype, q, prompts[0]))
     r["end_to_end"] = {"answers_equal": step("compare the held-out answers", answers_equal, reference, hidden,
                                              prompts, answers, q.stop_ids)}
     return r
 
 
-def timed_decoders(bundle: Path, q, embeds: np.ndarray) -> dict:
+def timed_decoders(bundle: Path, dtype: str, q, embeds: np.ndarray) -> dict:
     """Both decoders' latency, where the float bundle fits in memory beside the quantised one
     (the one step that loads it whole); else why not."""
     arch = q.arch
-    need = needs(arch, "run", bundle_precision(read_manifest(bundle))) + needs(arch, "run", bundle_precision(
-        q.backend.manifest))
+    need = needs(arch, "run", dtype) + needs(arch, "run", bundle_precision(q.backend.manifest))
     have = available_memory()
     if have is not None and need > have:
         return {"latency": f"not measured: both bundles side by side need {need / 1e9:.1f} GB, "

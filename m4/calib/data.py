@@ -18,11 +18,12 @@ from PIL import Image
 
 from m4.errors import M4Error
 from m4.media import DemoScene, load_image, sample_uniform
+from m4.plan import CALIB_FRAMES
 from m4.records import Skipped, as_list, in_front, load_records
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v"}
-FRAMES = 4  # frames taken from each video
+FRAMES = CALIB_FRAMES  # frames taken from each video (m4.plan sizes calibration's caches by them)
 # questions for sources without text, one, two or FRAMES images each: all three placements
 QUESTIONS = ("Describe <image> in one sentence.", "What changed between <image> and <image>?",
              "Which way does each shape move?")

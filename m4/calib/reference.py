@@ -87,12 +87,12 @@ class Reference:
     def hidden(self, sequences: list[np.ndarray]) -> list[torch.Tensor]:
         """Each sequence of embeddings (T, H) -> the final norm's output (T, H), float32."""
         xs = [torch.from_numpy(np.asarray(s, np.float32))[None] for s in sequences]
+        positions = [torch.arange(x.shape[1]) for x in xs]
+        angles = [(self.text.cos[pos], self.text.sin[pos]) for pos in positions]
         with torch.no_grad():
             for i, layer in enumerate(self.text.layers):
                 self.materialise(f"layers.{i}", layer)
-                for k, x in enumerate(xs):
-                    pos = torch.arange(x.shape[1])
-                    cos, sin = self.text.cos[pos], self.text.sin[pos]
+                for k, (x, pos, (cos, sin)) in enumerate(zip(xs, positions, angles)):
                     xs[k] = layer(x, cos, sin, Whole(), pos, None)
                 layer.to("meta")  # its weights dropped before the next layer's are read
             self.materialise("norm", self.text.norm)
