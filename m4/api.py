@@ -33,7 +33,7 @@ VIDEO_FRAMES = 8  # frames taken from a video file passed by path
 
 def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype: str | None = None,
          template: str | None = None, threads: int | None = None, verify: bool | None = None,
-         window: int = DEFAULT_WINDOW, cache_mb: float = 0) -> Model:
+         window: int = DEFAULT_WINDOW, cache_mb: float = 0, reserve_mb: float = 0) -> Model:
     """Load `demo`, a checkpoint directory, a bundle directory or a hub id. A bundle runs its
     TensorRT engines where `m4 build` made them for this machine (backend auto or trt; they
     run on the GPU whatever `device` says), else ONNX Runtime (`device`; `threads`: its
@@ -52,17 +52,20 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
     in the memory available (m4.plan) is an M4Error before any weight is read.
 
     `cache_mb` (0: off) bounds the caches through which `ask` reuses earlier work
-    (m4.runtime.reuse): a third for image embeddings, the rest for prompts' keys and values."""
+    (m4.runtime.reuse): a third for image embeddings, the rest for prompts' keys and values.
+    `reserve_mb`: memory the caller keeps beside the model (the server's caches); the fit
+    check counts it, with cache_mb."""
     if model == "demo" and backend == "trt":
         raise M4Error(f"the demo bundle ships without TensorRT engines, which are built on the device that runs "
                       f"them: copy it (cp -r {DEMO_BUNDLE} DIR), build them (m4 build DIR), then run DIR")
     path = resolve(str(model), bundle={"torch": False, "onnx": True}.get(backend))
+    held = int((cache_mb + reserve_mb) * 2**20)
     if verify is None:
         verify = verifying()
     if is_bundle(path):
         if device == "cpu" and backend != "trt":
             m = read_manifest(path)
-            check_fits(manifest_arch(m), "run", bundle_precision(m), window, str(model))
+            check_fits(manifest_arch(m), "run", bundle_precision(m), window, str(model), held)
         if verify:
             verify_bundle(path)
         return bundle_model(path, bundle_backend(str(model), path, backend, device, threads), template, cache_mb)
@@ -73,7 +76,7 @@ def load(model: str = "demo", backend: str = "auto", device: str = "cpu", dtype:
         raise M4Error(f"unknown backend {backend!r}: use auto, torch, onnx or trt")
     arch = Arch.from_dir(path)
     if device == "cpu":
-        check_fits(arch, "torch", TORCH_PRECISIONS.get(dtype, "fp32"), window, str(model))
+        check_fits(arch, "torch", TORCH_PRECISIONS.get(dtype, "fp32"), window, str(model), held)
     tokenizer = Tokenizer.from_dir(path)
     try:
         from m4.runtime.torch_backend import TorchBackend

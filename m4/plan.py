@@ -137,16 +137,20 @@ VERBS = {"export": "exporting {} to {}", "calibrate": "calibrating {} to {}", "r
          "torch": "running {} on torch at {}"}
 
 
-def check_fits(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW, name: str = "this model") -> None:
+def check_fits(arch: Arch, step: str, precision: str, window: int = DEFAULT_WINDOW, name: str = "this model",
+               held: int = 0) -> None:
     """Raise M4Error, one line naming the need, what is available and the way out, where
-    `step` at `precision` cannot fit in this machine's available memory (or M4_MEMORY_LIMIT)."""
+    `step` at `precision` cannot fit in this machine's available memory (or M4_MEMORY_LIMIT).
+    `held`: bytes the caller keeps beside the step (reuse caches), counted in."""
     have = available_memory()
-    need = needs(arch, step, precision, window)
+    need = needs(arch, step, precision, window) + held
     if have is None or need <= have:
         return
     where = f"{MEMORY_LIMIT} allows" if os.environ.get(MEMORY_LIMIT) else "this machine has"
-    raise M4Error(f"{VERBS[step].format(name, precision)} needs {need / GB:.1f} GB and {where} "
-                  f"{have / GB:.1f} GB available; {way_out(arch, step, precision, window, have)}")
+    caches = f" with {held / GB:.1f} GB of caches" if held else ""
+    raise M4Error(f"{VERBS[step].format(name, precision)}{caches} needs {need / GB:.1f} GB and {where} "
+                  f"{have / GB:.1f} GB available; {way_out(arch, step, precision, window, have - held)}"
+                  + (" (or smaller caches)" if held else ""))
 
 
 def bundle_precision(manifest: dict) -> str:

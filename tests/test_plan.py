@@ -74,6 +74,25 @@ def test_the_refusal_names_the_need_and_a_precision_that_fits(monkeypatch):
         available_memory()
 
 
+def test_the_caches_count_in_the_fit(monkeypatch):
+    """Memory kept beside the model (m4.load's cache_mb, the server's caches) is counted: a
+    model that fits alone but not with its caches stops in one line naming them."""
+    from m4.bundle_format import manifest_arch, read_manifest
+    from m4.plan import bundle_precision
+    from m4.serve.app import make_server
+    from m4.serve.settings import Settings
+
+    m = read_manifest(DEMO_BUNDLE)
+    monkeypatch.setenv("M4_MEMORY_LIMIT", str(needs(manifest_arch(m), "run", bundle_precision(m)) + 50 * 2**20))
+    m4.load(DEMO_BUNDLE, backend="onnx")
+    for load in (lambda: m4.load(DEMO_BUNDLE, backend="onnx", cache_mb=100),
+                 lambda: make_server(Settings(model=str(DEMO_BUNDLE), backend="onnx", image_cache_mb=40,
+                                              prefix_cache_mb=60))):
+        with pytest.raises(M4Error, match=r"^running .* with 0\.1 GB of caches needs .*\(or smaller caches\)$"):
+            load()
+    make_server(Settings(model=str(DEMO_BUNDLE), backend="onnx", no_cache=True))
+
+
 def test_load_refuses_before_reading_weights(tiny, monkeypatch):
     monkeypatch.setenv("M4_MEMORY_LIMIT", "100M")
     with pytest.raises(M4Error, match=r"^running .* on torch at fp32 needs 1\.5 GB and M4_MEMORY_LIMIT allows 0\.1 GB"):

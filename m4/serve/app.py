@@ -624,7 +624,8 @@ def make_server(settings: Settings, model=None, name: str | None = None) -> uvic
 
     check_bind(settings.host, settings.api_key, settings.insecure)
     if model is None:
-        model = load(settings.model, backend=settings.backend, device=settings.device)
+        caches = 0 if settings.no_cache else settings.image_cache_mb + settings.prefix_cache_mb
+        model = load(settings.model, backend=settings.backend, device=settings.device, reserve_mb=caches)
     app = create_app(settings, model, name)
     return uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                          timeout_graceful_shutdown=5))
